@@ -1,0 +1,203 @@
+"""The contract that the SPANK plugin, job_submit.lua, the runtime, the proxy
+and the scheduler daemon agree on: environment variable names, exit codes and
+file names.
+
+This is the one module that reads the process environment. Every variable has
+one typed accessor that says who sets it and what its default is, so that no
+other module calls ``os.environ`` for a contract variable. Subsystems that must
+not import each other (``runtime``, ``sched``, ``proxy``) meet here.
+"""
+
+from __future__ import annotations
+
+import os
+import signal as _signal
+from typing import Mapping
+
+#: Exit code with which the runtime asks Slurm to requeue the job after it
+#: wrote a consistent checkpoint (EX_TEMPFAIL). slurm.conf lists it in
+#: ``RequeueExit`` so that Slurm requeues such a batch job by itself.
+REQUEUE_EXIT_CODE = 75
+
+#: Name of the SPANK plugin; job_submit.lua sees its options as
+#: ``_SLURM_SPANK_OPTION_singularity_<name>`` in ``job_desc.spank_job_env``.
+SPANK_PLUGIN_NAME = "singularity"
+
+# Environment variables. Set by the SPANK plugin in the job's environment
+# (from --sla, --elastic, --world-size, ...), or by singularity-run outside
+# Slurm, or by a user by hand.
+SLA = "SINGULARITY_SLA"
+ELASTIC = "SINGULARITY_ELASTIC"            # "MIN:MAX" devices
+WORLD_SIZE = "SINGULARITY_WORLD_SIZE"      # logical data-parallel ranks W
+CKPT_DIR = "SINGULARITY_CKPT_DIR"          # checkpoint directory of the job
+PREEMPT_SIGNAL = "SINGULARITY_PREEMPT_SIGNAL"  # e.g. "USR1" or "TERM"
+DETERMINISTIC = "SINGULARITY_DETERMINISTIC"    # "1" or "0"
+PROXY = "SINGULARITY_PROXY"                # "on" or "off"
+PROXY_ADDRS = "SINGULARITY_PROXY_ADDRS"    # comma list of proxy socket paths
+DEVICES = "SINGULARITY_DEVICES"            # devices D the launcher uses
+STATE_DIR = "SINGULARITY_STATE_DIR"        # local cluster state directory
+
+ALL_VARIABLES: tuple[str, ...] = (
+    SLA, ELASTIC, WORLD_SIZE, CKPT_DIR, PREEMPT_SIGNAL, DETERMINISTIC,
+    PROXY, PROXY_ADDRS, DEVICES, STATE_DIR,
+)
+
+
+class ContractError(ValueError):
+    """A contract variable holds a value that cannot be parsed; the message
+    names the variable."""
+
+
+def _env(environ: Mapping[str, str] | None) -> Mapping[str, str]:
+    return os.environ if environ is None else environ
+
+
+def _get(name: str, environ: Mapping[str, str] | None) -> str | None:
+    value = _env(environ).get(name)
+    if value is None or value.strip() == "":
+        return None
+    return value.strip()
+
+
+def _int(name: str, environ: Mapping[str, str] | None) -> int | None:
+    raw = _get(name, environ)
+    if raw is None:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ContractError(f"{name}={raw!r} is not an integer") from None
+    if value < 1:
+        raise ContractError(f"{name}={raw!r} must be at least 1")
+    return value
+
+
+def sla(environ: Mapping[str, str] | None = None) -> str | None:
+    """Tier of the job (``--sla``); set by the SPANK plugin. Default: none
+    (the policy's default tier applies)."""
+    return _get(SLA, environ)
+
+
+def elastic(environ: Mapping[str, str] | None = None) -> tuple[int, int] | None:
+    """Elastic range ``MIN:MAX`` devices (``--elastic``); set by the SPANK
+    plugin. Default: none (not elastic).
+
+    :raises ContractError: the value is not ``MIN:MAX`` with 1 <= MIN <= MAX.
+    """
+    raw = _get(ELASTIC, environ)
+    if raw is None:
+        return None
+    lo, sep, hi = raw.partition(":")
+    try:
+        lo_i, hi_i = int(lo), int(hi)
+    except ValueError:
+        raise ContractError(f"{ELASTIC}={raw!r} is not MIN:MAX") from None
+    if not sep or lo_i < 1 or hi_i < lo_i:
+        raise ContractError(f"{ELASTIC}={raw!r} needs 1 <= MIN <= MAX")
+    return lo_i, hi_i
+
+
+def world_size(environ: Mapping[str, str] | None = None) -> int | None:
+    """Logical ranks W (``--world-size``); set by the SPANK plugin or
+    singularity-run. Default: none (the devices requested).
+
+    :raises ContractError: not a positive integer.
+    """
+    return _int(WORLD_SIZE, environ)
+
+
+def devices(environ: Mapping[str, str] | None = None) -> int | None:
+    """Devices D to run on (``singularity-run --devices``). Default: none
+    (count of ``CUDA_VISIBLE_DEVICES``, else 1).
+
+    :raises ContractError: not a positive integer.
+    """
+    return _int(DEVICES, environ)
+
+
+def ckpt_dir(environ: Mapping[str, str] | None = None) -> str | None:
+    """Checkpoint directory (``--ckpt-dir``); set by the SPANK plugin.
+    Default: none (the runtime picks one from the job id)."""
+    return _get(CKPT_DIR, environ)
+
+
+def preempt_signal(environ: Mapping[str, str] | None = None) -> _signal.Signals:
+    """Signal that asks the job to checkpoint and exit; set by the SPANK
+    plugin from the policy. Default: SIGTERM (what Slurm sends at preemption).
+
+    :raises ContractError: not a known signal name or number.
+    """
+    raw = _get(PREEMPT_SIGNAL, environ)
+    if raw is None:
+        return _signal.SIGTERM
+    return parse_signal(raw, PREEMPT_SIGNAL)
+
+
+def parse_signal(raw: str, field: str) -> _signal.Signals:
+    """``USR1``, ``SIGUSR1`` or ``10`` -> ``signal.SIGUSR1``.
+
+    :raises ContractError: names ``field``.
+    """
+    text = raw.strip().upper()
+    if text.isdigit():
+        try:
+            return _signal.Signals(int(text))
+        except ValueError:
+            raise ContractError(f"{field}={raw!r} is not a signal") from None
+    if not text.startswith("SIG"):
+        text = "SIG" + text
+    try:
+        return _signal.Signals[text]
+    except KeyError:
+        raise ContractError(f"{field}={raw!r} is not a signal") from None
+
+
+def deterministic(environ: Mapping[str, str] | None = None) -> bool:
+    """Deterministic reduction order (bitwise-equal results for every D).
+    Set by a user or singularity-run. Default: on."""
+    raw = _get(DETERMINISTIC, environ)
+    return raw is None or raw not in ("0", "off", "false", "no")
+
+
+def proxy_enabled(environ: Mapping[str, str] | None = None) -> bool:
+    """Route device work through a device proxy (``--proxy``); set by the
+    SPANK plugin. Default: off."""
+    return _get(PROXY, environ) in ("on", "1", "true", "yes")
+
+
+def proxy_addrs(environ: Mapping[str, str] | None = None) -> tuple[str, ...]:
+    """Socket paths of this step's device proxies, one per device; set by the
+    SPANK plugin or singularity-run. Default: none."""
+    raw = _get(PROXY_ADDRS, environ)
+    return tuple(a for a in (raw or "").split(",") if a)
+
+
+def cuda_visible_devices(environ: Mapping[str, str] | None = None) -> tuple[str, ...]:
+    """Devices Slurm allocated to the job (``CUDA_VISIBLE_DEVICES``); set by
+    slurmd from gres. Default: none."""
+    raw = _get("CUDA_VISIBLE_DEVICES", environ)
+    return tuple(d for d in (raw or "").split(",") if d)
+
+
+def slurm_job_id(environ: Mapping[str, str] | None = None) -> str | None:
+    """``SLURM_JOB_ID``; set by Slurm. Default: none (not under Slurm)."""
+    return _get("SLURM_JOB_ID", environ)
+
+
+def slurm_restart_count(environ: Mapping[str, str] | None = None) -> int:
+    """``SLURM_RESTART_COUNT``: times Slurm requeued the job; set by Slurm.
+    Default: 0."""
+    raw = _get("SLURM_RESTART_COUNT", environ)
+    return int(raw) if raw and raw.isdigit() else 0
+
+
+def slurm_conf(environ: Mapping[str, str] | None = None) -> str | None:
+    """``SLURM_CONF``: which slurm.conf the Slurm commands read; set by
+    ``eval $(singularity-admin cluster env)``. Default: Slurm's own."""
+    return _get("SLURM_CONF", environ)
+
+
+def state_dir(environ: Mapping[str, str] | None = None) -> str | None:
+    """Local cluster state directory; set by a user or the tests.
+    Default: none (``.state/cluster`` in the repository)."""
+    return _get(STATE_DIR, environ)
