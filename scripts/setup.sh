@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Set up everything slurm-singularity needs on a fresh Debian 12 machine, as
+# root: Slurm 22.05 and munge from Debian, the Python environment in .venv,
+# the SPANK plugin. Idempotent: each step is skipped when already done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(slurm-wlm slurmctld slurmd slurm-client munge libslurm-dev libmunge-dev
+              slurm-wlm-plugins-dev gcc make)
+
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "setup: installing ${missing[*]}"
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "setup: error: installing system packages needs root" >&2; exit 1
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q
+  apt-get install -y -q --no-install-recommends "${missing[@]}"
+  # The packages start system-wide daemons we do not use: the local cluster
+  # runs its own, on its own ports. Stop them by their pid files, if any.
+  for pidfile in /run/munge/munged.pid /run/slurmctld.pid /run/slurmd.pid; do
+    [ -f "$pidfile" ] && kill "$(cat "$pidfile")" 2>/dev/null || true
+  done
+fi
+
+PYTHON=${PYTHON:-python3}
+if ! "$PYTHON" -c 'import venv, ensurepip' 2>/dev/null; then
+  echo "setup: installing python3-venv"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3-venv
+fi
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv"
+  "$PYTHON" -m venv .venv
+fi
+stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
+if [ ! -f "$stamp" ]; then
+  echo "setup: installing the package and its dependencies into .venv"
+  .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+  rm -f .venv/.installed-*
+  touch "$stamp"
+fi
+
+make -s -C spank
+echo "setup: done"

@@ -1,0 +1,121 @@
+"""``singularity-admin cluster up|down|status|env``: the local cluster."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+from .. import contract, paths
+from ..cluster.api import ClusterError, ClusterSpec
+
+
+def _default_state_dir() -> Path:
+    return Path(contract.state_dir() or paths.DEFAULT_STATE_DIR)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    cluster = sub.add_parser("cluster", help="a real Slurm cluster on this machine")
+    csub = cluster.add_subparsers(dest="action", metavar="ACTION")
+    csub.required = True
+
+    def with_state_dir(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--state-dir", type=Path, default=None,
+                       help=f"state directory (default: ${contract.STATE_DIR} or "
+                            f"{paths.DEFAULT_STATE_DIR})")
+        return p
+
+    up = with_state_dir(csub.add_parser("up", help="start munged, slurmctld and the slurmd"))
+    up.add_argument("--nodes", type=int, default=4, help="number of nodes (default 4)")
+    up.add_argument("--gpus-per-node", type=int, default=8, help="emulated GPUs per node (default 8)")
+    up.add_argument("--cpus-per-node", type=int, default=16, help="CPUs each node claims (default 16)")
+    up.add_argument("--ctld-port", type=int, default=16817, help="slurmctld port (default 16817)")
+    up.add_argument("--slurmd-port", type=int, default=17001,
+                    help="port of n1's slurmd; node i uses this + i - 1 (default 17001)")
+    up.add_argument("--name", default="singularity", help="Slurm ClusterName (default singularity)")
+    up.add_argument("--policy", type=Path, default=None,
+                    help="policy file (default templates/policy.toml)")
+    up.set_defaults(func=_up)
+
+    down = with_state_dir(csub.add_parser("down", help="stop the daemons that `up` started"))
+    down.set_defaults(func=_down)
+    st = with_state_dir(csub.add_parser("status", help="daemons and nodes"))
+    st.add_argument("--json", action="store_true", help="machine-readable output")
+    st.set_defaults(func=_status)
+    env = with_state_dir(csub.add_parser("env", help="print `export SLURM_CONF=...` for eval"))
+    env.set_defaults(func=_env)
+
+
+def _progress(msg: str) -> None:
+    print(f"cluster: {msg}", file=sys.stderr, flush=True)
+
+
+def _fail(exc: Exception) -> int:
+    print(f"singularity-admin cluster: error: {exc}", file=sys.stderr)
+    return 1
+
+
+def _up(args: argparse.Namespace) -> int:
+    from ..cluster import local
+    from ..policy.api import PolicyError
+    from ..policy.load import load_policy
+
+    try:
+        spec = ClusterSpec(
+            state_dir=(args.state_dir or _default_state_dir()).absolute(),
+            nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+            cpus_per_node=args.cpus_per_node, ctld_port=args.ctld_port,
+            slurmd_base_port=args.slurmd_port, cluster_name=args.name)
+        policy = load_policy(args.policy or paths.TEMPLATES_DIR / "policy.toml")
+        st = local.up(spec, policy, progress=_progress)
+    except (ValueError, ClusterError, PolicyError) as exc:
+        return _fail(exc)
+    idle = sum(1 for n in st.nodes if n.state == "idle")
+    print(f"Local Slurm cluster up: {len(st.nodes)} nodes ({idle} idle), "
+          f"{spec.gpus_per_node} GPUs each, slurmctld on port {spec.ctld_port}.")
+    print("Use it from a shell with:")
+    print(f"  eval $(singularity-admin cluster env --state-dir {shlex.quote(str(spec.state_dir))})")
+    print("  sinfo; sbatch --gres=gpu:2 --wrap 'echo $CUDA_VISIBLE_DEVICES'")
+    print(f"Stop it with: singularity-admin cluster down --state-dir {shlex.quote(str(spec.state_dir))}")
+    return 0
+
+
+def _down(args: argparse.Namespace) -> int:
+    from ..cluster import local
+
+    state_dir = (args.state_dir or _default_state_dir()).absolute()
+    stopped = local.down(state_dir, progress=_progress)
+    print(f"stopped {len(stopped)} daemon(s)" if stopped else "nothing was running")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from ..cluster import local
+
+    try:
+        st = local.status((args.state_dir or _default_state_dir()).absolute())
+    except ClusterError as exc:
+        return _fail(exc)
+    if args.json:
+        print(json.dumps({"daemons": st.daemons,
+                          "nodes": [n.__dict__ for n in st.nodes]}, indent=2))
+        return 0 if st.running else 3
+    for name, pid in st.daemons.items():
+        print(f"{name:<12} {'pid ' + str(pid) if pid else 'not running'}")
+    for node in st.nodes:
+        print(f"{node.name:<12} {node.state:<10} gpu:{node.gpus}")
+    return 0 if st.running else 3
+
+
+def _env(args: argparse.Namespace) -> int:
+    from ..cluster import local
+
+    try:
+        spec = local.load_spec((args.state_dir or _default_state_dir()).absolute())
+    except ClusterError as exc:
+        return _fail(exc)
+    for key, value in spec.env().items():
+        print(f"export {key}={shlex.quote(value)}")
+    return 0

@@ -1,0 +1,124 @@
+"""Contract of the local cluster: a real Slurm (munged, slurmctld, several
+slurmd, emulated GPUs) on one machine, for the demo and the tests.
+
+Several such clusters can coexist (a person's demo and the test suite), so
+every port, path and size is a field of ``ClusterSpec``; nothing is global.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class ClusterError(RuntimeError):
+    """The local cluster could not be brought up, down or read; the message
+    says what and names the option, port or path at fault."""
+
+
+class DaemonKind(enum.Enum):
+    """The daemons a local cluster runs. Each is started once by ``up`` and
+    stopped by its recorded pid by ``down``."""
+
+    MUNGED = "munged"
+    SLURMCTLD = "slurmctld"
+    SLURMD = "slurmd"
+
+
+_NAME = re.compile(r"^[a-z][a-z0-9]{0,15}$")
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """Shape and location of one local cluster."""
+
+    #: Directory for rendered configuration, spool, logs, pids and device files.
+    state_dir: Path
+    #: Number of slurmd nodes, named n1..nN; 1..64.
+    nodes: int = 4
+    #: Emulated GPUs per node; 0..64.
+    gpus_per_node: int = 8
+    #: CPUs each node claims (may exceed the machine's; config_overrides).
+    cpus_per_node: int = 16
+    #: Memory each node claims, MiB.
+    memory_mb_per_node: int = 64000
+    #: slurmctld's port; slurmd of node i listens on slurmd_base_port + i - 1.
+    ctld_port: int = 16817
+    #: Port of node n1's slurmd.
+    slurmd_base_port: int = 17001
+    #: Slurm ClusterName; letters and digits.
+    cluster_name: str = "singularity"
+    #: Seconds to wait for every node to be idle.
+    ready_timeout_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.nodes <= 64:
+            raise ValueError(f"--nodes must be between 1 and 64, not {self.nodes}")
+        if not 0 <= self.gpus_per_node <= 64:
+            raise ValueError(
+                f"--gpus-per-node must be between 0 and 64, not {self.gpus_per_node}")
+        if self.cpus_per_node < 1:
+            raise ValueError(f"--cpus-per-node must be at least 1, not {self.cpus_per_node}")
+        for field, port in (("--ctld-port", self.ctld_port),
+                            ("--slurmd-port", self.slurmd_base_port)):
+            if not 1024 <= port <= 65535:
+                raise ValueError(f"{field} must be between 1024 and 65535, not {port}")
+        if self.slurmd_base_port + self.nodes - 1 > 65535:
+            raise ValueError("--slurmd-port leaves no room for every node's port")
+        lo, hi = self.slurmd_base_port, self.slurmd_base_port + self.nodes - 1
+        if lo <= self.ctld_port <= hi:
+            raise ValueError(
+                f"--ctld-port {self.ctld_port} collides with the slurmd ports {lo}-{hi}")
+        if not _NAME.match(self.cluster_name):
+            raise ValueError(f"--name {self.cluster_name!r} must be lower-case letters and digits")
+
+    @property
+    def node_names(self) -> tuple[str, ...]:
+        return tuple(f"n{i}" for i in range(1, self.nodes + 1))
+
+    @property
+    def node_range(self) -> str:
+        return "n1" if self.nodes == 1 else f"n[1-{self.nodes}]"
+
+    @property
+    def ports(self) -> tuple[int, ...]:
+        return (self.ctld_port,) + tuple(
+            self.slurmd_base_port + i for i in range(self.nodes))
+
+    @property
+    def conf_dir(self) -> Path:
+        return self.state_dir / "etc"
+
+    @property
+    def slurm_conf(self) -> Path:
+        return self.conf_dir / "slurm.conf"
+
+    @property
+    def munge_socket(self) -> Path:
+        return self.state_dir / "munge" / "munge.socket"
+
+    def env(self) -> dict[str, str]:
+        """Variables that point Slurm's commands at this cluster."""
+        return {"SLURM_CONF": str(self.slurm_conf)}
+
+
+@dataclass(frozen=True)
+class NodeStatus:
+    name: str
+    state: str
+    gpus: int
+
+
+@dataclass(frozen=True)
+class ClusterStatus:
+    """What ``cluster status`` reports."""
+
+    spec_file: Path
+    daemons: dict[str, int | None]   # daemon name -> live pid, or None
+    nodes: tuple[NodeStatus, ...]
+
+    @property
+    def running(self) -> bool:
+        return any(pid is not None for pid in self.daemons.values())

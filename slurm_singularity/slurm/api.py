@@ -1,0 +1,78 @@
+"""Contract of the Slurm access layer: the only code that talks to Slurm.
+
+Everything above it (the cluster tools, the scheduler daemon, the admin CLI)
+sees Slurm through ``SlurmClient``: value types in, value types out. The CLI
+backend (``cli.py``) uses the commands' ``--json`` output where Slurm 22.05
+has it; a pyslurm backend can sit behind the same Protocol on sites whose
+Slurm matches a pyslurm release.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping, Protocol, Sequence
+
+
+class SlurmError(RuntimeError):
+    """A Slurm command failed. ``command`` is what ran, ``stderr`` what Slurm
+    said (already stripped), ``returncode`` its exit status."""
+
+    def __init__(self, command: Sequence[str], returncode: int, stderr: str) -> None:
+        self.command = list(command)
+        self.returncode = returncode
+        self.stderr = stderr.strip()
+        super().__init__(f"{self.command[0]} failed ({returncode}): {self.stderr}")
+
+
+@dataclass(frozen=True)
+class Node:
+    """A node as sinfo reports it."""
+
+    name: str
+    state: str                 # lower case, e.g. "idle", "mixed", "allocated", "down"
+    gpus: int                  # configured gpu gres count
+    cpus: int
+    partitions: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Job:
+    """A job as squeue reports it (fields the project reads)."""
+
+    job_id: int
+    name: str
+    state: str                 # upper case, e.g. "PENDING", "RUNNING"
+    partition: str
+    account: str
+    user: str
+    nodes: str                 # node list, e.g. "n[1-2]"
+    comment: str = ""
+    reason: str = ""
+    restart_count: int = 0
+    gpus: int = 0              # GPUs requested (all nodes)
+    extra: Mapping[str, object] = field(default_factory=dict)
+
+
+class SlurmClient(Protocol):
+    """What the project needs from Slurm."""
+
+    env: Mapping[str, str]
+
+    def nodes(self) -> list[Node]:
+        """:raises SlurmError: sinfo failed."""
+
+    def jobs(self) -> list[Job]:
+        """All jobs slurmctld knows, any state. :raises SlurmError:"""
+
+    def submit(self, args: Sequence[str], script: str | None = None) -> int:
+        """sbatch ``args`` (options and maybe a script path), or the script
+        text on stdin. Returns the job id. :raises SlurmError: sbatch refused it."""
+
+    def scontrol(self, *args: str) -> str:
+        """Run ``scontrol args``; returns its stdout. :raises SlurmError:"""
+
+    def show_job(self, job_id: int) -> dict[str, str]:
+        """``scontrol show job -o`` parsed into key -> value. :raises SlurmError:"""
+
+    def cancel(self, *job_ids: int, signal: str | None = None) -> None:
+        """scancel the jobs (or send them ``signal``). :raises SlurmError:"""

@@ -1,0 +1,141 @@
+"""CLI backend of ``SlurmClient``: runs Slurm's commands with ``--json``.
+
+Why the CLI: Debian 12 ships Slurm 22.05, for which no pyslurm release
+builds (DESIGN.md); the commands are the stable interface. Every call has a
+timeout so that a hung slurmctld cannot hang the caller.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import subprocess
+from typing import Mapping, Sequence
+
+from .api import Job, Node, SlurmError
+
+log = logging.getLogger(__name__)
+
+_JOB_ID = re.compile(r"Submitted batch job (\d+)")
+_GPU = re.compile(r"gpu(?::[^:,()]+)?:(\d+)")
+
+
+def gpus_in(tres: str | None) -> int:
+    """GPUs in a gres/tres string such as ``gpu:8(S:0-1)``, ``gres:gpu:3``
+    or ``gres/gpu=2``; 0 when none."""
+    if not tres:
+        return 0
+    total = 0
+    for part in re.split(r",(?![^(]*\))", tres):
+        part = part.replace("gres/gpu=", "gpu:").replace("gres:", "")
+        m = _GPU.search(part)
+        if m:
+            total += int(m.group(1))
+    return total
+
+
+class CliSlurmClient:
+    """Talks to the Slurm named by ``env`` (``SLURM_CONF``) through its CLI."""
+
+    def __init__(self, env: Mapping[str, str] | None = None, timeout_s: float = 30.0) -> None:
+        self.env = dict(env or {})
+        self.timeout_s = timeout_s
+
+    def _run(self, cmd: Sequence[str], stdin: str | None = None) -> str:
+        full_env = dict(os.environ)
+        full_env.update(self.env)
+        try:
+            proc = subprocess.run(list(cmd), input=stdin, capture_output=True, text=True,
+                                  env=full_env, timeout=self.timeout_s, check=False)
+        except FileNotFoundError:
+            raise SlurmError(cmd, 127, f"{cmd[0]} is not installed") from None
+        except subprocess.TimeoutExpired:
+            raise SlurmError(cmd, 124, f"no answer within {self.timeout_s:g} s") from None
+        if proc.returncode != 0:
+            raise SlurmError(cmd, proc.returncode, proc.stderr or proc.stdout)
+        return proc.stdout
+
+    def nodes(self) -> list[Node]:
+        data = json.loads(self._run(["sinfo", "--json"]))
+        out: dict[str, Node] = {}
+        for entry in data.get("sinfo", data.get("nodes", [])):
+            for name, node in _sinfo_nodes(entry):
+                out[name] = node
+        return [out[k] for k in sorted(out, key=_natural)]
+
+    def jobs(self) -> list[Job]:
+        data = json.loads(self._run(["squeue", "--all", "--json"]))
+        return [_job(j) for j in data.get("jobs", [])]
+
+    def submit(self, args: Sequence[str], script: str | None = None) -> int:
+        out = self._run(["sbatch", *args], stdin=script)
+        m = _JOB_ID.search(out)
+        if not m:
+            raise SlurmError(["sbatch", *args], 0, f"unexpected sbatch output: {out!r}")
+        return int(m.group(1))
+
+    def scontrol(self, *args: str) -> str:
+        return self._run(["scontrol", *args])
+
+    def show_job(self, job_id: int) -> dict[str, str]:
+        return parse_scontrol_record(self.scontrol("show", "job", "-o", str(job_id)))
+
+    def cancel(self, *job_ids: int, signal: str | None = None) -> None:
+        if not job_ids:
+            return
+        cmd = ["scancel"] + ([f"--signal={signal}"] if signal else [])
+        self._run(cmd + [str(j) for j in job_ids])
+
+
+def parse_scontrol_record(text: str) -> dict[str, str]:
+    """``Key=Value Key2=Value with spaces`` (one ``-o`` line) -> dict.
+
+    Values may contain spaces (``Comment``, ``Command``): a new key starts only
+    at `` Word=`` where Word is a known key shape (capitalised, no spaces).
+    """
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    fields: dict[str, str] = {}
+    for m in re.finditer(r"(?:^|\s)([A-Za-z][A-Za-z0-9_:/]*)=(.*?)(?=\s[A-Za-z][A-Za-z0-9_:/]*=|$)", line):
+        fields[m.group(1)] = m.group(2)
+    return fields
+
+
+def _natural(name: str) -> tuple:
+    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name))
+
+
+def _sinfo_nodes(entry: dict) -> list[tuple[str, Node]]:
+    """One sinfo --json entry -> its nodes (22.05 groups nodes per line)."""
+    names = entry.get("nodes", {}).get("nodes") if isinstance(entry.get("nodes"), dict) else None
+    if names is None:
+        names = [entry["name"]] if "name" in entry else []
+    state = entry.get("node", {}).get("state") if isinstance(entry.get("node"), dict) else entry.get("state")
+    if isinstance(state, list):
+        state = "+".join(state)
+    state = str(state or "unknown").lower()
+    gres = entry.get("gres", {}).get("total") if isinstance(entry.get("gres"), dict) else entry.get("gres")
+    cpus = entry.get("cpus", {}).get("total") if isinstance(entry.get("cpus"), dict) else entry.get("cpus", 0)
+    part = entry.get("partition", {}).get("name") if isinstance(entry.get("partition"), dict) else entry.get("partition")
+    return [(n, Node(n, state, gpus_in(gres), int(cpus or 0), (part,) if part else ()))
+            for n in names]
+
+
+def _job(j: dict) -> Job:
+    gres = j.get("tres_per_node") or j.get("tres_per_job") or ""
+    nodes_count = int(j.get("node_count") or 1) if j.get("tres_per_node") else 1
+    return Job(
+        job_id=int(j["job_id"]),
+        name=str(j.get("name", "")),
+        state=str(j.get("job_state", "")).upper(),
+        partition=str(j.get("partition", "")),
+        account=str(j.get("account", "")),
+        user=str(j.get("user_name", "")),
+        nodes=str(j.get("nodes", "")),
+        comment=str(j.get("comment", "") or ""),
+        reason=str(j.get("state_reason", "") or ""),
+        restart_count=int(j.get("restart_cnt", 0) or 0),
+        gpus=gpus_in(gres) * nodes_count,
+        extra=j,
+    )
