@@ -19,6 +19,13 @@ from ..policy.api import Policy
 from .api import ClusterSpec
 
 
+#: Lifetime of a job step credential, seconds. Slurm 22.05 also makes a
+#: requeued job wait this long before it may start again (EligibleTime =
+#: requeue time + about cred_expire); the default of 120 s left preempted
+#: jobs idle on free GPUs, so the local cluster uses a short one.
+CRED_EXPIRE_S = 10
+
+
 def environment() -> jinja2.Environment:
     return jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(paths.TEMPLATES_DIR)),
@@ -50,6 +57,7 @@ def render_cluster_files(spec: ClusterSpec, policy: Policy,
         memory_mb_per_node=spec.memory_mb_per_node,
         gpus_per_node=spec.gpus_per_node,
         requeue_exit_code=contract.REQUEUE_EXIT_CODE,
+        cred_expire_s=CRED_EXPIRE_S,
         job_submit="job_submit.lua" in policy_files,
         spank_plugin=spank_plugin,
     )
