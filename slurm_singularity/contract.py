@@ -201,3 +201,44 @@ def state_dir(environ: Mapping[str, str] | None = None) -> str | None:
     """Local cluster state directory; set by a user or the tests.
     Default: none (``.state/cluster`` in the repository)."""
     return _get(STATE_DIR, environ)
+
+
+# Job tag: what job_submit.lua records in the job's AdminComment so that the
+# scheduler daemon and `scontrol show job` see the job's resolved tier,
+# elastic range and world size (users cannot change AdminComment).
+# Format: "singularity:sla=basic,elastic=2:8,ws=8" - the prefix, then
+# comma-separated key=value pairs in this order; unknown keys are ignored by
+# parse_job_tag so later versions may append more.
+
+#: Prefix of the job tag in ``AdminComment``.
+JOB_TAG_PREFIX = "singularity:"
+
+
+def format_job_tag(sla: str, elastic: tuple[int, int], world: int) -> str:
+    """``("basic", (2, 8), 8)`` -> ``"singularity:sla=basic,elastic=2:8,ws=8"``."""
+    return f"{JOB_TAG_PREFIX}sla={sla},elastic={elastic[0]}:{elastic[1]},ws={world}"
+
+
+def parse_job_tag(text: str | None) -> dict[str, object] | None:
+    """Inverse of ``format_job_tag``: ``{"sla": "basic", "elastic": (2, 8),
+    "ws": 8}``; None if ``text`` is not a job tag (another AdminComment, or
+    none: the job was not submitted through job_submit.lua).
+
+    :raises ContractError: a job tag with a malformed field.
+    """
+    if not text or not text.startswith(JOB_TAG_PREFIX):
+        return None
+    fields: dict[str, object] = {}
+    for item in text[len(JOB_TAG_PREFIX):].split(","):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ContractError(f"job tag {text!r}: field {item!r} is not key=value")
+        fields[key] = value
+    try:
+        fields["elastic"] = elastic({ELASTIC: str(fields["elastic"])})
+        fields["ws"] = _int(WORLD_SIZE, {WORLD_SIZE: str(fields["ws"])})
+    except KeyError as exc:
+        raise ContractError(f"job tag {text!r}: missing field {exc.args[0]!r}") from None
+    if "sla" not in fields:
+        raise ContractError(f"job tag {text!r}: missing field 'sla'")
+    return fields

@@ -9,6 +9,7 @@ name, key and line to the error.
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -88,6 +89,17 @@ class TierSpec:
             raise PolicyError("must be >= 0", key=f"tiers.{self.tier.value}.grace_time_s")
         if not 0.0 <= self.gpu_fraction <= 1.0:
             raise PolicyError("must be between 0 and 1", key=f"tiers.{self.tier.value}.gpu_fraction")
+        if not 0 <= self.priority_tier <= 65533:
+            raise PolicyError("must be between 0 and 65533",
+                              key=f"tiers.{self.tier.value}.priority_tier")
+        if not _SLURM_NAME.match(self.partition):
+            raise PolicyError("partition names are letters, digits, '-' and '_'",
+                              key=f"tiers.{self.tier.value}.partition")
+        name = self.signal.upper().removeprefix("SIG")
+        if name not in _SIGNALS:
+            raise PolicyError(f"unknown signal {self.signal!r} (e.g. TERM, USR1, USR2, INT)",
+                              key=f"tiers.{self.tier.value}.signal")
+        object.__setattr__(self, "signal", name)
         for other in self.preemptible_by:
             if other.rank <= self.tier.rank:
                 raise PolicyError(
@@ -108,6 +120,9 @@ class AccountSpec:
     fair_share_weight: float = 1.0
 
     def __post_init__(self) -> None:
+        if not _SLURM_NAME.match(self.name):
+            raise PolicyError("account names are letters, digits, '-' and '_'",
+                              key=f"accounts.{self.name}")
         if not self.tiers:
             raise PolicyError("needs at least one tier", key=f"accounts.{self.name}.tiers")
         if self.gpu_quota is not None and self.gpu_quota < 1:
@@ -136,15 +151,129 @@ class ElasticRules:
     #: Largest splice factor W / D allowed, >= 1.
     max_splice_factor: int = 16
 
+    def __post_init__(self) -> None:
+        if self.max_splice_factor < 1:
+            raise PolicyError("must be >= 1", key="elastic.max_splice_factor")
+
+
+#: Signal names a tier may use for its preemption signal.
+_SIGNALS = frozenset({"TERM", "INT", "HUP", "USR1", "USR2", "QUIT", "ALRM", "CONT", "URG"})
+
+
+@dataclass(frozen=True)
+class PartitionSpec:
+    """A Slurm partition that the policy declares (``[partitions.NAME]``).
+
+    A tier may only name a partition declared here: "the partition exists"
+    means "the policy declares it", because the policy's own slurm.conf
+    fragment (``policy.conf``) is what creates the partitions.
+    """
+
+    name: str
+    #: Slurm node list (``n[1-4]``) or ``ALL``: every node of the cluster (the
+    #: node list handed to ``render_policy_files``).
+    nodes: str = "ALL"
+    #: Slurm MaxTime of the partition (``UNLIMITED``, ``60``, ``1-00:00:00``).
+    max_time: str = "UNLIMITED"
+
+    def __post_init__(self) -> None:
+        if not _SLURM_NAME.match(self.name):
+            raise PolicyError("partition names are letters, digits, '-' and '_'",
+                              key=f"partitions.{self.name}")
+        if not self.nodes or any(c.isspace() for c in self.nodes):
+            raise PolicyError("must be a Slurm node list or ALL",
+                              key=f"partitions.{self.name}.nodes")
+        if not self.max_time or any(c.isspace() for c in self.max_time):
+            raise PolicyError("must be a Slurm time or UNLIMITED",
+                              key=f"partitions.{self.name}.max_time")
+
+
+_SLURM_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
 
 @dataclass(frozen=True)
 class Policy:
-    """A whole, validated policy."""
+    """A whole, validated policy.
+
+    Cross-checks (each raises ``PolicyError`` naming the key): every tier's
+    partition is declared in ``partitions`` and used by one tier only; the
+    default tier and every account's tiers exist; the default account exists
+    (or is None); ``priority_tier`` never decreases from basic to premium;
+    ``preemptible_by`` is exactly the tiers whose partition has a higher
+    ``priority_tier`` (that is all ``preempt/partition_prio`` can express),
+    and a tier preemptible by someone has a preempt mode other than ``off``.
+    """
 
     tiers: Mapping[Tier, TierSpec]
     accounts: Mapping[str, AccountSpec]
     defaults: Defaults = field(default_factory=Defaults)
     elastic: ElasticRules = field(default_factory=ElasticRules)
+    #: Partitions the policy creates, by name. Empty: one partition per tier,
+    #: named as the tier's ``partition``, over all nodes.
+    partitions: Mapping[str, PartitionSpec] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.tiers:
+            raise PolicyError("needs at least one tier", key="tiers")
+        if not self.partitions:
+            object.__setattr__(self, "partitions", {
+                spec.partition: PartitionSpec(spec.partition) for spec in self.tiers.values()})
+        used: dict[str, Tier] = {}
+        for t, spec in self.tiers.items():
+            key = f"tiers.{t.value}.partition"
+            if spec.partition not in self.partitions:
+                declared = ", ".join(sorted(self.partitions)) or "none"
+                raise PolicyError(f"partition {spec.partition!r} is not declared in "
+                                  f"[partitions] (declared: {declared})", key=key)
+            if spec.partition in used:
+                raise PolicyError(f"partition {spec.partition!r} is already the partition of "
+                                  f"tier {used[spec.partition].value}; each tier needs its own",
+                                  key=key)
+            used[spec.partition] = t
+        if self.defaults.tier not in self.tiers:
+            raise PolicyError(f"tier {self.defaults.tier.value!r} is not defined in [tiers]",
+                              key="defaults.tier")
+        for name, acc in self.accounts.items():
+            for t in acc.tiers:
+                if t not in self.tiers:
+                    raise PolicyError(f"tier {t.value!r} is not defined in [tiers]",
+                                      key=f"accounts.{name}.tiers")
+        if self.defaults.account is not None and self.defaults.account not in self.accounts:
+            raise PolicyError(f"account {self.defaults.account!r} is not defined in [accounts]",
+                              key="defaults.account")
+        self._check_preemption()
+
+    def _check_preemption(self) -> None:
+        ordered = sorted(self.tiers.values(), key=lambda s: s.tier.rank)
+        for low, high in zip(ordered, ordered[1:]):
+            if high.priority_tier < low.priority_tier:
+                raise PolicyError(
+                    f"{high.priority_tier} is below the {low.tier.value} tier's "
+                    f"{low.priority_tier}; a higher tier needs a priority_tier at least as high",
+                    key=f"tiers.{high.tier.value}.priority_tier")
+        for spec in ordered:
+            key = f"tiers.{spec.tier.value}.preemptible_by"
+            expected = {o.tier for o in ordered if o.priority_tier > spec.priority_tier}
+            given = set(spec.preemptible_by)
+            if given and given != expected:
+                names = ", ".join(sorted(t.value for t in expected)) or "none"
+                raise PolicyError(
+                    "with partition priority preemption a tier is preemptible by every tier "
+                    f"with a higher priority_tier or by none; here that is: {names}", key=key)
+            if given and spec.preempt_mode is PreemptMode.OFF:
+                raise PolicyError("a tier with preemptible_by needs preempt_mode requeue or "
+                                  "cancel, not off",
+                                  key=f"tiers.{spec.tier.value}.preempt_mode")
 
     def tier(self, t: Tier) -> TierSpec:
         return self.tiers[t]
+
+    def preemptible(self, t: Tier) -> bool:
+        """Whether jobs of tier ``t`` can be preempted by higher tiers."""
+        return bool(self.tiers[t].preemptible_by)
+
+    def tier_of_partition(self, partition: str) -> Tier | None:
+        for t, spec in self.tiers.items():
+            if spec.partition == partition:
+                return t
+        return None
