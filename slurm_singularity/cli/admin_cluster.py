@@ -102,6 +102,8 @@ def _status(args: argparse.Namespace) -> int:
         print(json.dumps({"daemons": st.daemons,
                           "nodes": [n.__dict__ for n in st.nodes]}, indent=2))
         return 0 if st.running else 3
+    if not st.running:
+        print(f"cluster in {st.spec_file.parent}: not running")
     for name, pid in st.daemons.items():
         print(f"{name:<12} {'pid ' + str(pid) if pid else 'not running'}")
     for node in st.nodes:
