@@ -1,0 +1,51 @@
+/*
+ * Remote context (slurmstepd): put the options into the job step's
+ * environment as the SINGULARITY_* variables of slurm_singularity/contract.py,
+ * so the runtime reads the same values that job_submit.lua and the scheduler
+ * daemon saw. An option that was not given leaves the variable as it is:
+ * for a batch job job_submit.lua has set the policy's default there.
+ */
+#include <string.h>
+
+#include "contexts.h"
+#include "options.h"
+
+int remote_user_init(spank_t sp)
+{
+	for (int id = 1; id < OPT_COUNT; id++) {
+		const char *value = singularity_opts.value[id];
+		const char *name = singularity_option_env(id);
+		spank_err_t rc;
+
+		if (value == NULL || name == NULL)
+			continue;
+		rc = spank_setenv(sp, name, value, 1);
+		if (rc != ESPANK_SUCCESS) {
+			slurm_error("singularity: cannot set %s=%s in the job environment: %s",
+				    name, value, spank_strerror(rc));
+			return -1;
+		}
+	}
+	return 0;
+}
+
+int remote_task_init_privileged(spank_t sp)
+{
+	(void)sp;
+	/*
+	 * ---- DEVICE PROXIES START HERE (later issue) ----------------------
+	 * When SINGULARITY_PROXY is "on", start one device proxy per GPU in
+	 * CUDA_VISIBLE_DEVICES before the tasks run, and export their socket
+	 * paths as SINGULARITY_PROXY_ADDRS. Started once per step (guard
+	 * against one call per task), stopped in remote_exit. Not built yet.
+	 * -------------------------------------------------------------------
+	 */
+	return 0;
+}
+
+int remote_exit(spank_t sp)
+{
+	(void)sp;
+	/* ---- DEVICE PROXIES STOP HERE (later issue) ---- */
+	return 0;
+}
