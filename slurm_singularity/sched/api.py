@@ -1,0 +1,216 @@
+"""Contract of the scheduler: the values the planner reads and the actions it
+returns.
+
+The planner (``planner.plan``) is a pure function ``(ClusterState, Policy) ->
+tuple[Action, ...]``. The scheduler-hook daemon builds a ``ClusterState`` from
+Slurm and the checkpoints and executes the actions; the simulator builds it
+from a trace and applies the actions to its model. Both therefore take the
+same decisions from the same state, and this module is all they share.
+
+A job's progress is stated in *work seconds*: seconds of running at its full
+world size (``D == W``) without overhead. The GPU fraction that the tiers
+promise is ``work done / time since submission``; the state carries the work
+done as a linear function of time (``work_done_s`` as of ``work_as_of`` plus
+``work_rate`` per second since then), so that a caller can keep a job's state
+object unchanged until its size changes (the simulator does) or restate it on
+every pass (the daemon can, with ``work_rate=0``).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from ..policy.api import Tier
+
+
+class SchedError(ValueError):
+    """A scheduler value is invalid; the message names the field."""
+
+
+class JobPhase(enum.Enum):
+    """Where a job is in its life, as the planner sees it.
+
+    Legal transitions::
+
+        PENDING   -> RUNNING (start) | CANCELLED
+        RUNNING   -> RESIZING (grow/shrink) | PREEMPTING (preempt)
+                     | COMPLETED | FAILED | CANCELLED
+        RESIZING  -> RUNNING (at the new size) | FAILED | CANCELLED
+        PREEMPTING-> PENDING (checkpointed and requeued) | FAILED | CANCELLED
+
+    Terminal: COMPLETED, FAILED, CANCELLED. The planner acts only on PENDING
+    and RUNNING jobs; RESIZING and PREEMPTING jobs keep the devices they hold
+    until their transition ends, and terminal jobs are ignored.
+    """
+
+    PENDING = "pending"
+    RUNNING = "running"
+    RESIZING = "resizing"
+    PREEMPTING = "preempting"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobPhase.COMPLETED, JobPhase.FAILED, JobPhase.CANCELLED)
+
+    def can_become(self, other: "JobPhase") -> bool:
+        return other in _TRANSITIONS[self]
+
+
+_TRANSITIONS = {
+    JobPhase.PENDING: {JobPhase.RUNNING, JobPhase.CANCELLED},
+    JobPhase.RUNNING: {JobPhase.RESIZING, JobPhase.PREEMPTING, JobPhase.COMPLETED,
+                       JobPhase.FAILED, JobPhase.CANCELLED},
+    JobPhase.RESIZING: {JobPhase.RUNNING, JobPhase.FAILED, JobPhase.CANCELLED},
+    JobPhase.PREEMPTING: {JobPhase.PENDING, JobPhase.FAILED, JobPhase.CANCELLED},
+    JobPhase.COMPLETED: set(),
+    JobPhase.FAILED: set(),
+    JobPhase.CANCELLED: set(),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class NodeState:
+    """A node and how many of its GPUs no job holds."""
+
+    name: str
+    gpus: int
+    free_gpus: int
+
+    def __post_init__(self) -> None:
+        if self.gpus < 0:
+            raise SchedError(f"node {self.name}: gpus must be >= 0, got {self.gpus}")
+        if not 0 <= self.free_gpus <= self.gpus:
+            raise SchedError(
+                f"node {self.name}: free_gpus must be between 0 and gpus={self.gpus}, "
+                f"got {self.free_gpus}")
+
+
+@dataclass(frozen=True, slots=True)
+class JobState:
+    """One job as the planner sees it.
+
+    ``devices`` is the number of GPUs held now (0 while pending);
+    ``placement`` says on which nodes, as ``(node, gpus)`` pairs summing to
+    ``devices``. ``min_devices:max_devices`` is the elastic range (equal for a
+    rigid job); every size the planner gives divides ``world_size``.
+    """
+
+    job_id: int
+    tier: Tier
+    account: str
+    world_size: int
+    min_devices: int
+    max_devices: int
+    phase: JobPhase
+    #: Submission time, seconds on the same clock as ``ClusterState.now``.
+    submit_time: float
+    devices: int = 0
+    placement: tuple[tuple[str, int], ...] = ()
+    #: Work seconds done as of ``work_as_of`` (see the module docstring).
+    work_done_s: float = 0.0
+    #: Time at which ``work_done_s`` was measured; None = ``ClusterState.now``.
+    work_as_of: float | None = None
+    #: Work seconds gained per second since ``work_as_of`` (about D/W while running).
+    work_rate: float = 0.0
+
+    def __post_init__(self) -> None:
+        j = f"job {self.job_id}"
+        if self.world_size < 1:
+            raise SchedError(f"{j}: world_size must be >= 1, got {self.world_size}")
+        if not 1 <= self.min_devices <= self.max_devices <= self.world_size:
+            raise SchedError(
+                f"{j}: elastic range must satisfy 1 <= min <= max <= world_size="
+                f"{self.world_size}, got {self.min_devices}:{self.max_devices}")
+        if self.devices < 0 or (self.devices and self.world_size % self.devices):
+            raise SchedError(
+                f"{j}: devices must divide world_size={self.world_size}, got {self.devices}")
+        if self.phase is JobPhase.PENDING and self.devices:
+            raise SchedError(f"{j}: a pending job holds no devices, got devices={self.devices}")
+        if self.phase is JobPhase.RUNNING and not self.devices:
+            raise SchedError(f"{j}: a running job holds devices, got devices=0")
+        if self.placement and sum(n for _, n in self.placement) != self.devices:
+            raise SchedError(f"{j}: placement {self.placement} does not sum to devices={self.devices}")
+        if self.work_done_s < 0 or self.work_rate < 0:
+            raise SchedError(f"{j}: work_done_s and work_rate must be >= 0")
+
+    def work_at(self, now: float) -> float:
+        """Work seconds done at time ``now``."""
+        as_of = now if self.work_as_of is None else self.work_as_of
+        return self.work_done_s + self.work_rate * max(0.0, now - as_of)
+
+    def gpu_fraction(self, now: float) -> float:
+        """Ideal run time / actual run time so far (1.0 before any time has passed)."""
+        elapsed = now - self.submit_time
+        if elapsed <= 0:
+            return 1.0
+        return min(1.0, self.work_at(now) / elapsed)
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterState:
+    """Everything the planner decides from: the time, the nodes and the jobs."""
+
+    now: float
+    nodes: tuple[NodeState, ...]
+    jobs: tuple[JobState, ...]
+
+    def __post_init__(self) -> None:
+        names = {n.name for n in self.nodes}
+        if len(names) != len(self.nodes):
+            raise SchedError("node names must be unique")
+
+    @property
+    def total_gpus(self) -> int:
+        return sum(n.gpus for n in self.nodes)
+
+    @property
+    def free_gpus(self) -> int:
+        return sum(n.free_gpus for n in self.nodes)
+
+
+class ActionKind(enum.Enum):
+    """What the planner asks for one job."""
+
+    START = "start"      # pending -> running at ``devices_to``
+    GROW = "grow"        # running at devices_from -> devices_to (larger)
+    SHRINK = "shrink"    # running at devices_from -> devices_to (smaller, >= MIN)
+    PREEMPT = "preempt"  # checkpoint and requeue; devices_to == 0
+    LEAVE = "leave"      # nothing to do now (only reported when asked, with why)
+
+
+@dataclass(frozen=True, slots=True)
+class Action:
+    """One decision of the planner, with the reason taken from the policy.
+
+    ``placement`` is the job's whole placement after the action as
+    ``(node, gpus)`` pairs (empty for PREEMPT and LEAVE). ``for_job`` names
+    the job that a SHRINK or PREEMPT makes room for, when there is one.
+    """
+
+    kind: ActionKind
+    job_id: int
+    devices_from: int
+    devices_to: int
+    reason: str
+    placement: tuple[tuple[str, int], ...] = ()
+    for_job: int | None = None
+
+    def __post_init__(self) -> None:
+        k = self.kind
+        ok = {
+            ActionKind.START: self.devices_from == 0 < self.devices_to,
+            ActionKind.GROW: 0 < self.devices_from < self.devices_to,
+            ActionKind.SHRINK: 0 < self.devices_to < self.devices_from,
+            ActionKind.PREEMPT: self.devices_from > 0 and self.devices_to == 0,
+            ActionKind.LEAVE: self.devices_from == self.devices_to,
+        }[k]
+        if not ok:
+            raise SchedError(
+                f"job {self.job_id}: {k.value} cannot go from {self.devices_from} "
+                f"to {self.devices_to} devices")
+        if not self.reason:
+            raise SchedError(f"job {self.job_id}: an action needs a reason")
