@@ -230,6 +230,10 @@ class Policy:
                                   f"tier {used[spec.partition].value}; each tier needs its own",
                                   key=key)
             used[spec.partition] = t
+        for name in self.partitions:
+            if name not in used:
+                raise PolicyError("is declared but no tier uses it; remove it or give it "
+                                  "a tier", key=f"partitions.{name}")
         if self.defaults.tier not in self.tiers:
             raise PolicyError(f"tier {self.defaults.tier.value!r} is not defined in [tiers]",
                               key="defaults.tier")
