@@ -1,11 +1,60 @@
-"""singularity-schedd: not yet implemented (built by a later issue)."""
+"""singularity-schedd: the scheduler-hook daemon (observe, plan, act)."""
 
+from __future__ import annotations
+
+import argparse
+import logging
+import os
 import sys
+from pathlib import Path
+
+from .. import paths
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="singularity-schedd",
+        description="Grow elastic jobs into idle GPUs, shrink them instead of preempting, "
+                    "and serve tiers and fairness by the policy.")
+    p.add_argument("--policy", type=Path, default=paths.TEMPLATES_DIR / "policy.toml",
+                   help="policy file (default templates/policy.toml)")
+    p.add_argument("--period", type=float, default=2.0, help="seconds between passes (default 2)")
+    p.add_argument("--gpus-per-node", type=int, default=8,
+                   help="GPUs per node, to shape resized requests (default 8)")
+    p.add_argument("--metrics-port", type=int, default=0,
+                   help="serve Prometheus metrics on 127.0.0.1:PORT (default: off)")
+    p.add_argument("--once", action="store_true", help="run one pass and exit")
+    p.add_argument("--dry-run", action="store_true", help="log decisions, change nothing")
+    p.add_argument("--pid-file", type=Path, default=None, help="write the daemon's pid here")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    print("singularity-schedd: not yet implemented", file=sys.stderr)
-    return 2
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from ..policy.api import PolicyError
+    from ..policy.load import load_policy
+    from ..sched.daemon import Daemon, DaemonSettings, install_signal_handlers
+    from ..sched.executor import ExecutorSettings
+    from ..slurm.cli import CliSlurmClient
+
+    try:
+        policy = load_policy(args.policy)
+        settings = DaemonSettings(
+            period_s=args.period, metrics_port=args.metrics_port,
+            max_passes=1 if args.once else 0,
+            executor=ExecutorSettings(gpus_per_node=args.gpus_per_node, dry_run=args.dry_run))
+    except (PolicyError, ValueError) as exc:
+        print(f"singularity-schedd: error: {exc}", file=sys.stderr)
+        return 2
+    if args.pid_file:
+        args.pid_file.write_text(f"{os.getpid()}\n")
+    daemon = Daemon(CliSlurmClient(), policy, settings)
+    install_signal_handlers(daemon)
+    logging.getLogger(__name__).info("started (policy %s, period %g s)", args.policy, args.period)
+    return daemon.run()
 
 
 if __name__ == "__main__":
