@@ -226,7 +226,8 @@ def parse_job_tag(text: str | None) -> dict[str, object] | None:
 
     :raises ContractError: a job tag with a malformed field.
     """
-    if not text or not text.startswith(JOB_TAG_PREFIX):
+    text = (text or "").strip()
+    if not text.startswith(JOB_TAG_PREFIX):
         return None
     fields: dict[str, object] = {}
     for item in text[len(JOB_TAG_PREFIX):].split(","):
