@@ -1,0 +1,442 @@
+"""The worker side of the device proxy: ``attach(addr, job)`` returns a
+:class:`ProxyDevice`, and tensors put on it are :class:`ProxyTensor` s.
+
+Why a tensor subclass: model code must run unchanged. A ``ProxyTensor`` is a
+storage-less wrapper (device ``meta`` as far as the worker's torch is
+concerned) holding a handle; every aten operator on it reaches
+``__torch_dispatch__``, which works out the result's shape and dtype locally
+on meta tensors (cached per argument signature), allocates the result's
+handle itself, and sends the operator to the proxy without waiting. Autograd
+runs in the worker on these wrappers, so backward's operators go the same
+way. The worker waits only when it reads a value: ``.item()``, ``.cpu()``,
+``print``, ``bool(t)``, or the proxy's own requests (lookup, snapshot).
+Operators that take a ``torch.Generator`` run in the worker on fetched
+values (the generator lives here) and their results are uploaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from slurm_singularity.proxy import ring
+from slurm_singularity.proxy.api import ChannelClosed, ProxyError, RemoteError
+from slurm_singularity.proxy.wire import (
+    PROXY_DEVICE, Handle, MsgKind, decode_message, encode_message,
+)
+
+log = logging.getLogger(__name__)
+aten = torch.ops.aten
+_META = torch.device("meta")
+#: Frees are sent in groups of this many handles.
+FREE_BATCH = 256
+#: Largest reply the worker accepts, bytes.
+MAX_REPLY_BYTES = 1 << 34
+_BATCHABLE = frozenset({MsgKind.OP, MsgKind.PUT, MsgKind.FREE, MsgKind.BIND,
+                        MsgKind.SET_META, MsgKind.SEED})
+
+
+class _Local(Exception):
+    """Raised while encoding: this call must run in the worker."""
+
+
+class _OpInfo:
+    """What the client needs to know about one operator overload."""
+
+    __slots__ = ("name", "writes", "tensor_returns", "has_generator")
+
+    def __init__(self, func: torch._ops.OpOverload) -> None:
+        schema = func._schema
+        self.name = f"{func._schema.name.split('::', 1)[1]}.{func._overloadname}"
+        self.has_generator = any("Generator" in str(a.type) for a in schema.arguments)
+        writes: list[Any] = []
+        for ret in schema.returns:
+            target = None
+            if ret.alias_info is not None and ret.alias_info.is_write:
+                for i, a in enumerate(schema.arguments):
+                    if (a.alias_info is not None and a.alias_info.is_write
+                            and a.alias_info.before_set == ret.alias_info.before_set):
+                        target = (i, a.name, a.kwarg_only)
+                        break
+            writes.append(target)
+        self.writes = writes
+        self.tensor_returns = all("Tensor" in str(r.type) for r in schema.returns)
+
+
+_INFO: dict[Any, _OpInfo] = {}
+
+
+def _info(func: Any) -> _OpInfo:
+    info = _INFO.get(func)
+    if info is None:
+        info = _INFO[func] = _OpInfo(func)
+    return info
+
+
+class ProxyTensor(torch.Tensor):
+    """A tensor that lives in a device proxy; the worker holds its handle."""
+
+    _pdev: "ProxyDevice"
+    _hid: int
+
+    @staticmethod
+    def __new__(cls, dev: "ProxyDevice", hid: int, size, stride, dtype, offset: int = 0,
+                requires_grad: bool = False) -> "ProxyTensor":
+        r = torch.Tensor._make_wrapper_subclass(
+            cls, size, strides=stride, storage_offset=offset, dtype=dtype, device=_META,
+            requires_grad=requires_grad)
+        r._pdev = dev
+        r._hid = hid
+        return r
+
+    def __del__(self) -> None:
+        try:
+            self._pdev._release(self._hid)
+        except Exception:
+            pass
+
+    def __repr__(self, *, tensor_contents: Any = None) -> str:
+        return f"ProxyTensor(job={self._pdev.job}, {self._pdev.fetch(self)!r})"
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        dev = _find_device(args, kwargs)
+        return dev._dispatch(func, args, kwargs)
+
+
+def _find_device(args: Any, kwargs: dict) -> "ProxyDevice":
+    for a in args:
+        if isinstance(a, ProxyTensor):
+            return a._pdev
+        if isinstance(a, (list, tuple)):
+            for b in a:
+                if isinstance(b, ProxyTensor):
+                    return b._pdev
+    for a in kwargs.values():
+        if isinstance(a, ProxyTensor):
+            return a._pdev
+    raise ProxyError("no proxy tensor among the arguments")
+
+
+class ProxyDevice:
+    """A worker's connection to one device proxy under one job name."""
+
+    def __init__(self, channel: ring.Channel, job: str) -> None:
+        self.channel = channel
+        self.job = job
+        self._lock = threading.RLock()
+        self._next_id = 1
+        self._rid = 0
+        self._frees: list[int] = []
+        self._batch: list[bytes] | None = None
+        self._meta_cache: dict[Any, Any] = {}
+        self.closed = False
+        reply = self._request(MsgKind.ATTACH, [job])
+        self.device_name: str = reply[0]
+        self.names_at_attach: list[str] = reply[1]
+
+    # -- transport ---------------------------------------------------------------
+    def _new_id(self) -> int:
+        hid = self._next_id
+        self._next_id += 1
+        return hid
+
+    def _send(self, kind: MsgKind, body: Any) -> None:
+        msg = encode_message(kind, 0, body)
+        with self._lock:
+            if self._batch is not None and kind in _BATCHABLE:
+                self._batch.append(msg)
+            else:
+                self.channel.send(msg)
+
+    def _flush_frees(self) -> None:
+        if self._frees:
+            ids, self._frees = self._frees, []
+            self._send(MsgKind.FREE, [ids])
+
+    def _release(self, hid: int) -> None:
+        if self.closed:
+            return
+        self._frees.append(hid)
+        if len(self._frees) >= FREE_BATCH and not self._lock._is_owned():  # type: ignore[attr-defined]
+            self._flush_frees()
+
+    def _request(self, kind: MsgKind, body: Any) -> Any:
+        """Send a request and wait for its reply.
+
+        :raises RemoteError: the proxy reported an error (for this request or
+            an earlier asynchronous one).
+        :raises ChannelClosed: the proxy went away.
+        """
+        with self._lock:
+            if self._batch is not None:
+                raise ProxyError(f"{kind.name} reads from the proxy inside an atomic block")
+            self._flush_frees()
+            self._rid += 1
+            rid = self._rid
+            self.channel.send(encode_message(kind, rid, body))
+            while True:
+                rkind, got, value = decode_message(self.channel.recv(MAX_REPLY_BYTES),
+                                                   MAX_REPLY_BYTES)
+                if rkind == MsgKind.ERROR:
+                    raise RemoteError(f"proxy: {value}")
+                if got == rid:
+                    return value
+
+    # -- tensors -----------------------------------------------------------------
+    def _wrap(self, hid: int, meta: torch.Tensor) -> ProxyTensor:
+        return ProxyTensor(self, hid, meta.shape, meta.stride(), meta.dtype,
+                           meta.storage_offset())
+
+    def put(self, tensor: torch.Tensor) -> ProxyTensor:
+        """Copy a local tensor to the proxy (asynchronously)."""
+        if isinstance(tensor, ProxyTensor):
+            return tensor
+        hid = self._new_id()
+        t = tensor.detach().contiguous()
+        self._send(MsgKind.PUT, [hid, t])
+        return ProxyTensor(self, hid, t.shape, t.stride(), t.dtype)
+
+    def fetch(self, tensor: ProxyTensor) -> torch.Tensor:
+        """The tensor's value as a CPU tensor (waits for the proxy)."""
+        return self._request(MsgKind.GET, [tensor._hid])
+
+    def module(self, module: nn.Module) -> nn.Module:
+        """Move a module's parameters and buffers to the proxy, in place."""
+        return module._apply(lambda t: self.put(t))
+
+    def manual_seed(self, seed: int) -> None:
+        """Seed this job's random stream in the proxy (dropout, bernoulli...)."""
+        self._send(MsgKind.SEED, [int(seed)])
+
+    def sync(self) -> None:
+        """Wait until the proxy has run everything sent so far.
+
+        :raises RemoteError: an earlier asynchronous operation failed.
+        """
+        self._request(MsgKind.SYNC, [])
+
+    def stats(self) -> dict[str, Any]:
+        return self._request(MsgKind.STATS, [])
+
+    # -- named, persistent state ----------------------------------------------
+    def register(self, name: str, tensor: torch.Tensor) -> None:
+        """Keep ``tensor`` in the proxy under ``name`` for this job; a CPU
+        tensor is kept as a host value (given back as a CPU tensor)."""
+        if isinstance(tensor, ProxyTensor):
+            self._send(MsgKind.BIND, [name, tensor._hid, False])
+        else:
+            hid = self._new_id()
+            self._send(MsgKind.PUT, [hid, tensor.detach().contiguous()])
+            self._send(MsgKind.BIND, [name, hid, True])
+            self._send(MsgKind.FREE, [[hid]])
+
+    def lookup(self, name: str) -> torch.Tensor:
+        """The tensor this job keeps under ``name`` (no copy on the device).
+
+        :raises RemoteError: no such name.
+        """
+        hid = self._new_id()
+        dtype, shape, stride, offset, host, value = self._request(MsgKind.LOOKUP, [name, hid])
+        if host:
+            self._frees.append(hid)
+            return value
+        return ProxyTensor(self, hid, shape, stride, dtype, offset)
+
+    def set_meta(self, key: str, value: int | float | str | bool | None) -> None:
+        self._send(MsgKind.SET_META, [key, value])
+
+    def get_meta(self, key: str) -> Any:
+        return self._request(MsgKind.GET_META, [key])
+
+    @contextlib.contextmanager
+    def atomic(self) -> Iterator[None]:
+        """Everything sent inside reaches the proxy as one message that it
+        runs as a unit: a worker killed inside (or while sending) leaves the
+        job's state as it was before. Reads inside raise ProxyError."""
+        with self._lock:
+            if self._batch is not None:
+                raise ProxyError("atomic blocks do not nest")
+            self._flush_frees()
+            self._batch = []
+        try:
+            yield
+        except BaseException:
+            self._batch = None
+            raise
+        with self._lock:
+            batch, self._batch = self._batch, None
+            self._send(MsgKind.BATCH, [batch])
+
+    def snapshot(self) -> bytes:
+        """This job's named tensors, meta and random stream as bytes
+        (``torch.load(..., weights_only=True)`` reads them)."""
+        return self._request(MsgKind.SNAPSHOT, [])
+
+    def restore(self, blob: bytes) -> None:
+        self._request(MsgKind.RESTORE, [blob])
+
+    def close(self) -> None:
+        if not self.closed:
+            try:
+                self._flush_frees()
+                self.sync()
+            except (ProxyError, OSError):
+                pass
+            self.closed = True
+            self.channel.close()
+
+    # -- dispatch ----------------------------------------------------------------
+    def _enc(self, value: Any, key: list) -> Any:
+        if isinstance(value, ProxyTensor):
+            if value._pdev is not self:
+                raise ProxyError("tensors of two different proxies in one operator")
+            key.append((tuple(value.shape), value.stride(), value.dtype,
+                        value.storage_offset()))
+            return Handle(value._hid)
+        if isinstance(value, torch.Tensor):
+            if value.device.type != "cpu":
+                raise ProxyError(f"a {value.device.type} tensor mixed with proxy tensors; "
+                                 "put it on the proxy first")
+            key.append(("cpu", tuple(value.shape), value.dtype))
+            return value
+        if isinstance(value, torch.device):
+            if value.type != "meta":
+                raise _Local()
+            key.append(_META)
+            return PROXY_DEVICE
+        if isinstance(value, (list, tuple)):
+            key.append(len(value))
+            return type(value)(self._enc(v, key) for v in value)
+        if isinstance(value, torch.Generator):
+            raise _Local()
+        key.append(value)
+        return value
+
+    @staticmethod
+    def _to_meta(value: Any) -> Any:
+        if isinstance(value, ProxyTensor):
+            return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype,
+                                       device=_META)
+        if isinstance(value, torch.Tensor):
+            return value.to(_META)
+        if isinstance(value, (list, tuple)):
+            return type(value)(ProxyDevice._to_meta(v) for v in value)
+        return value
+
+    def _infer(self, func: Any, args: tuple, kwargs: dict, key: tuple) -> Any:
+        out = self._meta_cache.get(key)
+        if out is None:
+            try:
+                out = func(*self._to_meta(args),
+                           **{k: self._to_meta(v) for k, v in kwargs.items()})
+            except NotImplementedError as err:
+                raise ProxyError(f"{func} has no shape function for the proxy: {err}") from None
+            if len(self._meta_cache) > 8192:
+                self._meta_cache.clear()
+            self._meta_cache[key] = out
+        return out
+
+    def _dispatch(self, func: Any, args: tuple, kwargs: dict) -> Any:
+        if func is aten._local_scalar_dense.default:
+            return self.fetch(args[0]).item()
+        if func is aten._to_copy.default:
+            target = kwargs.get("device")
+            if target is not None and target.type != "meta":
+                return func(self.fetch(args[0]), **kwargs)
+        if func is aten.copy_.default and not isinstance(args[0], ProxyTensor):
+            return args[0].copy_(self.fetch(args[1]))
+        info = _info(func)
+        key: list = [func]
+        try:
+            wargs = [self._enc(a, key) for a in args]
+            wkwargs = {}
+            for k, v in kwargs.items():
+                key.append(k)
+                wkwargs[k] = self._enc(v, key)
+        except _Local:
+            return self._run_locally(func, args, kwargs, info)
+        if not info.tensor_returns:
+            return self._request(MsgKind.CALL, [info.name, wargs, wkwargs, []])
+        try:
+            meta_out = self._infer(func, args, kwargs, tuple(key))
+        except TypeError:  # an unhashable argument: no cache
+            meta_out = func(*self._to_meta(args),
+                            **{k: self._to_meta(v) for k, v in kwargs.items()})
+        outs: list[int] = []
+        if isinstance(meta_out, torch.Tensor):
+            result = self._out(meta_out, 0, info, args, kwargs, outs)
+        elif isinstance(meta_out, (tuple, list)):
+            result = type(meta_out)(
+                self._out(m, i, info, args, kwargs, outs) if isinstance(m, torch.Tensor) else m
+                for i, m in enumerate(meta_out))
+        else:
+            result = meta_out
+        self._send(MsgKind.OP, [info.name, wargs, wkwargs, outs])
+        return result
+
+    def _out(self, meta: torch.Tensor, i: int, info: _OpInfo, args: tuple, kwargs: dict,
+             outs: list[int]) -> Any:
+        target = info.writes[i] if i < len(info.writes) else None
+        if target is not None:
+            pos, name, kwarg_only = target
+            outs.append(0)
+            return args[pos] if not kwarg_only and pos < len(args) else kwargs[name]
+        hid = self._new_id()
+        outs.append(hid)
+        return self._wrap(hid, meta)
+
+    def _run_locally(self, func: Any, args: tuple, kwargs: dict, info: _OpInfo) -> Any:
+        """Run an operator in the worker on fetched values (a generator or an
+        explicit non-proxy device is involved); write back in-place results,
+        upload new ones unless a non-proxy device was asked for."""
+        def local(v: Any) -> Any:
+            if isinstance(v, ProxyTensor):
+                return self.fetch(v)
+            if isinstance(v, (list, tuple)):
+                return type(v)(local(x) for x in v)
+            return v
+
+        wants_here = any(isinstance(v, torch.device) and v.type != "meta"
+                         for v in kwargs.values())
+        out = func(*local(args), **{k: local(v) for k, v in kwargs.items()})
+
+        def back(i: int, value: Any) -> Any:
+            if not isinstance(value, torch.Tensor):
+                return value
+            target = info.writes[i] if i < len(info.writes) else None
+            if target is not None:
+                pos, name, kwarg_only = target
+                dst = args[pos] if not kwarg_only and pos < len(args) else kwargs[name]
+                if isinstance(dst, ProxyTensor):
+                    self._send(MsgKind.OP, ["copy_.default", [Handle(dst._hid), value], {}, [0]])
+                return dst
+            return value if wants_here else self.put(value)
+
+        if isinstance(out, (tuple, list)):
+            return type(out)(back(i, v) for i, v in enumerate(out))
+        return back(0, out)
+
+
+def attach(addr: str | os.PathLike, job: str, timeout: float = 30.0) -> ProxyDevice:
+    """Connect to the proxy at ``addr`` (its socket path) as job ``job``;
+    a worker that attaches under a job name that the proxy knows finds that
+    job's named tensors and meta (see :meth:`ProxyDevice.lookup`).
+
+    :raises ProxyRefused: this process's user may not use that proxy.
+    :raises OSError: nothing listens at ``addr``.
+    :raises ChannelClosed: the proxy went away during the handshake.
+    """
+    channel = ring.connect(addr, timeout=timeout)
+    try:
+        return ProxyDevice(channel, job)
+    except (ProxyError, ChannelClosed):
+        channel.close()
+        raise
