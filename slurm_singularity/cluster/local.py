@@ -359,3 +359,24 @@ def status(state_dir: Path) -> ClusterStatus:
         except SlurmError as exc:
             log.warning("sinfo failed: %s", exc)
     return ClusterStatus(state_dir / SPEC_FILE, daemons, nodes)
+
+
+def restart(state_dir: Path, name: str) -> int:
+    """Stop one daemon of the cluster (``slurmctld``, ``slurmd-n2``, ...) by
+    its pid and start it again with the same command line; returns the new
+    pid. Used to show that the scheduler survives a slurmctld restart.
+
+    :raises ClusterError: no such daemon in this cluster.
+    """
+    spec = load_spec(state_dir)
+    records = _read_daemons(state_dir)
+    if name not in records:
+        raise ClusterError(f"no daemon {name!r} in {state_dir} (have: {', '.join(records)})")
+    _stop_all(state_dir, {name: records[name]})
+    records = _read_daemons(state_dir)
+    records[name] = _start(name, records.get(name, {}).get("argv") or
+                           next(a for n, _, a in _daemon_argv(spec) if n == name), spec)
+    _write_daemons(state_dir, records)
+    if name == "slurmctld":
+        _wait_for(lambda: _controller_answers(spec), 30, "slurmctld to answer")
+    return records[name]["pid"]

@@ -1,0 +1,186 @@
+"""The scheduler-hook daemon on the real local Slurm (4 nodes x 8 GPUs):
+an elastic basic job grows into idle GPUs, is shrunk (not preempted) when a
+premium job arrives, grows back when it leaves; killing the daemon during a
+resize or restarting slurmctld loses no job and repeats no action.
+
+The jobs here are shell jobs that behave like the runtime at the signal
+(checkpoint instantly, exit with the requeue code); the training runtime's
+own end-to-end test checks the parameters through the same path."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from slurm_singularity import contract
+from slurm_singularity.cluster import local
+
+pytestmark = pytest.mark.cluster
+
+ELASTIC_JOB = f"""#!/bin/bash
+echo "run restart=${{SLURM_RESTART_COUNT:-0}} nodes=$SLURM_JOB_NUM_NODES gpus_per_node=$(echo $CUDA_VISIBLE_DEVICES | tr ',' ' ' | wc -w)"
+srun --ntasks-per-node=1 bash -c 'trap "exit {contract.REQUEUE_EXIT_CODE}" TERM USR1; for i in $(seq 3000); do sleep 0.1; done'
+"""
+
+
+class Schedd:
+    """singularity-schedd as a subprocess, stopped by its pid."""
+
+    def __init__(self, cluster, log_path: Path) -> None:
+        self.cluster = cluster
+        self.log_path = log_path
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.log = open(self.log_path, "a")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "slurm_singularity.cli.schedd", "--period", "0.5",
+             "--gpus-per-node", "8"], env=self.cluster.env, stdout=self.log, stderr=self.log)
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def text(self) -> str:
+        return self.log_path.read_text()
+
+
+@pytest.fixture
+def schedd(slurm_cluster, tmp_path):
+    _cancel_all(slurm_cluster)
+    d = Schedd(slurm_cluster, tmp_path / "schedd.log")
+    d.start()
+    try:
+        yield d
+    finally:
+        d.stop()
+        _cancel_all(slurm_cluster)
+
+
+def _cancel_all(cluster) -> None:
+    cluster.run("scancel", "--user=root")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and cluster.run("squeue", "-h").stdout.strip():
+        time.sleep(0.3)
+
+
+def _submit_elastic(cluster, tmp_path: Path) -> tuple[int, Path]:
+    script = tmp_path / "elastic.sh"
+    script.write_text(ELASTIC_JOB)
+    out = tmp_path / "elastic.out"
+    r = cluster.run("sbatch", "--parsable", "--sla=basic", "--elastic=8:32", "--world-size=32",
+                    "-N1", "--gres=gpu:8", "--open-mode=append", "-o", str(out), str(script),
+                    check=True)
+    return int(r.stdout.strip()), out
+
+
+def _gpus(cluster, job_id: int) -> int:
+    """GPUs the job holds while running (0 otherwise)."""
+    rec = cluster.client.show_job(job_id)
+    if rec.get("JobState") != "RUNNING":
+        return 0
+    per_node = int(rec.get("TresPerNode", "gres:gpu:0").rsplit(":", 1)[-1])
+    return per_node * int(rec.get("NumNodes", "1").split("-")[0])
+
+
+def _wait_gpus(cluster, job_id: int, gpus: int, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if _gpus(cluster, job_id) == gpus:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"job {job_id} did not reach {gpus} GPUs; has {_gpus(cluster, job_id)}: "
+                         f"{cluster.client.show_job(job_id)}")
+
+
+def _runs(out: Path) -> list[str]:
+    return [l for l in out.read_text().splitlines() if l.startswith("run ")]
+
+
+def _sizes(out: Path) -> list[int]:
+    """GPUs of each run of the job, from its output."""
+    sizes = []
+    for line in _runs(out):
+        f = dict(kv.split("=") for kv in line.split()[1:])
+        sizes.append(int(f["nodes"]) * int(f["gpus_per_node"]))
+    return sizes
+
+
+def test_elastic_job_grows_is_shrunk_for_premium_and_grows_back(slurm_cluster, schedd, tmp_path):
+    job, out = _submit_elastic(slurm_cluster, tmp_path)
+    _wait_gpus(slurm_cluster, job, 32)
+
+    r = slurm_cluster.run("sbatch", "--parsable", "--sla=premium", "--account=research", "-N2",
+                          "--gres=gpu:8", "-o", "/dev/null", "--wrap", "sleep 12", check=True)
+    premium = int(r.stdout.strip())
+    _wait_gpus(slurm_cluster, job, 16)
+    assert slurm_cluster.client.show_job(premium)["JobState"] == "RUNNING"
+    slurm_cluster.wait_job(premium, timeout=60)
+    _wait_gpus(slurm_cluster, job, 32)
+
+    sizes = _sizes(out)
+    # one run per size: the daemon sets the pending job to 32 before Slurm
+    # starts it (or grows it from 8 if Slurm was quicker), then 16, then 32
+    assert sizes in ([32, 16, 32], [8, 32, 16, 32]), sizes
+    log = schedd.text()
+    assert f"[job {job}] shrink 32 -> 16" in log and f"job {premium} (premium)" in log
+    assert f"[job {job}] preempt" not in log
+
+
+def test_killing_the_daemon_during_a_resize_repeats_nothing(slurm_cluster, schedd, tmp_path):
+    job, out = _submit_elastic(slurm_cluster, tmp_path)
+    _wait_gpus(slurm_cluster, job, 32)
+    restarts = int(slurm_cluster.client.show_job(job)["Restarts"])
+    slurm_cluster.run("sbatch", "--sla=premium", "--account=research", "-N2", "--gres=gpu:8",
+                      "-o", "/dev/null", "--wrap", "sleep 30", check=True)
+    # kill the daemon as soon as it has marked the shrink, before the job is back
+    deadline = time.monotonic() + 60
+    while ",resize=" not in slurm_cluster.client.show_job(job).get("AdminComment", ""):
+        assert time.monotonic() < deadline, "the daemon never started a resize"
+        time.sleep(0.05)
+    schedd.kill()
+    time.sleep(2)
+    schedd.start()
+    _wait_gpus(slurm_cluster, job, 16)
+    time.sleep(3)   # a few more passes: nothing more may happen
+    assert _sizes(out)[-2:] == [32, 16], _sizes(out)
+    # exactly one requeue for the one shrink
+    assert int(slurm_cluster.client.show_job(job)["Restarts"]) == restarts + 1
+    assert _gpus(slurm_cluster, job) == 16
+    assert ",resize=" not in slurm_cluster.client.show_job(job).get("AdminComment", "")
+
+
+def test_a_slurmctld_restart_during_a_resize_loses_no_job(slurm_cluster, schedd, tmp_path):
+    job, out = _submit_elastic(slurm_cluster, tmp_path)
+    _wait_gpus(slurm_cluster, job, 32)
+    restarts = int(slurm_cluster.client.show_job(job)["Restarts"])
+    r = slurm_cluster.run("sbatch", "--parsable", "--sla=premium", "--account=research", "-N2",
+                          "--gres=gpu:8", "-o", "/dev/null", "--wrap", "sleep 30", check=True)
+    premium = int(r.stdout.strip())
+    deadline = time.monotonic() + 60
+    while ",resize=" not in slurm_cluster.client.show_job(job).get("AdminComment", ""):
+        assert time.monotonic() < deadline, "the daemon never started a resize"
+        time.sleep(0.05)
+    local.restart(slurm_cluster.spec.state_dir, "slurmctld")
+    _wait_gpus(slurm_cluster, job, 16)
+    time.sleep(3)
+    assert slurm_cluster.client.show_job(premium)["JobState"] == "RUNNING"
+    assert int(slurm_cluster.client.show_job(job)["Restarts"]) == restarts + 1
+    assert _sizes(out)[-2:] == [32, 16], _sizes(out)
+    assert "Traceback" not in schedd.text()
+    assert schedd.proc.poll() is None, "the daemon died when slurmctld restarted"
