@@ -85,9 +85,39 @@ def _literal(desc: dict[str, object]) -> str:
     return "{" + ", ".join(parts) + "}"
 
 
+_MODIFY = r'''
+local rc = slurm_job_modify(%s, %s, {}, %d)
+return "rc=" .. rc .. "\n" .. table.concat(__messages, "\n")
+'''
+
+
+def run_job_modify(lib: ctypes.CDLL, script: str, desc: dict[str, object],
+                   rec: dict[str, object], uid: int) -> tuple[int, str]:
+    """Call slurm_job_modify; returns (rc, messages joined by newlines)."""
+    text = eval_lua(lib, script, _MODIFY % (lua_literal(desc), lua_literal(rec), uid))
+    head, _, messages = text.partition("\n")
+    return int(head.split("=")[1]), messages
+
+
 def run_job_submit(lib: ctypes.CDLL, script: str, sub: Submission) -> dict[str, object]:
     """Load ``script`` in a fresh Lua state, call slurm_job_submit with the
     job_desc of ``sub``; returns rc, messages, the fields it set and env."""
+    text = eval_lua(lib, script, _CALL % _literal(job_desc(sub)))
+    out: dict[str, object] = {"messages": [], "env": {}}
+    for line in text.split("\n"):
+        key, _, value = line.partition("=")
+        if key == "msg":
+            out["messages"].append(value)
+        elif key.startswith("env."):
+            out["env"][key[4:]] = value
+        else:
+            out[key] = value
+    return out
+
+
+def eval_lua(lib: ctypes.CDLL, script: str, call: str) -> str:
+    """Run the prelude, ``script`` and ``call`` in a fresh Lua state; the
+    string ``call`` returns."""
     lib.luaL_newstate.restype = ctypes.c_void_p
     lib.lua_tolstring.restype = ctypes.c_char_p
     lib.lua_tolstring.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
@@ -100,21 +130,11 @@ def run_job_submit(lib: ctypes.CDLL, script: str, sub: Submission) -> dict[str, 
     try:
         lib.luaL_openlibs(state)
         for chunk, name in ((_PRELUDE, b"prelude"), (script, b"job_submit.lua"),
-                            (_CALL % _literal(job_desc(sub)), b"call")):
+                            (call, b"call")):
             data = chunk.encode()
             if lib.luaL_loadbuffer(state, data, len(data), name) != 0 or \
                     lib.lua_pcall(state, 0, 1, 0) != 0:
                 raise LuaError(lib.lua_tolstring(state, -1, None).decode())
-        text = lib.lua_tolstring(state, -1, None).decode()
+        return lib.lua_tolstring(state, -1, None).decode()
     finally:
         lib.lua_close(state)
-    out: dict[str, object] = {"messages": [], "env": {}}
-    for line in text.split("\n"):
-        key, _, value = line.partition("=")
-        if key == "msg":
-            out["messages"].append(value)
-        elif key.startswith("env."):
-            out["env"][key[4:]] = value
-        else:
-            out[key] = value
-    return out

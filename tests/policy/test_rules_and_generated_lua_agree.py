@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from luaharness import load_lua, run_job_submit
+from luaharness import load_lua, run_job_modify, run_job_submit
 from submission_table import CASES
 from slurm_singularity.cli import admin
 from slurm_singularity.policy import default_policy_path
@@ -102,3 +102,11 @@ def test_gpus_are_counted_from_tres_strings_alike(tres, gpus):
         out = run_job_submit(LUA, SCRIPT, Submission(tres_per_job=tres))
         assert out["rc"] == "0"
         assert out["env"]["SINGULARITY_ELASTIC"] == f"{d}:{d}"
+
+
+def test_a_user_cannot_move_a_job_to_another_tier_by_changing_its_partition():
+    _needs_lua()
+    rc, msg = run_job_modify(LUA, SCRIPT, {"partition": "premium"}, {"partition": "basic"}, 1000)
+    assert rc == -1 and "the partition follows the tier" in msg
+    assert run_job_modify(LUA, SCRIPT, {"partition": "premium"}, {"partition": "basic"}, 0)[0] == 0
+    assert run_job_modify(LUA, SCRIPT, {"time_limit": 10}, {"partition": "basic"}, 1000)[0] == 0
