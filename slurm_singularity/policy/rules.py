@@ -48,8 +48,10 @@ MAX_COUNT = 65536
 #: Slurm's "not set" numbers (NO_VAL16, NO_VAL): anything at or above them is unset.
 _UNSET_FROM = 65534
 
-_ELASTIC = re.compile(r"^(\d{1,6}):(\d{1,6})$")
-_COUNT = re.compile(r"^\d{1,6}$")
+# ASCII digits only, whole string (as Lua's %d and the C plugin).
+_ELASTIC = re.compile(r"([0-9]{1,6}):([0-9]{1,6})")
+_COUNT = re.compile(r"[0-9]{1,6}")
+_DIGITS = re.compile(r"[0-9]+")
 
 
 @dataclass(frozen=True)
@@ -134,7 +136,7 @@ def parse_sla(text: str) -> Tier:
 
 def parse_elastic(text: str) -> tuple[int, int]:
     """``MIN:MAX`` -> (MIN, MAX). :raises Rejected: bad syntax or range."""
-    m = _ELASTIC.match(text)
+    m = _ELASTIC.fullmatch(text)
     if not m:
         raise Rejected("--elastic", f"--elastic={text}: expected MIN:MAX devices, "
                        "two whole numbers such as 2:8")
@@ -148,7 +150,7 @@ def parse_elastic(text: str) -> tuple[int, int]:
 
 def parse_world_size(text: str) -> int:
     """:raises Rejected: not a whole number in 1..MAX_COUNT."""
-    if not _COUNT.match(text) or not 1 <= int(text) <= MAX_COUNT:
+    if not _COUNT.fullmatch(text) or not 1 <= int(text) <= MAX_COUNT:
         raise Rejected("--world-size", f"--world-size={text}: expected a whole number "
                        f"in 1..{MAX_COUNT}")
     return int(text)
@@ -182,7 +184,7 @@ def gpus_in_tres(tres: str | None) -> int:
         if not parts or parts[0] != "gpu":
             continue
         last = parts[-1]
-        total += int(last) if len(parts) > 1 and last.isdigit() else 1
+        total += int(last) if len(parts) > 1 and _DIGITS.fullmatch(last) else 1
     return total
 
 
