@@ -33,6 +33,7 @@ def test_sbatch_does_what_the_rules_say(slurm_cluster, case):
     if case.partition is None:
         assert r.returncode != 0, f"sbatch accepted {case.argv}: {r.stdout}"
         assert case.expect in r.stderr, r.stderr
+        assert decide(POLICY, case.sub).message in r.stderr    # word for word
         return
     assert r.returncode == 0, r.stderr
     job_id = int(r.stdout.strip().split(";")[0])
