@@ -53,16 +53,27 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="only write the files")
     apply.set_defaults(func=_apply)
 
-    if "job" not in sub.choices:
-        job = sub.add_parser("job", help="jobs as the policy sees them")
-        jsub = job.add_subparsers(dest="action", metavar="ACTION")
-        jsub.required = True
-        add_explain_parser(jsub)
+    add_explain_parser(job_group(sub))
+
+
+def job_group(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
+    """The subcommands of ``singularity-admin job``, created on first use.
+
+    Several modules add ``job`` subcommands (this one adds ``explain``);
+    argparse refuses a second ``add_parser("job")``, so each of them must get
+    the group through this function."""
+    existing = sub.choices.get("job")
+    if existing is not None:
+        return existing._singularity_job_actions  # type: ignore[attr-defined]
+    job = sub.add_parser("job", help="jobs as the policy and the scheduler see them")
+    actions = job.add_subparsers(dest="action", metavar="ACTION")
+    actions.required = True
+    job._singularity_job_actions = actions  # type: ignore[attr-defined]
+    return actions
 
 
 def add_explain_parser(jsub: argparse._SubParsersAction) -> None:
-    """Add ``explain`` to a ``job`` group (a later ``admin_job`` module may
-    own the group and call this)."""
+    """Add ``explain`` to the ``job`` group."""
     explain = jsub.add_parser(
         "explain", help="what the policy does with a submission, by the rules of job_submit.lua",
         description="Give sbatch options (and optionally a batch script, whose #SBATCH lines "

@@ -14,6 +14,10 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 
+#: Partition and account names: what Slurm accepts and a Lua string needs no escaping for.
+_SLURM_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
 class PolicyError(ValueError):
     """A policy is invalid. ``key`` is the dotted key (``tiers.basic.grace_time_s``),
     ``path`` and ``line`` say where, when known."""
@@ -92,7 +96,7 @@ class TierSpec:
         if not 0 <= self.priority_tier <= 65533:
             raise PolicyError("must be between 0 and 65533",
                               key=f"tiers.{self.tier.value}.priority_tier")
-        if not _SLURM_NAME.match(self.partition):
+        if not _SLURM_NAME.fullmatch(self.partition):
             raise PolicyError("partition names are letters, digits, '-' and '_'",
                               key=f"tiers.{self.tier.value}.partition")
         name = self.signal.upper().removeprefix("SIG")
@@ -120,9 +124,9 @@ class AccountSpec:
     fair_share_weight: float = 1.0
 
     def __post_init__(self) -> None:
-        if not _SLURM_NAME.match(self.name):
-            raise PolicyError("account names are letters, digits, '-' and '_'",
-                              key=f"accounts.{self.name}")
+        if not _SLURM_NAME.fullmatch(self.name) or self.name != self.name.lower():
+            raise PolicyError("account names are lower-case letters, digits, '-' and '_' "
+                              "(Slurm lower-cases --account)", key=f"accounts.{self.name}")
         if not self.tiers:
             raise PolicyError("needs at least one tier", key=f"accounts.{self.name}.tiers")
         if self.gpu_quota is not None and self.gpu_quota < 1:
@@ -177,7 +181,7 @@ class PartitionSpec:
     max_time: str = "UNLIMITED"
 
     def __post_init__(self) -> None:
-        if not _SLURM_NAME.match(self.name):
+        if not _SLURM_NAME.fullmatch(self.name):
             raise PolicyError("partition names are letters, digits, '-' and '_'",
                               key=f"partitions.{self.name}")
         if not self.nodes or any(c.isspace() for c in self.nodes):
@@ -186,9 +190,6 @@ class PartitionSpec:
         if not self.max_time or any(c.isspace() for c in self.max_time):
             raise PolicyError("must be a Slurm time or UNLIMITED",
                               key=f"partitions.{self.name}.max_time")
-
-
-_SLURM_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,243 @@
+"""Workload traces: readers for the Philly and Alibaba GPU traces, and the
+seeded rule that gives trace jobs the tiers and elastic ranges they lack.
+
+Readers fail closed: a missing column, a non-numeric field or a negative
+duration is a ``TraceError`` naming the file and line. Every reader returns
+``TraceJob`` values in submission order with times in seconds from the first
+submission.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import random
+from dataclasses import dataclass, replace
+from datetime import datetime
+from pathlib import Path
+from typing import Callable, Iterator
+
+from ...policy.api import Tier
+from .constants import ELASTIC_MAX_SPLICE
+
+FORMATS = ("philly", "alibaba-v2023")
+DEFAULT_TIER_RULE = "random:20/30/50"
+
+
+class TraceError(ValueError):
+    """A trace (or a tier rule) is malformed; the message says where."""
+
+
+@dataclass(frozen=True, slots=True)
+class TraceJob:
+    """One job of a trace: when it came, how long it runs at full size, what it asks for."""
+
+    job_id: int
+    submit_s: float
+    #: Run time in seconds at D == W devices.
+    duration_s: float
+    world_size: int
+    account: str
+    tier: Tier | None = None
+    min_devices: int | None = None
+    max_devices: int | None = None
+
+
+# -- readers -----------------------------------------------------------------
+
+def _rows(path: Path, required: tuple[str, ...]) -> Iterator[tuple[int, dict[str, str]]]:
+    try:
+        f = open(path, newline="")
+    except OSError as exc:
+        raise TraceError(f"{path}: cannot read: {exc.strerror}") from None
+    with f:
+        reader = csv.DictReader(f)
+        missing = [c for c in required if c not in (reader.fieldnames or ())]
+        if missing:
+            raise TraceError(f"{path}:1: missing column(s) {', '.join(missing)} "
+                             f"(expected {', '.join(required)})")
+        for row in reader:
+            yield reader.line_num, row
+
+
+def _number(path: Path, line: int, row: dict[str, str], col: str, *, allow_empty: bool = False) -> float | None:
+    text = (row.get(col) or "").strip()
+    if not text and allow_empty:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise TraceError(f"{path}:{line}: column {col}: not a number: {text!r}") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise TraceError(f"{path}:{line}: column {col}: not a finite number: {text!r}")
+    return value
+
+
+def read_philly(path: str | Path) -> list[TraceJob]:
+    """Read the Philly CSV (``timestamp,duration,num_gpus,gpu_time,cluster``).
+
+    :raises TraceError: naming the line and column of the first bad field.
+    """
+    path = Path(path)
+    jobs = []
+    for line, row in _rows(path, ("timestamp", "duration", "num_gpus", "gpu_time", "cluster")):
+        try:
+            ts = datetime.fromisoformat(row["timestamp"].strip()).timestamp()
+        except (ValueError, AttributeError):
+            raise TraceError(f"{path}:{line}: column timestamp: not a date "
+                             f"'YYYY-MM-DD HH:MM:SS': {row['timestamp']!r}") from None
+        duration = _number(path, line, row, "duration")
+        gpus = _number(path, line, row, "num_gpus")
+        if duration < 0:
+            raise TraceError(f"{path}:{line}: column duration: negative ({duration:g})")
+        if gpus < 1 or gpus != int(gpus):
+            raise TraceError(f"{path}:{line}: column num_gpus: must be a whole number >= 1, "
+                             f"got {row['num_gpus']!r}")
+        cluster = (row["cluster"] or "").strip()
+        if not cluster:
+            raise TraceError(f"{path}:{line}: column cluster: empty")
+        jobs.append(TraceJob(len(jobs), ts, duration, int(gpus), cluster))
+    return _rebase(jobs, path)
+
+
+_ALIBABA_COLUMNS = ("name", "cpu_milli", "memory_mib", "num_gpu", "gpu_milli", "gpu_spec", "qos",
+                    "pod_phase", "creation_time", "deletion_time", "scheduled_time")
+_QOS_TIER = {"LS": Tier.PREMIUM, "Burstable": Tier.STANDARD, "BE": Tier.BASIC}
+
+
+def read_alibaba(path: str | Path) -> list[TraceJob]:
+    """Read the Alibaba cluster-trace-gpu-v2023 pod CSV.
+
+    Pods without GPUs, never scheduled, or not yet deleted are skipped; a pod
+    with a fraction of a GPU (``gpu_milli`` < 1000) counts as one GPU. The
+    tier comes from ``qos`` (LS -> premium, Burstable -> standard, BE ->
+    basic), the account from ``gpu_spec`` (``any`` when empty), the duration
+    from ``deletion_time - scheduled_time``.
+
+    :raises TraceError: naming the line and column of the first bad field.
+    """
+    path = Path(path)
+    jobs = []
+    for line, row in _rows(path, _ALIBABA_COLUMNS):
+        gpus = _number(path, line, row, "num_gpu")
+        _number(path, line, row, "gpu_milli")
+        created = _number(path, line, row, "creation_time")
+        scheduled = _number(path, line, row, "scheduled_time", allow_empty=True)
+        deleted = _number(path, line, row, "deletion_time", allow_empty=True)
+        qos = (row["qos"] or "").strip()
+        if qos not in _QOS_TIER:
+            raise TraceError(f"{path}:{line}: column qos: unknown {qos!r} "
+                             f"(expected {', '.join(_QOS_TIER)})")
+        if gpus < 0 or gpus != int(gpus):
+            raise TraceError(f"{path}:{line}: column num_gpu: must be a whole number >= 0")
+        if gpus == 0 or scheduled is None or deleted is None:
+            continue
+        if deleted < scheduled:
+            raise TraceError(f"{path}:{line}: negative duration: deletion_time {deleted:g} < "
+                             f"scheduled_time {scheduled:g}")
+        account = (row["gpu_spec"] or "").strip() or "any"
+        jobs.append(TraceJob(len(jobs), created, deleted - scheduled, int(gpus), account,
+                             _QOS_TIER[qos]))
+    return _rebase(jobs, path)
+
+
+def _rebase(jobs: list[TraceJob], path: Path) -> list[TraceJob]:
+    if not jobs:
+        raise TraceError(f"{path}: no jobs in the trace")
+    t0 = min(j.submit_s for j in jobs)
+    ordered = sorted(jobs, key=lambda j: (j.submit_s, j.job_id))
+    return [replace(j, job_id=k, submit_s=j.submit_s - t0) for k, j in enumerate(ordered)]
+
+
+READERS: dict[str, Callable[[str | Path], list[TraceJob]]] = {
+    "philly": read_philly, "alibaba-v2023": read_alibaba}
+
+
+def read_trace(path: str | Path, fmt: str) -> list[TraceJob]:
+    """:raises TraceError: unknown format, unreadable or malformed trace."""
+    reader = READERS.get(fmt)
+    if reader is None:
+        raise TraceError(f"unknown trace format {fmt!r} (expected one of {', '.join(FORMATS)})")
+    return reader(path)
+
+
+# -- tier and elastic rule ---------------------------------------------------
+
+def _shares(text: str, rule: str) -> tuple[float, float, float]:
+    try:
+        parts = [float(p) for p in text.split("/")]
+    except ValueError:
+        parts = []
+    if len(parts) != 3 or any(p < 0 for p in parts) or sum(parts) <= 0:
+        raise TraceError(f"--tiers {rule!r}: expected PREMIUM/STANDARD/BASIC percentages, e.g. 20/30/50")
+    total = sum(parts)
+    return parts[0] / total, parts[1] / total, parts[2] / total
+
+
+def _pick(u: float, shares: tuple[float, float, float]) -> Tier:
+    if u < shares[0]:
+        return Tier.PREMIUM
+    if u < shares[0] + shares[1]:
+        return Tier.STANDARD
+    return Tier.BASIC
+
+
+def elastic_range(world_size: int) -> tuple[int, int]:
+    """MIN:MAX for a job without one: MIN the smallest divisor with W/D <= ELASTIC_MAX_SPLICE."""
+    lo = next(d for d in range(1, world_size + 1)
+              if world_size % d == 0 and world_size // d <= ELASTIC_MAX_SPLICE)
+    return lo, world_size
+
+
+def describe_rule(rule: str) -> str:
+    """One sentence saying what a tier rule does (printed in every report)."""
+    kind, _, arg = rule.partition(":")
+    elastic = (f"elastic range MIN:W with MIN the smallest divisor of W such that "
+               f"W/MIN <= {ELASTIC_MAX_SPLICE}")
+    if kind == "random":
+        return f"each job's tier drawn with the seed, premium/standard/basic = {arg} %; {elastic}"
+    if kind == "cluster":
+        return (f"each account (virtual cluster) gets one tier from a seeded hash of its name, "
+                f"premium/standard/basic = {arg} % of accounts; {elastic}")
+    if kind == "size":
+        return f"tier by GPUs asked: <= {arg.split('/')[0]} premium, <= {arg.split('/')[1]} standard, else basic; {elastic}"
+    return f"tiers from the trace itself (Alibaba qos); {elastic}"
+
+
+def assign_tiers(jobs: list[TraceJob], rule: str = DEFAULT_TIER_RULE, seed: int = 0) -> list[TraceJob]:
+    """Give every job a tier and an elastic range by ``rule``:
+
+    - ``random:P/S/B``: each job's tier drawn (seeded) with these percentages;
+    - ``cluster:P/S/B``: each account's tier from a seeded hash of its name;
+    - ``size:A/B``: jobs asking <= A GPUs premium, <= B standard, else basic;
+    - ``trace``: keep the trace's own tiers (a job without one is standard).
+
+    :raises TraceError: the rule is malformed.
+    """
+    kind, _, arg = rule.partition(":")
+    rng = random.Random(seed)
+    if kind in ("random", "cluster"):
+        shares = _shares(arg, rule)
+    elif kind == "size":
+        try:
+            small, mid = (int(x) for x in arg.split("/"))
+        except ValueError:
+            raise TraceError(f"--tiers {rule!r}: expected size:A/B, e.g. size:1/8") from None
+    elif kind != "trace":
+        raise TraceError(f"--tiers {rule!r}: unknown rule (expected random:P/S/B, "
+                         f"cluster:P/S/B, size:A/B or trace)")
+    out = []
+    for j in jobs:
+        if kind == "random":
+            tier = _pick(rng.random(), shares)
+        elif kind == "cluster":
+            h = hashlib.sha256(f"{seed}:{j.account}".encode()).digest()
+            tier = _pick(int.from_bytes(h[:8], "big") / 2 ** 64, shares)
+        elif kind == "size":
+            tier = (Tier.PREMIUM if j.world_size <= small else
+                    Tier.STANDARD if j.world_size <= mid else Tier.BASIC)
+        else:
+            tier = j.tier or Tier.STANDARD
+        lo, hi = (j.min_devices, j.max_devices) if j.min_devices else elastic_range(j.world_size)
+        out.append(replace(j, tier=tier, min_devices=lo, max_devices=hi))
+    return out
