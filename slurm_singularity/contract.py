@@ -36,10 +36,15 @@ PROXY = "SINGULARITY_PROXY"                # "on" or "off"
 PROXY_ADDRS = "SINGULARITY_PROXY_ADDRS"    # comma list of proxy socket paths
 DEVICES = "SINGULARITY_DEVICES"            # devices D the launcher uses
 STATE_DIR = "SINGULARITY_STATE_DIR"        # local cluster state directory
+DEVICE_RANK = "SINGULARITY_DEVICE_RANK"    # this worker's device index (runtime)
+CKPT_EVERY_S = "SINGULARITY_CKPT_EVERY_S"  # periodic checkpoint every T seconds
+CKPT_DELAY_S = "SINGULARITY_CKPT_DELAY_S"  # TESTING KNOB: slow checkpoint writes
+PROGRESS_FD = "SINGULARITY_PROGRESS_FD"    # launcher pipe for worker progress
 
 ALL_VARIABLES: tuple[str, ...] = (
     SLA, ELASTIC, WORLD_SIZE, CKPT_DIR, PREEMPT_SIGNAL, DETERMINISTIC,
-    PROXY, PROXY_ADDRS, DEVICES, STATE_DIR,
+    PROXY, PROXY_ADDRS, DEVICES, STATE_DIR, DEVICE_RANK, CKPT_EVERY_S,
+    CKPT_DELAY_S, PROGRESS_FD,
 )
 
 
@@ -243,3 +248,110 @@ def parse_job_tag(text: str | None) -> dict[str, object] | None:
     if "sla" not in fields:
         raise ContractError(f"job tag {text!r}: missing field 'sla'")
     return fields
+
+
+# --- runtime (singularity-run and its workers) ---------------------------
+
+
+def _nonneg_int(name: str, environ: Mapping[str, str] | None) -> int | None:
+    raw = _get(name, environ)
+    if raw is None:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ContractError(f"{name}={raw!r} is not an integer") from None
+    if value < 0:
+        raise ContractError(f"{name}={raw!r} must not be negative")
+    return value
+
+
+def _nonneg_float(name: str, environ: Mapping[str, str] | None) -> float | None:
+    raw = _get(name, environ)
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ContractError(f"{name}={raw!r} is not a number") from None
+    if not value >= 0:
+        raise ContractError(f"{name}={raw!r} must be a number >= 0")
+    return value
+
+
+def device_rank(environ: Mapping[str, str] | None = None) -> int:
+    """Index of this worker's device among the job's D devices; set by
+    singularity-run for each worker. Default: 0 (a lone worker).
+
+    :raises ContractError: not an integer >= 0.
+    """
+    value = _nonneg_int(DEVICE_RANK, environ)
+    return 0 if value is None else value
+
+
+def ckpt_every_s(environ: Mapping[str, str] | None = None) -> float | None:
+    """Periodic checkpoint every T seconds of training; set by a user or
+    singularity-run ``--ckpt-every-s``. Default: none (only every N steps,
+    at preemption and at the end).
+
+    :raises ContractError: not a number >= 0.
+    """
+    value = _nonneg_float(CKPT_EVERY_S, environ)
+    return value or None
+
+
+def ckpt_delay_s(environ: Mapping[str, str] | None = None) -> float:
+    """TESTING KNOB, never for production: seconds every checkpoint write
+    sleeps half-way through writing its temporary file, so that a test can
+    kill a worker mid-write or show a checkpoint that misses Slurm's grace
+    time. Set by tests. Default: 0.
+
+    :raises ContractError: not a number >= 0.
+    """
+    return _nonneg_float(CKPT_DELAY_S, environ) or 0.0
+
+
+def progress_fd(environ: Mapping[str, str] | None = None) -> int | None:
+    """File descriptor of the pipe on which worker 0 reports progress (steps,
+    checkpoints) to singularity-run, which writes ``history.jsonl``; set by
+    singularity-run. Default: none (the worker writes history itself).
+
+    :raises ContractError: not an integer >= 0.
+    """
+    return _nonneg_int(PROGRESS_FD, environ)
+
+
+def slurm_nodeid(environ: Mapping[str, str] | None = None) -> int:
+    """``SLURM_NODEID``: this node's index in the job step; set by Slurm.
+    Default: 0.
+
+    :raises ContractError: not an integer >= 0.
+    """
+    value = _nonneg_int("SLURM_NODEID", environ)
+    return 0 if value is None else value
+
+
+def slurm_nnodes(environ: Mapping[str, str] | None = None) -> int:
+    """``SLURM_NNODES``: nodes of the job step; set by Slurm. Default: 1.
+
+    :raises ContractError: not a positive integer.
+    """
+    value = _int("SLURM_NNODES", environ)
+    return 1 if value is None else value
+
+
+def slurm_job_nodelist(environ: Mapping[str, str] | None = None) -> str | None:
+    """``SLURM_JOB_NODELIST`` (compressed host list); set by Slurm.
+    Default: none."""
+    return _get("SLURM_JOB_NODELIST", environ)
+
+
+def slurm_submit_dir(environ: Mapping[str, str] | None = None) -> str | None:
+    """``SLURM_SUBMIT_DIR``: where sbatch ran; set by Slurm. Default: none."""
+    return _get("SLURM_SUBMIT_DIR", environ)
+
+
+def master_addr(environ: Mapping[str, str] | None = None) -> str | None:
+    """``MASTER_ADDR``: host of device 0 for torch.distributed; set by a
+    user for multi-node runs or by singularity-run. Default: none."""
+    return _get("MASTER_ADDR", environ)
