@@ -34,6 +34,10 @@ static struct spank_option option_table[] = {
 	{ "proxy", "on|off",
 	  "Run device work through one device proxy per GPU (default: off).",
 	  1, OPT_PROXY, option_cb },
+	{ "deterministic", "on|off",
+	  "Reduce in one fixed order so results are bitwise equal on any "
+	  "number of devices (default: on).",
+	  1, OPT_DETERMINISTIC, option_cb },
 	SPANK_OPTIONS_TABLE_END
 };
 
@@ -43,6 +47,7 @@ static const char *const option_env[OPT_COUNT] = {
 	[OPT_WORLD_SIZE] = "SINGULARITY_WORLD_SIZE",
 	[OPT_CKPT_DIR] = "SINGULARITY_CKPT_DIR",
 	[OPT_PROXY] = "SINGULARITY_PROXY",
+	[OPT_DETERMINISTIC] = "SINGULARITY_DETERMINISTIC",
 };
 
 const char *singularity_option_env(int id)
@@ -159,8 +164,10 @@ int singularity_option_check(int id, const char *v, char *msg, size_t len)
 		}
 		return 0;
 	case OPT_PROXY:
+	case OPT_DETERMINISTIC:
 		if (strcmp(v, "on") && strcmp(v, "off")) {
-			snprintf(msg, len, "--proxy=%s: expected on or off", v);
+			snprintf(msg, len, "--%s=%s: expected on or off",
+				 singularity_option_name(id), v);
 			return -1;
 		}
 		return 0;

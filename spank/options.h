@@ -22,6 +22,7 @@ enum singularity_option_id {
 	OPT_WORLD_SIZE,
 	OPT_CKPT_DIR,
 	OPT_PROXY,
+	OPT_DETERMINISTIC,
 	OPT_COUNT /* number of options + 1 */
 };
 

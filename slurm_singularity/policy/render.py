@@ -113,7 +113,8 @@ def render_policy_conf(policy: Policy, nodes: str, source: str = "(policy)") -> 
 def render_job_submit(policy: Policy, source: str = "(policy)") -> str:
     """job_submit.lua implementing ``rules.decide`` for ``policy``."""
     env_names = {name: getattr(contract, name) for name in
-                 ("SLA", "ELASTIC", "WORLD_SIZE", "PREEMPT_SIGNAL", "PROXY", "CKPT_DIR")}
+                 ("SLA", "ELASTIC", "WORLD_SIZE", "PREEMPT_SIGNAL", "PROXY", "CKPT_DIR",
+                  "DETERMINISTIC")}
     return _environment().get_template("job_submit.lua.j2").render(
         source=source.replace("]]", "] ]"), policy_table=lua_literal(policy_table(policy)),
         max_count=MAX_COUNT, plugin=contract.SPANK_PLUGIN_NAME, env=env_names,

@@ -16,7 +16,7 @@ Rules, in order (the first that fails rejects the job):
 
 1. Option syntax: ``--sla`` a tier name, ``--elastic`` ``MIN:MAX`` whole
    numbers with 1 <= MIN <= MAX <= 65536, ``--world-size`` 1..65536,
-   ``--proxy`` on|off, ``--ckpt-dir`` an absolute path.
+   ``--proxy`` and ``--deterministic`` on|off, ``--ckpt-dir`` an absolute path.
 2. Account: ``--account`` (lower-cased) or the policy's default account; it
    must be in the policy.
 3. Tier: ``--sla``, else the tier whose partition ``--partition`` names, else
@@ -63,6 +63,7 @@ class Submission:
     world_size: str | None = None
     ckpt_dir: str | None = None
     proxy: str | None = None
+    deterministic: str | None = None
     account: str | None = None
     partition: str | None = None
     tres_per_job: str | None = None
@@ -156,10 +157,10 @@ def parse_world_size(text: str) -> int:
     return int(text)
 
 
-def parse_proxy(text: str) -> str:
-    """:raises Rejected: not on or off."""
+def parse_on_off(option: str, text: str) -> str:
+    """``--proxy``, ``--deterministic``. :raises Rejected: not on or off."""
     if text not in ("on", "off"):
-        raise Rejected("--proxy", f"--proxy={text}: expected on or off")
+        raise Rejected(option, f"{option}={text}: expected on or off")
     return text
 
 
@@ -221,7 +222,9 @@ def _decide(policy: Policy, sub: Submission) -> Decision:
     sla = parse_sla(sub.sla) if sub.sla is not None else None
     elastic = parse_elastic(sub.elastic) if sub.elastic is not None else None
     world = parse_world_size(sub.world_size) if sub.world_size is not None else None
-    proxy = parse_proxy(sub.proxy) if sub.proxy is not None else None
+    proxy = parse_on_off("--proxy", sub.proxy) if sub.proxy is not None else None
+    determ = (parse_on_off("--deterministic", sub.deterministic)
+              if sub.deterministic is not None else None)
     ckpt = parse_ckpt_dir(sub.ckpt_dir) if sub.ckpt_dir is not None else None
 
     # Account.
@@ -299,6 +302,8 @@ def _decide(policy: Policy, sub: Submission) -> Decision:
            contract.PROXY: proxy or "off"}
     if ckpt is not None:
         env[contract.CKPT_DIR] = ckpt
+    if determ is not None:
+        env[contract.DETERMINISTIC] = determ
     return Decision(
         tier=tier, account=account, partition=spec.partition,
         requeue=spec.preempt_mode is not PreemptMode.CANCEL,

@@ -23,7 +23,7 @@ class SbatchArgsError(ValueError):
 #: long option -> (Submission field, how to convert the value)
 _VALUE_OPTIONS = {
     "--sla": "sla", "--elastic": "elastic", "--world-size": "world_size",
-    "--ckpt-dir": "ckpt_dir", "--proxy": "proxy",
+    "--ckpt-dir": "ckpt_dir", "--proxy": "proxy", "--deterministic": "deterministic",
     "--account": "account", "--partition": "partition",
     "--gres": "tres_per_node", "--gpus": "tres_per_job", "--gpus-per-node": "tres_per_node",
     "--gpus-per-socket": "tres_per_socket", "--gpus-per-task": "tres_per_task",

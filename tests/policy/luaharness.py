@@ -61,7 +61,8 @@ def job_desc(sub: Submission) -> dict[str, object]:
     for i, (name, value) in enumerate(
             (n, v) for n, v in (("sla", sub.sla), ("elastic", sub.elastic),
                                 ("world_size", sub.world_size), ("ckpt_dir", sub.ckpt_dir),
-                                ("proxy", sub.proxy)) if v is not None):
+                                ("proxy", sub.proxy), ("deterministic", sub.deterministic))
+            if v is not None):
         spank[i] = f"_SLURM_SPANK_OPTION_singularity_{name}={value}"
     desc: dict[str, object] = {k: getattr(sub, k) for k in (
         "account", "partition", "tres_per_job", "tres_per_node", "tres_per_socket",

@@ -36,6 +36,8 @@ CASES = (
          "--world-size=0: expected a whole number", by_plugin=True),
     Case("proxy maybe", ("--proxy=maybe",), Submission(proxy="maybe"), None,
          "--proxy=maybe: expected on or off", by_plugin=True),
+    Case("deterministic maybe", ("--deterministic=maybe",), Submission(deterministic="maybe"),
+         None, "--deterministic=maybe: expected on or off", by_plugin=True),
     Case("relative checkpoint dir", ("--ckpt-dir=ckpt",), Submission(ckpt_dir="ckpt"), None,
          "--ckpt-dir=ckpt: expected an absolute path", by_plugin=True),
     Case("world size not a multiple of the elastic range",
@@ -80,4 +82,7 @@ CASES = (
     Case("checkpoint dir and proxy", ("--ckpt-dir=/tmp/ck", "--proxy=on", "--gres=gpu:1"),
          Submission(ckpt_dir="/tmp/ck", proxy="on", tres_per_node="gres:gpu:1"),
          "standard", "singularity:sla=standard,elastic=1:1,ws=1"),
+    Case("not deterministic", ("--deterministic=off", "--gres=gpu:2"),
+         Submission(deterministic="off", tres_per_node="gres:gpu:2"),
+         "standard", "singularity:sla=standard,elastic=2:2,ws=2"),
 )

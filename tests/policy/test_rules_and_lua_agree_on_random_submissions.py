@@ -33,6 +33,7 @@ submissions = st.builds(
     world_size=st.one_of(st.none(), _counts),
     ckpt_dir=st.one_of(st.none(), st.sampled_from(["/ck", "ck", "/a,b", ""])),
     proxy=st.one_of(st.none(), st.sampled_from(["on", "off", "yes"])),
+    deterministic=st.one_of(st.none(), st.sampled_from(["on", "off", "0"])),
     account=st.one_of(st.none(), st.sampled_from(["default", "Research", "nobody", ""])),
     partition=st.one_of(st.none(), st.sampled_from(["basic", "premium", "debug", ""])),
     tres_per_job=_tres, tres_per_node=_tres,

@@ -42,7 +42,7 @@ def test_the_help_of_sbatch_salloc_and_srun_lists_the_options(env):
         assert "Options provided by plugins:" in out, cmd
         tail = out.split("Options provided by plugins:", 1)[1]
         for opt in ("--sla=premium|standard|basic", "--elastic=MIN:MAX", "--world-size=N",
-                    "--ckpt-dir=DIR", "--proxy=on|off"):
+                    "--ckpt-dir=DIR", "--proxy=on|off", "--deterministic=on|off"):
             assert opt in tail, (cmd, opt)
 
 

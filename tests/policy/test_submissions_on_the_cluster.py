@@ -73,12 +73,12 @@ def test_the_plugin_sets_the_variables_of_an_srun_job_in_its_step(slurm_cluster)
     # job_submit.lua cannot set an interactive job's environment: these come
     # from the SPANK plugin's remote context alone.
     r = slurm_cluster.run("srun", "--sla=basic", "--elastic=1:2", "--world-size=2",
-                          "--gres=gpu:1", "--proxy=on", "bash", "-c",
+                          "--gres=gpu:1", "--proxy=on", "--deterministic=off", "bash", "-c",
                           "env | grep ^SINGULARITY_ | sort", timeout=120)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.split()
     for var in ("SINGULARITY_SLA=basic", "SINGULARITY_ELASTIC=1:2", "SINGULARITY_WORLD_SIZE=2",
-                "SINGULARITY_PROXY=on"):
+                "SINGULARITY_PROXY=on", "SINGULARITY_DETERMINISTIC=off"):
         assert var in lines, (var, lines)
     bad = slurm_cluster.run("srun", "--world-size=3", "--gres=gpu:2", "true", timeout=60)
     assert bad.returncode != 0
@@ -98,7 +98,7 @@ def test_the_options_are_listed_by_sbatch_salloc_and_srun_help(slurm_cluster):
         out = slurm_cluster.run(cmd, "--help").stdout
         tail = out.split("Options provided by plugins:", 1)[1]
         for opt in ("--sla=", "--elastic=MIN:MAX", "--world-size=N", "--ckpt-dir=DIR",
-                    "--proxy=on|off"):
+                    "--proxy=on|off", "--deterministic=on|off"):
             assert opt in tail, (cmd, opt)
 
 
