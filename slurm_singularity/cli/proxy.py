@@ -29,9 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pid file (default: SOCKET.pid)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads for the CPU device (0: torch default)")
-    p.add_argument("--ring-mib", type=int, default=4, help="size of each shared ring, MiB")
-    p.add_argument("--max-message-mib", type=int, default=1024,
-                   help="largest message a worker may send, MiB")
+    p.add_argument("--ring-bytes", type=int, default=1 << 22,
+                   help="size of each shared ring in bytes, a power of two (default 4 MiB)")
+    p.add_argument("--max-message-bytes", type=int, default=1 << 30,
+                   help="largest message a worker may send, bytes (default 1 GiB)")
     p.add_argument("--log-level", default="INFO",
                    choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
@@ -44,8 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = ProxySettings(device=args.device, socket_path=args.socket,
                                  pid_file=args.pid_file, threads=args.threads,
-                                 ring_bytes=args.ring_mib << 20,
-                                 max_message_bytes=args.max_message_mib << 20)
+                                 ring_bytes=args.ring_bytes,
+                                 max_message_bytes=args.max_message_bytes)
     except ProxySpecError as err:
         print(f"singularity-proxy: {err}", file=sys.stderr)
         return 2

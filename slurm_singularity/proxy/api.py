@@ -118,7 +118,9 @@ class ProxyHandle:
 def _proxy_argv(settings: ProxySettings, log_level: str) -> list[str]:
     return [sys.executable, "-m", "slurm_singularity.cli.proxy", "--device", settings.device,
             "--socket", str(settings.socket_path), "--pid-file", str(settings.pid_path),
-            "--threads", str(settings.threads), "--log-level", log_level]
+            "--threads", str(settings.threads), "--log-level", log_level,
+            "--ring-bytes", str(settings.ring_bytes),
+            "--max-message-bytes", str(settings.max_message_bytes)]
 
 
 def start_proxy(settings: ProxySettings, log_file: Path | None = None,
