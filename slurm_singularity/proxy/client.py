@@ -36,6 +36,8 @@ aten = torch.ops.aten
 _META = torch.device("meta")
 #: Frees are sent in groups of this many handles.
 FREE_BATCH = 256
+#: Asynchronous messages buffered before they are written to the ring.
+COALESCE = 32
 #: Largest reply the worker accepts, bytes.
 MAX_REPLY_BYTES = 1 << 34
 _BATCHABLE = frozenset({MsgKind.OP, MsgKind.PUT, MsgKind.FREE, MsgKind.BIND,
@@ -154,7 +156,9 @@ class ProxyDevice:
             if self._batch is not None and kind in _BATCHABLE:
                 self._batch.append(msg)
             else:
-                self.channel.send(msg)
+                self.channel.queue(msg)
+                if self.channel.queued >= COALESCE:
+                    self.channel.flush()
 
     def _flush_frees(self) -> None:
         if self._frees:
@@ -216,6 +220,12 @@ class ProxyDevice:
         """Seed this job's random stream in the proxy (dropout, bernoulli...)."""
         self._send(MsgKind.SEED, [int(seed)])
 
+    def flush(self) -> None:
+        """Hand buffered asynchronous work to the proxy without waiting."""
+        with self._lock:
+            self._flush_frees()
+            self.channel.flush()
+
     def sync(self) -> None:
         """Wait until the proxy has run everything sent so far.
 
@@ -274,6 +284,7 @@ class ProxyDevice:
         with self._lock:
             batch, self._batch = self._batch, None
             self._send(MsgKind.BATCH, [batch])
+            self.channel.flush()  # a committed step reaches the proxy now
 
     def snapshot(self) -> bytes:
         """This job's named tensors, meta and random stream as bytes

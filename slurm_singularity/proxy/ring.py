@@ -100,6 +100,8 @@ class Channel:
     def __init__(self, tx: ShmRing, rx: ShmRing, sock: socket.socket) -> None:
         self.tx, self.rx, self.sock = tx, rx, sock
         self.closed = False
+        self._out = bytearray()
+        self.queued = 0
 
     def _ring_bell(self) -> None:
         try:
@@ -156,18 +158,37 @@ class Channel:
                 self._sleep(self.rx, _RWAIT, lambda: self.rx.readable() > 0)
         return buf
 
-    def send(self, payload: bytes) -> None:
-        """Write one frame; blocks while the ring is full.
+    def queue(self, payload: bytes) -> None:
+        """Add one frame to the outgoing buffer; it reaches the ring at the
+        next :meth:`flush` (one doorbell for many messages)."""
+        if len(payload) >= 1 << 32:
+            raise WireError(f"message of {len(payload)} bytes is larger than 4 GiB")
+        if len(payload) >= 1 << 16:
+            self.flush()
+            self._write(memoryview(_U32.pack(len(payload))))
+            self._write(memoryview(payload))
+            return
+        self._out += _U32.pack(len(payload))
+        self._out += payload
+        self.queued += 1
+
+    def flush(self) -> None:
+        """Write the buffered frames; blocks while the ring is full.
 
         :raises ChannelClosed: the peer went away.
         """
-        if len(payload) >= 1 << 32:
-            raise WireError(f"message of {len(payload)} bytes is larger than 4 GiB")
-        if len(payload) < 65536:
-            self._write(memoryview(_U32.pack(len(payload)) + payload))
-        else:
-            self._write(memoryview(_U32.pack(len(payload))))
-            self._write(memoryview(payload))
+        if self._out:
+            out, self._out = self._out, bytearray()
+            self.queued = 0
+            self._write(memoryview(out))
+
+    def send(self, payload: bytes) -> None:
+        """Write one frame now (after any queued ones).
+
+        :raises ChannelClosed: the peer went away.
+        """
+        self.queue(payload)
+        self.flush()
 
     def send_raw(self, data: bytes) -> None:
         """Write bytes without framing (tests use it to send broken frames)."""

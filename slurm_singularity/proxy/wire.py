@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import enum
 import struct
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -62,15 +61,25 @@ REPLY_KINDS = frozenset({MsgKind.ATTACH, MsgKind.GET, MsgKind.LOOKUP, MsgKind.GE
                          MsgKind.STATS})
 
 
-@dataclass(frozen=True)
 class Handle:
-    """A worker-allocated id of a tensor that lives in the proxy."""
+    """A worker-allocated id of a tensor that lives in the proxy (a plain
+    slotted class: one is built per tensor argument of every operator)."""
 
-    id: int
+    __slots__ = ("id",)
 
-    def __post_init__(self) -> None:
-        if not 0 < self.id < 1 << 63:
-            raise WireError(f"handle id {self.id} out of range")
+    def __init__(self, id: int) -> None:
+        if not 0 < id < 1 << 63:
+            raise WireError(f"handle id {id} out of range")
+        self.id = id
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Handle) and other.id == self.id
+
+    def __hash__(self) -> int:
+        return hash(("handle", self.id))
+
+    def __repr__(self) -> str:
+        return f"Handle({self.id})"
 
 
 class ProxyDeviceRef:
@@ -117,6 +126,25 @@ def dtype_code(dtype: torch.dtype) -> int:
 def _encode(value: Any, out: bytearray, depth: int) -> None:
     if depth > MAX_DEPTH:
         raise WireError(f"value nested deeper than {MAX_DEPTH}")
+    t = type(value)  # fast paths for the common exact types
+    if t is Handle:
+        out += b"h"
+        out += _Q.pack(value.id)
+        return
+    if t is int and -(1 << 63) <= value < 1 << 63:
+        out += b"i"
+        out += _Q.pack(value)
+        return
+    if t is float:
+        out += b"f"
+        out += _D.pack(value)
+        return
+    if t is list or t is tuple:
+        out += b"l" if t is list else b"u"
+        out += _I.pack(len(value))
+        for item in value:
+            _encode(item, out, depth + 1)
+        return
     if value is None:
         out += b"N"
     elif value is True:
@@ -232,6 +260,44 @@ class _Reader:
     def value(self, depth: int) -> Any:
         if depth > MAX_DEPTH:
             raise WireError(f"value nested deeper than {MAX_DEPTH}")
+        # fast paths for the common tags; anything unusual (including every
+        # error) falls through to the checked path below
+        buf, pos = self.buf, self.pos
+        end = len(buf)
+        if pos < end:
+            tag = buf[pos]
+            if tag in (0x68, 0x69, 0x66):  # h i f
+                if pos + 9 <= end:
+                    self.pos = pos + 9
+                    if tag == 0x66:
+                        return _D.unpack_from(buf, pos + 1)[0]
+                    v = _Q.unpack_from(buf, pos + 1)[0]
+                    if tag == 0x69:
+                        return v
+                    if 0 < v:
+                        return Handle(v)
+                    self.pos = pos
+            elif tag in (0x6C, 0x75):  # l u
+                if pos + 5 <= end:
+                    n = _I.unpack_from(buf, pos + 1)[0]
+                    if n <= MAX_ITEMS and n <= end - pos - 5:
+                        self.pos = pos + 5
+                        items = [self.value(depth + 1) for _ in range(n)]
+                        return items if tag == 0x6C else tuple(items)
+            elif tag == 0x73:  # s
+                if pos + 5 <= end:
+                    n = _I.unpack_from(buf, pos + 1)[0]
+                    if pos + 5 + n <= end:
+                        try:
+                            text = str(buf[pos + 5:pos + 5 + n], "utf-8")
+                        except UnicodeDecodeError:
+                            text = None
+                        if text is not None:
+                            self.pos = pos + 5 + n
+                            return text
+            elif tag == 0x4E:
+                self.pos = pos + 1
+                return None
         at = self.pos
         tag = bytes(self.take(1, "a type tag"))
         if tag == b"N":

@@ -1,0 +1,117 @@
+"""Benchmark: a training step of the reference LM through the device proxy vs
+direct execution on the same device, alternating in one run, and the
+round-trip time of one small operator.
+
+    .venv/bin/python bench/proxy.py [--device cpu|cuda] [--dim 256] ...
+
+The last line is one JSON object (value = proxy step time, baseline = direct
+step time, ratio = value/baseline). Goal: ratio <= 1.15 on the CPU, 1.03 on
+a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+from slurm_singularity.proxy import reference as R
+from slurm_singularity.proxy.api import start_proxies, stop_proxies
+from slurm_singularity.proxy.client import attach
+
+
+def _steps(model, opt, batches, put, sync) -> float:
+    t0 = time.perf_counter()
+    loss = None
+    for x, y in batches:
+        loss = R.train_step(model, opt, put(x), put(y))
+        opt.step()
+        opt.zero_grad()
+    sync(loss)
+    return (time.perf_counter() - t0) / len(batches)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--seq", type=int, default=64)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--steps", type=int, default=4, help="steps per timed repetition")
+    p.add_argument("--reps", type=int, default=5, help="alternating repetitions")
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    cfg = R.LMConfig(vocab=512, dim=args.dim, heads=4, layers=args.layers, seq=args.seq,
+                     batch=args.batch)
+    goal = 1.15 if args.device == "cpu" else 1.03
+    direct_dev = torch.device("cuda" if args.device == "cuda" else "cpu")
+    state = tempfile.mkdtemp(prefix="sgpx-bench-")
+    handles = start_proxies(1, state, device="cpu" if args.device == "cpu" else None,
+                            threads=args.threads)
+    try:
+        dev = attach(handles[0].addr, "bench")
+        print(f"proxy device: {dev.device_name}; model dim={cfg.dim} layers={cfg.layers} "
+              f"seq={cfg.seq} batch={cfg.batch}", file=sys.stderr)
+        direct, _ = R.make(cfg)
+        direct.to(direct_dev)
+        d_opt = R.optimizer(direct)
+        proxied, _ = R.make(cfg)
+        dev.module(proxied)
+        p_opt = R.optimizer(proxied)
+        batches = [R.batch(cfg, s) for s in range(args.steps)]
+
+        def d_sync(loss):
+            loss.item()
+
+        def p_sync(loss):
+            loss.item()
+
+        d_put = (lambda t: t.to(direct_dev))
+        # warm-up: optimizer state, caches, allocator
+        _steps(direct, d_opt, batches[:2], d_put, d_sync)
+        _steps(proxied, p_opt, batches[:2], dev.put, p_sync)
+        d_times, p_times = [], []
+        for rep in range(args.reps):
+            d_times.append(_steps(direct, d_opt, batches, d_put, d_sync))
+            p_times.append(_steps(proxied, p_opt, batches, dev.put, p_sync))
+            print(f"rep {rep}: direct {d_times[-1] * 1e3:.1f} ms/step, "
+                  f"proxy {p_times[-1] * 1e3:.1f} ms/step", file=sys.stderr)
+        small = dev.put(torch.ones(4))
+        rtts = []
+        for _ in range(200):
+            t0 = time.perf_counter()
+            (small + 1).sum().item()
+            rtts.append(time.perf_counter() - t0)
+        local = torch.ones(4, device=direct_dev)
+        local_rtts = []
+        for _ in range(200):
+            t0 = time.perf_counter()
+            (local + 1).sum().item()
+            local_rtts.append(time.perf_counter() - t0)
+        dev.close()
+    finally:
+        stop_proxies(handles)
+    value = statistics.median(p_times)
+    base = statistics.median(d_times)
+    ratio = value / base
+    print(json.dumps({
+        "bench": "proxy", "value": round(value * 1e3, 3), "baseline": round(base * 1e3, 3),
+        "ratio": round(ratio, 4), "unit": "ms/step", "goal": goal, "ok": ratio <= goal,
+        "device": args.device, "model": {"dim": cfg.dim, "layers": cfg.layers, "seq": cfg.seq,
+                                         "batch": cfg.batch, "vocab": cfg.vocab},
+        "small_op_roundtrip_us": round(statistics.median(rtts) * 1e6, 1),
+        "small_op_direct_us": round(statistics.median(local_rtts) * 1e6, 1),
+        "reps": args.reps, "steps_per_rep": args.steps, "threads": args.threads,
+    }))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
