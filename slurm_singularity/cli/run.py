@@ -1,11 +1,64 @@
-"""singularity-run: not yet implemented (built by a later issue)."""
+"""singularity-run: start a training script on this node's devices.
 
+A thin layer over ``slurm_singularity.runtime.launcher``: parse, resolve
+(which raises a clear error for bad input, exit 2), launch, and return the
+workers' verdict as the exit code (0 finished, 75 = checkpointed for
+preemption: requeue me, anything else: failed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
 import sys
+
+from slurm_singularity import contract
+from slurm_singularity.runtime.api import RuntimeSetupError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="singularity-run",
+        description="Run a training script with W logical ranks spliced onto D devices "
+                    "(one worker per device). Exit 75 means: checkpointed, requeue me.")
+    p.add_argument("--devices", type=int, default=None, metavar="N",
+                   help="devices on this node (default: SINGULARITY_DEVICES, the number of "
+                        "CUDA_VISIBLE_DEVICES, else 1; emulated CPU devices without a GPU)")
+    p.add_argument("--world-size", type=int, default=None, metavar="W",
+                   help="logical ranks W, a multiple of D (default: SINGULARITY_WORLD_SIZE, "
+                        "else D)")
+    p.add_argument("--ckpt-dir", default=None, metavar="DIR",
+                   help="checkpoint directory (default: SINGULARITY_CKPT_DIR, else derived "
+                        "from SLURM_JOB_ID; required outside Slurm)")
+    p.add_argument("--ckpt-every-s", type=float, default=None, metavar="T",
+                   help="also checkpoint every T seconds (default: SINGULARITY_CKPT_EVERY_S)")
+    det = p.add_mutually_exclusive_group()
+    det.add_argument("--deterministic", dest="deterministic", action="store_true",
+                     default=None, help="bitwise-equal results for every D (default on: "
+                                        "SINGULARITY_DETERMINISTIC)")
+    det.add_argument("--no-deterministic", dest="deterministic", action="store_false",
+                     help="faster reduction (sum locally, then all-reduce)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log the launcher's steps")
+    p.add_argument("script", nargs="?", help="the training script")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the script")
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    print("singularity-run: not yet implemented", file=sys.stderr)
-    return 2
+    from slurm_singularity.runtime import launcher
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(message)s")
+    try:
+        spec = launcher.resolve(args.script or "", args.args, devices=args.devices,
+                                world_size=args.world_size, ckpt_dir=args.ckpt_dir,
+                                deterministic=args.deterministic,
+                                ckpt_every_s=args.ckpt_every_s)
+    except (RuntimeSetupError, contract.ContractError) as exc:
+        print(f"singularity-run: error: {exc}", file=sys.stderr)
+        return 2
+    return launcher.launch(spec)
 
 
 if __name__ == "__main__":

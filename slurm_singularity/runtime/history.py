@@ -1,0 +1,119 @@
+"""``history.jsonl``: one record per run of a job, appended, never rewritten.
+
+Why: a job that is preempted and requeued many times has many runs; an
+operator (``singularity-admin job show``) wants to see each run's devices,
+steps, how it stopped and the work it lost. The file lives in the checkpoint
+directory because that is the one place that survives every requeue.
+
+Who writes: ``singularity-run`` (it sees how the workers ended, even a
+``kill -9``), from the progress worker 0 reports on a pipe; a worker started
+without the launcher records its own run. ``RunProgress`` is that report.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from slurm_singularity.runtime.api import HistoryRecord, StopReason
+from slurm_singularity.runtime import checkpoint
+
+log = logging.getLogger(__name__)
+
+HISTORY_NAME = "history.jsonl"
+
+
+def record_to_json(record: HistoryRecord) -> dict[str, Any]:
+    out = dict(record.__dict__)
+    out["stop"] = record.stop.value
+    return out
+
+
+def record_from_json(raw: dict[str, Any]) -> HistoryRecord:
+    """:raises ValueError: a field is missing or malformed (names it)."""
+    try:
+        return HistoryRecord(
+            start_time=float(raw["start_time"]), end_time=float(raw["end_time"]),
+            devices=int(raw["devices"]), world_size=int(raw["world_size"]),
+            first_step=int(raw["first_step"]), last_step=int(raw["last_step"]),
+            stop=StopReason(raw["stop"]),
+            checkpoint_written=bool(raw["checkpoint_written"]),
+            steps_lost=int(raw["steps_lost"]), exit_code=int(raw.get("exit_code", 0)))
+    except KeyError as exc:
+        raise ValueError(f"history record lacks field {exc.args[0]!r}") from None
+
+
+def append_record(ckpt_dir: str | os.PathLike[str], record: HistoryRecord) -> None:
+    """Append one line to ``history.jsonl`` under the directory's lock."""
+    path = Path(ckpt_dir) / HISTORY_NAME
+    line = json.dumps(record_to_json(record), sort_keys=True) + "\n"
+    with checkpoint.lock(ckpt_dir):
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(line)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+def read_history(ckpt_dir: str | os.PathLike[str]) -> list[HistoryRecord]:
+    """The runs of the job whose checkpoint directory is ``ckpt_dir``, oldest
+    first; [] when there is none yet.
+
+    :raises ValueError: a line is not a valid record (names the line number).
+    """
+    path = Path(ckpt_dir) / HISTORY_NAME
+    if not path.exists():
+        return []
+    records = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(record_from_json(json.loads(line)))
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"{path}:{lineno}: {exc}") from None
+    return records
+
+
+@dataclass
+class RunProgress:
+    """What one run did so far; fed by worker 0's reports, turned into a
+    ``HistoryRecord`` when the run ends."""
+
+    devices: int
+    world_size: int
+    start_time: float = field(default_factory=time.time)
+    first_step: int | None = None
+    last_step: int | None = None
+    last_ckpt_step: int | None = None
+    ckpt_at_stop: bool = False
+
+    def feed(self, line: str) -> None:
+        """One report line: ``start <step>``, ``step <n>``, ``ckpt <n> <reason>``."""
+        parts = line.split()
+        if len(parts) < 2 or not parts[1].isdigit():
+            return
+        n = int(parts[1])
+        if parts[0] == "start":
+            self.first_step = self.last_step = n
+            self.last_ckpt_step = n
+        elif parts[0] == "step":
+            self.last_step = n
+            self.ckpt_at_stop = False
+        elif parts[0] == "ckpt":
+            self.last_ckpt_step = n
+            self.ckpt_at_stop = True
+
+    def record(self, stop: StopReason, exit_code: int) -> HistoryRecord:
+        first = self.first_step if self.first_step is not None else 0
+        last = self.last_step if self.last_step is not None else first
+        saved = self.last_ckpt_step if self.last_ckpt_step is not None else first
+        return HistoryRecord(
+            start_time=self.start_time, end_time=time.time(), devices=self.devices,
+            world_size=self.world_size, first_step=first, last_step=last, stop=stop,
+            checkpoint_written=self.ckpt_at_stop,
+            steps_lost=max(0, last - saved), exit_code=exit_code)

@@ -1,0 +1,275 @@
+"""The launcher behind ``singularity-run``: one per node, one worker per device.
+
+Why a separate launcher process: it outlives its workers, so it is the one
+that sees how a run ended (all workers exited 75 after a consistent
+checkpoint, or one died with ``kill -9``), returns the right exit code to
+Slurm, forwards the preemption signal, and appends the run's record to
+``history.jsonl`` from the progress worker 0 reports on a pipe.
+
+Deciding is apart from doing: ``resolve()`` turns arguments and the contract
+variables into a ``LaunchSpec`` (pure, raises ``RuntimeSetupError``);
+``launch()`` starts and watches the processes.
+
+Multi-node under ``srun`` (one launcher per node): node rank and node count
+come from ``SLURM_NODEID``/``SLURM_NNODES``, ``D = nodes x devices per
+node``, device 0's host is ``MASTER_ADDR`` or the first host of the job's
+node list, the port is derived from the job id. Not tested on a real
+multi-node cluster.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+from slurm_singularity import contract
+from slurm_singularity.runtime.api import JobShape, RuntimeSetupError, StopReason
+from slurm_singularity.runtime.history import RunProgress, append_record
+
+log = logging.getLogger(__name__)
+
+#: Seconds the launcher waits for the other workers once one has exited
+#: (normally they agreed on the same step and exit within a step).
+PEER_EXIT_TIMEOUT_S = 120.0
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    """What to start on this node.
+
+    devices_per_node: workers on this node; nnodes x devices_per_node = D.
+    visible: CUDA device ids, one per worker; () for emulated CPU devices.
+    """
+
+    script: str
+    args: tuple[str, ...]
+    world_size: int
+    devices_per_node: int
+    ckpt_dir: Path
+    nnodes: int = 1
+    node_rank: int = 0
+    visible: tuple[str, ...] = ()
+    master_addr: str = "127.0.0.1"
+    master_port: int = 0
+    deterministic: bool = True
+    ckpt_every_s: float | None = None
+    python: str = field(default_factory=lambda: sys.executable)
+
+    def __post_init__(self) -> None:
+        JobShape(self.world_size, self.devices)  # validates W, D
+        if not 0 <= self.node_rank < self.nnodes:
+            raise RuntimeSetupError(f"node rank {self.node_rank} not in [0, {self.nnodes})")
+        if self.visible and len(self.visible) != self.devices_per_node:
+            raise RuntimeSetupError(
+                f"{len(self.visible)} visible devices for {self.devices_per_node} workers")
+
+    @property
+    def devices(self) -> int:
+        return self.nnodes * self.devices_per_node
+
+
+def default_ckpt_dir(environ: Mapping[str, str] | None = None) -> Path | None:
+    """``SINGULARITY_CKPT_DIR``, else ``<submit dir or ~>/.singularity/ckpt/job-<id>``
+    under Slurm (the job id survives requeues), else None."""
+    explicit = contract.ckpt_dir(environ)
+    if explicit:
+        return Path(explicit)
+    job_id = contract.slurm_job_id(environ)
+    if job_id is None:
+        return None
+    base = contract.slurm_submit_dir(environ) or str(Path.home())
+    return Path(base) / ".singularity" / "ckpt" / f"job-{job_id}"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _first_host(nodelist: str) -> str:
+    out = subprocess.run(["scontrol", "show", "hostnames", nodelist], check=True,
+                         capture_output=True, text=True, timeout=30).stdout.split()
+    if not out:
+        raise RuntimeSetupError(f"SLURM_JOB_NODELIST={nodelist!r} names no host")
+    return out[0]
+
+
+def resolve(script: str, args: list[str], *, devices: int | None, world_size: int | None,
+            ckpt_dir: str | None, deterministic: bool | None = None,
+            ckpt_every_s: float | None = None,
+            environ: Mapping[str, str] | None = None) -> LaunchSpec:
+    """Arguments + contract variables -> ``LaunchSpec``.
+
+    :raises RuntimeSetupError: bad arguments; the message names the option.
+    :raises contract.ContractError: a malformed contract variable.
+    """
+    if not script:
+        raise RuntimeSetupError("missing the training script (singularity-run script.py ...)")
+    if not Path(script).is_file():
+        raise RuntimeSetupError(f"script {script!r} does not exist or is not a file")
+    if devices is not None and devices < 1:
+        raise RuntimeSetupError(f"--devices {devices}: must be at least 1")
+    if world_size is not None and world_size < 1:
+        raise RuntimeSetupError(f"--world-size {world_size}: must be at least 1")
+    visible = contract.cuda_visible_devices(environ)
+    per_node = devices or contract.devices(environ) or len(visible) or 1
+    if visible:
+        if per_node > len(visible):
+            raise RuntimeSetupError(
+                f"--devices {per_node}: only {len(visible)} devices in CUDA_VISIBLE_DEVICES")
+        visible = visible[:per_node]
+    nnodes, node_rank = contract.slurm_nnodes(environ), contract.slurm_nodeid(environ)
+    if node_rank >= nnodes:
+        nnodes, node_rank = 1, 0
+    total = nnodes * per_node
+    world = world_size or contract.world_size(environ) or total
+    if world % total:
+        raise RuntimeSetupError(
+            f"--world-size {world} is not a multiple of the {total} devices "
+            f"({nnodes} node(s) x {per_node})")
+    ckpt = Path(ckpt_dir) if ckpt_dir else default_ckpt_dir(environ)
+    if ckpt is None:
+        raise RuntimeSetupError(
+            "--ckpt-dir is required outside Slurm (or set SINGULARITY_CKPT_DIR)")
+    if nnodes > 1:
+        addr = contract.master_addr(environ) or _first_host(
+            contract.slurm_job_nodelist(environ) or "")
+        port = 20000 + int(contract.slurm_job_id(environ) or "0") % 20000
+    else:
+        addr, port = contract.master_addr(environ) or "127.0.0.1", free_port()
+    return LaunchSpec(
+        script=script, args=tuple(args), world_size=world, devices_per_node=per_node,
+        ckpt_dir=ckpt, nnodes=nnodes, node_rank=node_rank, visible=visible,
+        master_addr=addr, master_port=port,
+        deterministic=contract.deterministic(environ) if deterministic is None else deterministic,
+        ckpt_every_s=ckpt_every_s if ckpt_every_s is not None else contract.ckpt_every_s(environ))
+
+
+def worker_env(spec: LaunchSpec, local: int, base: Mapping[str, str]) -> dict[str, str]:
+    """Environment of worker ``local`` on this node."""
+    rank = spec.node_rank * spec.devices_per_node + local
+    env = dict(base)
+    env.update({
+        contract.WORLD_SIZE: str(spec.world_size),
+        contract.DEVICES: str(spec.devices),
+        contract.DEVICE_RANK: str(rank),
+        contract.CKPT_DIR: str(spec.ckpt_dir),
+        contract.DETERMINISTIC: "1" if spec.deterministic else "0",
+        "MASTER_ADDR": spec.master_addr, "MASTER_PORT": str(spec.master_port),
+        "RANK": str(rank), "WORLD_SIZE": str(spec.devices), "LOCAL_RANK": str(local),
+    })
+    if spec.ckpt_every_s:
+        env[contract.CKPT_EVERY_S] = str(spec.ckpt_every_s)
+    if spec.visible:
+        env["CUDA_VISIBLE_DEVICES"] = spec.visible[local]
+    return env
+
+
+def _exit_code(rc: int) -> int:
+    return 128 - rc if rc < 0 else rc
+
+
+def launch(spec: LaunchSpec) -> int:
+    """Start the workers, forward signals, wait; returns 0 when they
+    finished, ``REQUEUE_EXIT_CODE`` when they all checkpointed for
+    preemption, else the first failing worker's code (128+signal for a
+    signal). Device 0's node appends the run to ``history.jsonl``."""
+    spec.ckpt_dir.mkdir(parents=True, exist_ok=True)
+    main_node = spec.node_rank == 0
+    progress = RunProgress(spec.devices, spec.world_size)
+    read_fd, write_fd = os.pipe() if main_node else (-1, -1)
+    procs: list[subprocess.Popen[bytes]] = []
+    base = dict(os.environ)
+    for local in range(spec.devices_per_node):
+        env = worker_env(spec, local, base)
+        pass_fds: tuple[int, ...] = ()
+        if main_node and local == 0:
+            env[contract.PROGRESS_FD] = str(write_fd)
+            pass_fds = (write_fd,)
+        procs.append(subprocess.Popen([spec.python, spec.script, *spec.args], env=env,
+                                      pass_fds=pass_fds))
+    reader = None
+    if main_node:
+        os.close(write_fd)
+        reader = threading.Thread(target=_read_progress, args=(read_fd, progress), daemon=True)
+        reader.start()
+    log.info("singularity-run: %d worker(s) on this node, W=%d D=%d, checkpoints in %s",
+             len(procs), spec.world_size, spec.devices, spec.ckpt_dir)
+    forwarded = _forward_signals(procs)
+    try:
+        code = _wait(procs)
+    finally:
+        for signum, old in forwarded.items():
+            signal.signal(signum, old)
+    if reader is not None:
+        reader.join(timeout=10)
+        stop = {0: StopReason.FINISHED,
+                contract.REQUEUE_EXIT_CODE: StopReason.PREEMPTED}.get(code, StopReason.FAILED)
+        append_record(spec.ckpt_dir, progress.record(stop, code))
+    return code
+
+
+def _read_progress(fd: int, progress: RunProgress) -> None:
+    with os.fdopen(fd, "r", encoding="ascii", errors="replace") as fh:
+        for line in fh:
+            progress.feed(line)
+
+
+def _forward_signals(procs: list[subprocess.Popen[bytes]]) -> dict[int, object]:
+    wanted = {contract.preempt_signal(), signal.SIGTERM, signal.SIGINT,
+              signal.SIGUSR1, signal.SIGUSR2}
+
+    def forward(signum: int, _frame: object) -> None:
+        for p in procs:
+            if p.poll() is None:
+                try:
+                    os.kill(p.pid, signum)
+                except ProcessLookupError:
+                    pass
+
+    old = {}
+    for signum in wanted:
+        old[signum] = signal.signal(signum, forward)
+    return old
+
+
+def _wait(procs: list[subprocess.Popen[bytes]]) -> int:
+    first_exit: float | None = None
+    while True:
+        codes = [p.poll() for p in procs]
+        failed = [c for c in codes if c is not None and c not in (0, contract.REQUEUE_EXIT_CODE)]
+        if failed:
+            _kill_all(procs)
+            return _exit_code(failed[0])
+        if all(c is not None for c in codes):
+            if all(c == contract.REQUEUE_EXIT_CODE for c in codes):
+                return contract.REQUEUE_EXIT_CODE
+            if all(c == 0 for c in codes):
+                return 0
+            return 1   # a mix of finished and preempted: the workers disagreed
+        if any(c is not None for c in codes):
+            first_exit = first_exit or time.monotonic()
+            if time.monotonic() - first_exit > PEER_EXIT_TIMEOUT_S:
+                log.error("singularity-run: workers did not exit within %.0f s of a peer",
+                          PEER_EXIT_TIMEOUT_S)
+                _kill_all(procs)
+                return 1
+        time.sleep(0.05)
+
+
+def _kill_all(procs: list[subprocess.Popen[bytes]]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+    for p in procs:
+        p.wait()

@@ -1,0 +1,102 @@
+"""Gradient reduction of the W logical ranks, once per step across devices.
+
+Why three paths: floating-point addition is not associative, so summing
+``k`` ranks on a device and then all-reducing the device sums gives bits that
+depend on ``D``. Deterministic mode therefore defines the gradient as the
+left fold ``(((g0 + g1) + g2) + ...) + g(W-1)`` in logical-rank order, then
+divided by ``W`` (DDP's mean):
+
+* ``D == 1``: autograd's own accumulation into ``.grad`` across the ``k``
+  turns *is* that left fold, so nothing is copied and no collective runs:
+  the cost is that of plain gradient accumulation.
+* ``D > 1``, deterministic: each turn's gradient is copied into a
+  ``[k, N]`` slot buffer, the slots are all-gathered (``[W, N]``) and every
+  device folds them in rank order, so the optimizer sees identical bits.
+* ``D > 1``, fast: accumulate locally, one all-reduce of the flat sum.
+
+Parameters that received no gradient get zeros (as DDP's reducer gives).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+class GradReducer:
+    """Collects each logical rank's gradient during a step and leaves the
+    reduced mean gradient in ``p.grad`` for the optimizer."""
+
+    def __init__(self, params: list[torch.nn.Parameter], *, world_size: int, devices: int,
+                 splice: int, deterministic: bool) -> None:
+        self.params = params
+        self.world_size = world_size
+        self.devices = devices
+        self.splice = splice
+        self.gather = deterministic and devices > 1
+        self.numel = sum(p.numel() for p in params)
+        self._slots: torch.Tensor | None = None
+        self._gathered: list[torch.Tensor] = []
+
+    def begin_step(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def end_turn(self, turn: int) -> None:
+        """After logical rank number ``turn`` (0..k-1 on this device) ran
+        its backward pass."""
+        if not self.gather:
+            return
+        if self._slots is None:
+            dev = self.params[0].device
+            dtype = self.params[0].dtype
+            self._slots = torch.empty(self.splice, self.numel, device=dev, dtype=dtype)
+            self._gathered = [torch.empty_like(self._slots) for _ in range(self.devices)]
+        row = self._slots[turn]
+        offset = 0
+        for p in self.params:
+            n = p.numel()
+            view = row[offset:offset + n].view_as(p)
+            if p.grad is None:
+                view.zero_()
+            else:
+                view.copy_(p.grad)
+            p.grad = None
+            offset += n
+
+    def finish(self) -> None:
+        """Leave the mean over the W logical ranks in every ``p.grad``."""
+        if self.gather:
+            self._fold_gathered()
+            return
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        if self.devices > 1:
+            flat = torch.cat([p.grad.reshape(-1) for p in self.params])
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            self._scatter(flat)
+        for p in self.params:
+            p.grad.div_(self.world_size)
+
+    def _fold_gathered(self) -> None:
+        assert self._slots is not None, "end_turn was never called"  # internal invariant
+        dist.all_gather(self._gathered, self._slots)
+        total = self._gathered[0][0].clone()
+        for d, block in enumerate(self._gathered):
+            for j in range(self.splice):
+                if d or j:
+                    total.add_(block[j])
+        total.div_(self.world_size)
+        self._scatter(total, as_views=True)
+
+    def _scatter(self, flat: torch.Tensor, as_views: bool = False) -> None:
+        offset = 0
+        for p in self.params:
+            n = p.numel()
+            piece = flat[offset:offset + n].view_as(p)
+            if as_views:
+                p.grad = piece
+            else:
+                p.grad.copy_(piece)
+            offset += n
