@@ -48,7 +48,7 @@ from .placement import NodePool
 log = logging.getLogger(__name__)
 
 _EPS = 1e-9
-_TIERS_HIGH_FIRST = sorted(Tier, key=lambda t: -t.rank)
+
 
 
 @lru_cache(maxsize=4096)
@@ -67,6 +67,12 @@ def promised_size(ladder: tuple[int, ...], world_size: int, promise: float) -> i
     return ladder[-1]
 
 
+@lru_cache(maxsize=8192)
+def _promised(world_size: int, lo: int, hi: int, max_splice: int, promise: float) -> int:
+    ladder = legal_sizes(world_size, lo, hi, max_splice)
+    return promised_size(ladder, world_size, promise) if ladder else 0
+
+
 def plan(state: ClusterState, policy: Policy, *, explain_waiting: bool = False) -> tuple[Action, ...]:
     """Decide what to do now.
 
@@ -77,58 +83,81 @@ def plan(state: ClusterState, policy: Policy, *, explain_waiting: bool = False) 
     return _Pass(state, policy, explain_waiting).run()
 
 
+_RANK_TIER = {2: Tier.PREMIUM, 1: Tier.STANDARD, 0: Tier.BASIC}
+
+
+def _rank(t: Tier) -> int:
+    """Tier rank by identity (cheaper than hashing the Enum in the hot loops)."""
+    return 2 if t is Tier.PREMIUM else (1 if t is Tier.STANDARD else 0)
+
+
 class _Pass:
-    """The working state of one planning pass (arrays indexed by job)."""
+    """The working state of one planning pass (lists indexed by job position).
+
+    Costs are kept proportional to what can change: the pass reads every job
+    once; it sorts victims, builds ladders and sorts a tier's demands only
+    when some GPUs could be found for that tier.
+    """
 
     def __init__(self, state: ClusterState, policy: Policy, explain: bool) -> None:
         self.state = state
         self.policy = policy
         self.explain = explain
-        self.now = now = state.now
+        self.now = state.now
         self.free = state.free_gpus
-        splice = policy.elastic.max_splice_factor
+        self.splice = policy.elastic.max_splice_factor
         specs = policy.tiers
-        self.promise = {t: s.gpu_fraction for t, s in specs.items()}
-        # victim tiers each tier may shrink/preempt, lowest rank first
-        self.victim_tiers = {
-            r: [t for t in sorted(specs, key=lambda t: t.rank) if r in specs[t].preemptible_by]
-            for r in specs}
-        accounts = policy.accounts
+        self.promise = [0.0, 0.0, 0.0]
+        self.victim_ranks: list[list[int]] = [[], [], []]
+        for t, spec in specs.items():
+            self.promise[_rank(t)] = spec.gpu_fraction
+        for t in specs:
+            self.victim_ranks[_rank(t)] = [_rank(v) for v in sorted(specs, key=_rank)
+                                           if t in specs[v].preemptible_by]
         self.weight: dict[str, float] = {}
         self.quota: dict[str, int | None] = {}
-        self.usage: dict[str, int] = {}
-
         jobs = state.jobs
         self.jobs = jobs
         n = len(jobs)
-        self.tgt = [0] * n
-        self.ladder: list[tuple[int, ...]] = [()] * n
-        self.running: list[int] = []
-        self.pending: list[int] = []
-        usage = self.usage
-        running_phase, pending_phase = JobPhase.RUNNING, JobPhase.PENDING
-        for i, job in enumerate(jobs):
+        self.tgt = tgt = [0] * n
+        self.running: tuple[list[int], ...] = ([], [], [])
+        self.elastic: tuple[list[int], ...] = ([], [], [])
+        self.pending: tuple[list[int], ...] = ([], [], [])
+        self.whole = [0, 0, 0]
+        usage: dict[str, int] = {}
+        run_phase, pend_phase = JobPhase.RUNNING, JobPhase.PENDING
+        prem, std = Tier.PREMIUM, Tier.STANDARD
+        pending, running, elastic, whole = self.pending, self.running, self.elastic, self.whole
+        for i, job in enumerate(jobs):               # the one loop over all jobs: keep it lean
             phase = job.phase
-            if phase.terminal:
-                continue
-            if job.tier not in specs:
-                raise SchedError(f"job {job.job_id}: tier {job.tier.value!r} is not in the policy")
-            acct = job.account
-            if acct not in self.weight:
-                spec = accounts.get(acct)
-                self.weight[acct] = spec.fair_share_weight if spec else 1.0
-                self.quota[acct] = spec.gpu_quota if spec else None
-                usage[acct] = 0
-            d = job.devices
-            usage[acct] += d
-            self.ladder[i] = legal_sizes(job.world_size, job.min_devices, job.max_devices, splice)
-            if phase is running_phase:
-                self.tgt[i] = d
-                self.running.append(i)
-            elif phase is pending_phase:
-                self.pending.append(i)
+            t = job.tier
+            r = 2 if t is prem else (1 if t is std else 0)
+            if phase is pend_phase:
+                pending[r].append(i)
+            elif phase is run_phase:
+                d = tgt[i] = job.devices
+                running[r].append(i)
+                whole[r] += d
+                if job.min_devices < job.max_devices:
+                    elastic[r].append(i)
+                usage[job.account] = usage.get(job.account, 0) + d
+            elif not phase.terminal:
+                usage[job.account] = usage.get(job.account, 0) + job.devices
+        for r in (2, 1, 0):
+            group = self.running[r] or self.pending[r]
+            if group and _RANK_TIER[r] not in specs:
+                raise SchedError(f"job {jobs[group[0]].job_id}: tier "
+                                 f"{_RANK_TIER[r].value!r} is not in the policy")
+        self.usage = usage
+        for a in list(usage):
+            self._account(a)
         self.start_norm = {a: usage[a] / self.weight[a] for a in usage}
+        self._ladders: dict[int, tuple[int, ...]] = {}
         self.frac: dict[int, float] = {}
+        self.loan = [-1, -1, -1]          # GPUs on loan per rank, computed when first needed
+        self.pool: dict[tuple[int, str], list[int]] = {}
+        self.cursor: dict[tuple[int, str], int] = {}
+        self.started: list[int] = []
         # decisions, for reasons: job -> (requester, via) for victims; job -> text for takers
         self.victim_of: dict[int, tuple[int, str]] = {}
         self.victim_count: dict[int, int] = {}
@@ -138,6 +167,26 @@ class _Pass:
 
     # -- helpers ------------------------------------------------------------
 
+    def _account(self, acct: str) -> None:
+        if acct not in self.weight:
+            spec = self.policy.accounts.get(acct)
+            self.weight[acct] = spec.fair_share_weight if spec else 1.0
+            self.quota[acct] = spec.gpu_quota if spec else None
+            self.usage.setdefault(acct, 0)
+
+    def lad(self, i: int) -> tuple[int, ...]:
+        lad = self._ladders.get(i)
+        if lad is None:
+            job = self.jobs[i]
+            lad = self._ladders[i] = legal_sizes(job.world_size, job.min_devices,
+                                                 job.max_devices, self.splice)
+        return lad
+
+    def promised(self, i: int) -> int:
+        job = self.jobs[i]
+        return _promised(job.world_size, job.min_devices, job.max_devices, self.splice,
+                         self.promise[_rank(job.tier)])
+
     def fraction(self, i: int) -> float:
         f = self.frac.get(i)
         if f is None:
@@ -145,18 +194,15 @@ class _Pass:
         return f
 
     def below_promise(self, i: int) -> bool:
-        return self.fraction(i) < self.promise[self.jobs[i].tier] - _EPS
+        return self.fraction(i) < self.promise[_rank(self.jobs[i].tier)] - _EPS
 
     def min_floor(self, i: int) -> int:
-        lad = self.ladder[i]
+        lad = self.lad(i)
         return min(lad[0], self.tgt[i]) if lad else self.tgt[i]
 
     def promise_floor(self, i: int) -> int:
-        job = self.jobs[i]
-        lad = self.ladder[i]
-        if not lad:
-            return self.tgt[i]
-        return min(self.tgt[i], max(lad[0], promised_size(lad, job.world_size, self.promise[job.tier])))
+        lad = self.lad(i)
+        return min(self.tgt[i], max(lad[0], self.promised(i))) if lad else self.tgt[i]
 
     def norm(self, acct: str) -> float:
         return self.usage[acct] / self.weight[acct]
@@ -164,6 +210,15 @@ class _Pass:
     def quota_left(self, acct: str) -> int:
         q = self.quota[acct]
         return 1 << 60 if q is None else q - self.usage[acct]
+
+    def loan_cap(self, r: int) -> int:
+        if self.loan[r] < 0:
+            self.loan[r] = sum(self.tgt[i] - self.promise_floor(i) for i in self.elastic[r])
+        return self.loan[r]
+
+    def bound(self, r: int) -> int:
+        """Most GPUs a demand of rank ``r`` could get now (free + what it may take)."""
+        return self.free + self.loan_cap(r) + sum(self.whole[v] for v in self.victim_ranks[r])
 
     def set_target(self, i: int, size: int) -> None:
         acct = self.jobs[i].account
@@ -175,81 +230,49 @@ class _Pass:
     # -- the pass -----------------------------------------------------------
 
     def run(self) -> tuple[Action, ...]:
-        self.pool: dict[Tier, list[int]] | None = None
-        if self.pending or self.running:
-            for tier in _TIERS_HIGH_FIRST:
-                if tier in self.promise:
-                    self._serve_tier(tier)
-            if self.free > 0:
-                self._grow_idle()
+        for r in (2, 1, 0):
+            self._serve_rank(r)
+        if self.free > 0:
+            self._grow_idle()
         return self._actions()
 
-    def _victim_pools(self) -> None:
-        """Per tier: running jobs in the order they give up devices."""
+    def _serve_rank(self, r: int) -> None:
         jobs = self.jobs
-        norm = self.start_norm
-        by_tier: dict[Tier, list[int]] = {t: [] for t in self.promise}
-        for i in self.running:
-            by_tier[jobs[i].tier].append(i)
-        self.pool = {}
-        self.cap_shrink: dict[Tier, int] = {}
-        self.cap_loan: dict[Tier, int] = {}
-        self.cap_whole: dict[Tier, int] = {}
-        for t, members in by_tier.items():
-            members.sort(key=lambda i: (self.below_promise(i), -norm[jobs[i].account],
-                                        -(self.fraction(i) - self.promise[t]),
-                                        -jobs[i].submit_time, -jobs[i].job_id))
-            self.pool[t] = members
-            self.cap_shrink[t] = sum(self.tgt[i] - self.min_floor(i) for i in members)
-            self.cap_loan[t] = sum(self.tgt[i] - self.promise_floor(i) for i in members)
-            self.cap_whole[t] = sum(self.tgt[i] for i in members)
-        self.cursor = {(t, k): 0 for t in by_tier for k in ("shrink", "loan", "whole")}
-
-    def _demands(self, tier: Tier) -> dict[str, list[tuple[int, int, int]]]:
-        """Per account, in order: (job, smallest useful size, wanted size)."""
-        jobs = self.jobs
-        promise = self.promise[tier]
-        out: dict[str, list[tuple[float, int, int, int, int]]] = {}
-        for i in self.running:
-            job = jobs[i]
-            if job.tier is not tier or not self.ladder[i]:
-                continue
-            lad = self.ladder[i]
-            want = promised_size(lad, job.world_size, promise)
-            if self.tgt[i] < want:
-                step = next(d for d in lad if d > self.tgt[i])
-                out.setdefault(job.account, []).append((0, job.submit_time, job.job_id, i, step, want))
-        for i in self.pending:
-            job = jobs[i]
-            if job.tier is not tier:
-                continue
-            lad = self.ladder[i]
-            if not lad:
-                self.waiting[i] = (f"no device count in the elastic range {job.min_devices}:"
-                                   f"{job.max_devices} divides W={job.world_size} within splice "
-                                   f"factor {self.policy.elastic.max_splice_factor}")
-                continue
-            want = max(lad[0], promised_size(lad, job.world_size, promise))
-            out.setdefault(job.account, []).append((1, job.submit_time, job.job_id, i, lad[0], want))
-        return {a: [(e[3], e[4], e[5]) for e in sorted(lst)] for a, lst in out.items()}
-
-    def _serve_tier(self, tier: Tier) -> None:
-        demands = self._demands(tier)
-        if not demands:
+        groups: dict[str, list[tuple[int, float, int, int]]] = {}
+        if self.promise[r] > 0:
+            for i in self.elastic[r]:
+                if self.tgt[i] < jobs[i].max_devices and self.lad(i) and self.tgt[i] < self.promised(i):
+                    job = jobs[i]
+                    groups.setdefault(job.account, []).append((0, job.submit_time, job.job_id, i))
+        if not (groups or self.pending[r]):
             return
-        heap = [(self.norm(a), a, 0) for a in demands]
+        if self.bound(r) <= 0:
+            return
+        for i in self.pending[r]:
+            job = jobs[i]
+            groups.setdefault(job.account, []).append((1, job.submit_time, job.job_id, i))
+        for acct, lst in groups.items():
+            self._account(acct)
+            lst.sort()
+        heap = [(self.norm(a), a, 0) for a in groups]
         heapq.heapify(heap)
-        while heap:
+        while heap and self.bound(r) > 0:
             _, acct, k = heapq.heappop(heap)
-            i, least, want = demands[acct][k]
-            self._serve(tier, i, least, want)
-            if k + 1 < len(demands[acct]):
+            self._serve(r, groups[acct][k][3])
+            if k + 1 < len(groups[acct]):
                 heapq.heappush(heap, (self.norm(acct), acct, k + 1))
 
-    def _serve(self, tier: Tier, i: int, least: int, want: int) -> None:
+    def _serve(self, r: int, i: int) -> None:
         job = self.jobs[i]
+        lad = self.lad(i)
+        if not lad:
+            self.waiting[i] = (f"no device count in the elastic range {job.min_devices}:"
+                               f"{job.max_devices} divides W={job.world_size} within splice "
+                               f"factor {self.splice}")
+            return
         cur = self.tgt[i]
-        lad = self.ladder[i]
+        want = max(lad[0], self.promised(i))
+        least = lad[0] if cur == 0 else next(d for d in lad if d > cur)
         room = self.quota_left(job.account) + cur
         if least > room:
             self.waiting[i] = (f"account {job.account} is at its gpu_quota of "
@@ -258,37 +281,51 @@ class _Pass:
         want = max(d for d in lad if d <= max(least, min(want, room)))
         if self.free >= want - cur:
             self.set_target(i, want)
-            self.granted[i] = self._grant_text(i, cur, want, "free GPUs")
+            self._granted(i, cur, want, "free GPUs")
             return
-        reach = self.free + self._reclaimable(tier, job.account, want - cur - self.free)
+        if least - cur > self.bound(r):
+            return
+        reach = self.free + self._reclaimable(r, job.account, want - cur - self.free)
         size = max((d for d in lad if cur < d and d - cur <= reach), default=0)
         if size < least:
-            if cur == 0:
-                self.waiting[i] = (f"needs {least} GPUs; {self.free} free and no "
-                                   f"{'/'.join(t.value for t in self.victim_tiers[tier]) or 'lower-tier'}"
-                                   f" job may be shrunk or preempted for {tier.value}")
             return
         need = size - cur - self.free
-        taken = self._reclaim(tier, i, need) if need > 0 else "free GPUs"
+        taken = self._reclaim(r, i, need) if need > 0 else "free GPUs"
         self.set_target(i, size)
-        self.granted[i] = self._grant_text(i, cur, size, taken)
+        self._granted(i, cur, size, taken)
 
-    def _grant_text(self, i: int, cur: int, size: int, source: str) -> str:
+    def _granted(self, i: int, cur: int, size: int, source: str) -> None:
         job = self.jobs[i]
-        p = self.promise[job.tier]
+        if cur == 0:
+            self.started.append(i)
+        p = self.promise[_rank(job.tier)]
         verb = "start" if cur == 0 else "grow"
-        return (f"{verb} at {size} of W={job.world_size} (elastic {job.min_devices}:"
-                f"{job.max_devices}): tier {job.tier.value} promises {p:.0%} GPU fraction, "
-                f"promised size {promised_size(self.ladder[i], job.world_size, p)}; "
-                f"account {job.account} holds {self.usage[job.account]} GPUs "
-                f"(weight {self.weight[job.account]:g}); GPUs from {source}")
+        self.granted[i] = (
+            f"{verb} at {size} of W={job.world_size} (elastic {job.min_devices}:"
+            f"{job.max_devices}): tier {job.tier.value} promises {p:.0%} GPU fraction, "
+            f"promised size {self.promised(i)}; account {job.account} holds "
+            f"{self.usage[job.account]} GPUs (weight {self.weight[job.account]:g}); "
+            f"GPUs from {source}")
 
-    def _stages(self, tier: Tier):
-        for t in self.victim_tiers[tier]:
-            yield t, "shrink"
-        yield tier, "loan"
-        for t in self.victim_tiers[tier]:
-            yield t, "whole"
+    def _stages(self, r: int):
+        for v in self.victim_ranks[r]:
+            yield v, "shrink"
+        yield r, "loan"
+        for v in self.victim_ranks[r]:
+            yield v, "whole"
+
+    def _pool(self, r: int, kind: str) -> list[int]:
+        key = (r, kind)
+        pool = self.pool.get(key)
+        if pool is None:
+            jobs, norm = self.jobs, self.start_norm
+            members = self.running[r] if kind == "whole" else self.elastic[r]
+            promise = self.promise[r]
+            pool = self.pool[key] = sorted(members, key=lambda i: (
+                self.below_promise(i), -norm[jobs[i].account], -(self.fraction(i) - promise),
+                -jobs[i].submit_time, -jobs[i].job_id))
+            self.cursor[key] = 0
+        return pool
 
     def _floor(self, i: int, kind: str) -> int:
         if kind == "shrink":
@@ -297,66 +334,60 @@ class _Pass:
             return self.promise_floor(i)
         return 0
 
-    def _reclaimable(self, tier: Tier, acct: str, need: int) -> int:
+    def _reclaimable(self, r: int, acct: str, need: int) -> int:
         """How much stages (a)-(c) could free for a demand, counting up to ``need``."""
-        if self.pool is None:
-            self._victim_pools()
-        bound = self.cap_loan[tier] + sum(self.cap_whole[t] for t in self.victim_tiers[tier])
-        if bound < 1:
-            return 0
         got = 0
         my_norm = self.norm(acct)
-        for t, kind in self._stages(tier):
-            pool = self.pool[t]
-            for pos in range(self.cursor[t, kind], len(pool)):
-                v = pool[pos]
-                if kind == "loan" and self.start_norm[self.jobs[v].account] < my_norm:
+        for v, kind in self._stages(r):
+            pool = self._pool(v, kind)
+            for pos in range(self.cursor[v, kind], len(pool)):
+                j = pool[pos]
+                if kind == "loan" and self.start_norm[self.jobs[j].account] < my_norm:
                     break
                 if kind == "whole":
-                    got += min(self.tgt[v], self.min_floor(v))
+                    got += min(self.tgt[j], self.min_floor(j))
                 else:
-                    got += max(0, self.tgt[v] - self._floor(v, kind))
+                    got += max(0, self.tgt[j] - self._floor(j, kind))
                 if got >= need:
                     return got
         return got
 
-    def _reclaim(self, tier: Tier, i: int, need: int) -> str:
+    def _reclaim(self, r: int, i: int, need: int) -> str:
         """Free at least ``need`` GPUs for job ``i`` along the stages; say how."""
         counts = {"shrink": 0, "loan": 0, "whole": 0}
         my_norm = self.norm(self.jobs[i].account)
-        for t, kind in self._stages(tier):
+        for v, kind in self._stages(r):
             if need <= 0:
                 break
-            pool = self.pool[t]
-            pos = self.cursor[t, kind]
+            pool = self._pool(v, kind)
+            pos = self.cursor[v, kind]
             while pos < len(pool) and need > 0:
-                v = pool[pos]
-                if kind == "loan" and self.start_norm[self.jobs[v].account] < my_norm:
+                j = pool[pos]
+                if kind == "loan" and self.start_norm[self.jobs[j].account] < my_norm:
                     break
-                cur = self.tgt[v]
-                floor = self._floor(v, kind)
+                cur = self.tgt[j]
+                floor = self._floor(j, kind)
                 if cur <= floor:
                     pos += 1
                     continue
                 size = floor
                 if kind != "whole":
-                    size = max((d for d in self.ladder[v] if floor <= d < cur and cur - d >= need),
+                    size = max((d for d in self.lad(j) if floor <= d < cur and cur - d >= need),
                                default=floor)
-                freed = cur - size
-                self.cap_whole[t] -= freed
-                self.cap_shrink[t] -= freed - max(0, self.min_floor(v) - size)
-                self.cap_loan[t] -= max(0, cur - max(size, self.promise_floor(v)))
-                self.set_target(v, size)
-                self.victim_of.setdefault(v, (i, kind))
-                self.victim_count[v] = self.victim_count.get(v, 0) + 1
+                if self.loan[v] >= 0:
+                    self.loan[v] -= max(0, cur - max(size, self.promise_floor(j)))
+                self.whole[v] -= cur - size
+                self.set_target(j, size)
+                self.victim_of.setdefault(j, (i, kind))
+                self.victim_count[j] = self.victim_count.get(j, 0) + 1
                 counts[kind] += 1
-                need -= freed
+                need -= cur - size
                 if size <= floor:
                     pos += 1
-            self.cursor[t, kind] = pos
+            self.cursor[v, kind] = pos
         parts = [f"{counts['shrink']} lower-tier job(s) shrunk"] if counts["shrink"] else []
         if counts["loan"]:
-            parts.append(f"{counts['loan']} loan(s) of {tier.value} jobs taken back")
+            parts.append(f"{counts['loan']} loan(s) of {_RANK_TIER[r].value} jobs taken back")
         if counts["whole"]:
             parts.append(f"{counts['whole']} lower-tier job(s) preempted")
         return "free GPUs and " + ", ".join(parts)
@@ -364,12 +395,14 @@ class _Pass:
     def _grow_idle(self) -> None:
         jobs = self.jobs
         heap = []
-        for i in list(self.running) + [i for i in self.pending if self.tgt[i]]:
-            lad = self.ladder[i]
-            if self.tgt[i] and lad and self.tgt[i] < lad[-1]:
-                job = jobs[i]
-                heap.append((not self.below_promise(i), -job.tier.rank, self.norm(job.account),
-                             job.submit_time, job.job_id, i))
+        for i in [i for el in self.elastic for i in el] + self.started:
+            cur = self.tgt[i]
+            if cur and cur < jobs[i].max_devices:
+                lad = self.lad(i)
+                if lad and cur < lad[-1]:
+                    job = jobs[i]
+                    heap.append((not self.below_promise(i), -_rank(job.tier),
+                                 self.norm(job.account), job.submit_time, job.job_id, i))
         heapq.heapify(heap)
         while heap and self.free > 0:
             entry = heapq.heappop(heap)
@@ -381,17 +414,19 @@ class _Pass:
                 heapq.heappush(heap, entry[:2] + (norm,) + entry[3:])
                 continue
             cur = self.tgt[i]
-            nxt = next(d for d in self.ladder[i] if d > cur)
+            lad = self.lad(i)
+            nxt = next(d for d in lad if d > cur)
             if nxt - cur > self.free or nxt - cur > self.quota_left(acct):
                 continue
             self.set_target(i, nxt)
             if i not in self.granted or i in self.victim_of:
-                self.granted[i] = (f"grow to {nxt} of MAX={job.max_devices}: idle GPUs go to "
-                                   f"elastic jobs below MAX, {'below-promise jobs first, ' if not entry[0] else ''}"
-                                   f"then higher tiers, then the account with the lowest usage per "
-                                   f"fair-share weight (account {acct}: {self.usage[acct]} GPUs, "
-                                   f"weight {self.weight[acct]:g})")
-            if nxt < self.ladder[i][-1]:
+                self.granted[i] = (
+                    f"grow to {nxt} of MAX={job.max_devices}: idle GPUs go to elastic jobs "
+                    f"below MAX, {'below-promise jobs first, ' if not entry[0] else ''}then "
+                    f"higher tiers, then the account with the lowest usage per fair-share "
+                    f"weight (tier {job.tier.value}; account {acct}: {self.usage[acct]} GPUs, "
+                    f"weight {self.weight[acct]:g})")
+            if nxt < lad[-1]:
                 heapq.heappush(heap, entry[:2] + (self.norm(acct),) + entry[3:])
 
     # -- output -------------------------------------------------------------
@@ -419,11 +454,20 @@ class _Pass:
                 out.append(Action(kind, job.job_id, job.devices, self.tgt[i],
                                   self.granted[i], placement))
         if self.explain:
-            for i in self.pending:
-                if not self.tgt[i]:
-                    why = self.waiting.get(i, "waiting: not enough free GPUs this pass")
-                    out.append(Action(ActionKind.LEAVE, jobs[i].job_id, 0, 0, "pending: " + why))
+            for r in (2, 1, 0):
+                for i in self.pending[r]:
+                    if not self.tgt[i]:
+                        out.append(Action(ActionKind.LEAVE, jobs[i].job_id, 0, 0,
+                                          "pending: " + self._why_waiting(i, r)))
         return tuple(out)
+
+    def _why_waiting(self, i: int, r: int) -> str:
+        if i in self.waiting:
+            return self.waiting[i]
+        victims = "/".join(_RANK_TIER[v].value for v in self.victim_ranks[r]) or "no lower-tier"
+        return (f"needs {self.lad(i)[0] if self.lad(i) else '?'} GPUs; {self.free} free, and "
+                f"{victims} jobs (the tiers that may be shrunk or preempted for "
+                f"{_RANK_TIER[r].value}) have no more to give")
 
     def _free_action(self, i: int, placement: tuple[tuple[str, int], ...]) -> Action:
         job = self.jobs[i]

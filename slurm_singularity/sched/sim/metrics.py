@@ -1,0 +1,78 @@
+"""What a simulation run measured: summary.json's fields.
+
+Definitions (docs/simulator.md repeats them):
+
+- JCT: completion - submission; queue time: first start - submission.
+- GPU fraction of a finished job: its run time at full size / its JCT; a tier's
+  SLA attainment is the share of its jobs whose GPU fraction met the tier's
+  ``gpu_fraction`` in the policy (the same promise for every scheduler).
+- utilization: GPU-seconds held by jobs / (GPUs x time from the first
+  submission to the last completion).
+- lost_gpu_hours: GPU time of work thrown away by preemptions that restart a
+  job from zero (Slurm requeue); overhead_gpu_hours: GPU time spent writing
+  and restoring checkpoints.
+- jain_fairness: Jain's index over accounts of their jobs' mean GPU fraction
+  (1.0 = every account's jobs get the same share of their ideal speed).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ...policy.api import Policy, Tier
+from .engine import Engine, SimJob
+
+
+def jain(values: list[float]) -> float:
+    """Jain's fairness index: (sum x)^2 / (n * sum x^2); 1.0 for an empty or all-zero list."""
+    if not values:
+        return 1.0
+    s, sq = sum(values), sum(v * v for v in values)
+    return (s * s) / (len(values) * sq) if sq > 0 else 1.0
+
+
+def summarize(engine: Engine, policy: Policy) -> dict[str, Any]:
+    done: list[SimJob] = engine.done
+    if not done:
+        raise ValueError("no job finished")
+    jct = np.array([j.end - j.submit for j in done])
+    queue = np.array([(j.first_start if j.first_start is not None else j.end) - j.submit
+                      for j in done])
+    frac = np.array([j.work_total / (j.end - j.submit) if j.end > j.submit else 1.0 for j in done])
+    first = min(j.submit for j in done)
+    last = max(j.end for j in done)
+    span = max(last - first, 1e-9)
+    by_tier: dict[str, Any] = {}
+    sla: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    for t in Tier:
+        idx = [k for k, j in enumerate(done) if j.tier is t]
+        if not idx:
+            continue
+        promise = policy.tiers[t].gpu_fraction if t in policy.tiers else 0.0
+        by_tier[t.value] = float(jct[idx].mean())
+        sla[t.value] = float(np.mean(frac[idx] >= promise - 1e-9))
+        counts[t.value] = len(idx)
+    per_account: dict[str, list[float]] = {}
+    for j, f in zip(done, frac):
+        per_account.setdefault(j.account, []).append(float(f))
+    return {
+        "jobs": len(done),
+        "avg_jct_s": float(jct.mean()),
+        "p50_jct_s": float(np.percentile(jct, 50)),
+        "p99_jct_s": float(np.percentile(jct, 99)),
+        "avg_queue_s": float(queue.mean()),
+        "utilization": float(engine.busy_gpu_s / (engine.total_gpus * span)),
+        "makespan_s": float(span),
+        "lost_gpu_hours": float(sum(j.lost_gpu_s for j in done) / 3600),
+        "overhead_gpu_hours": float(sum(j.overhead_gpu_s for j in done) / 3600),
+        "preemptions": int(sum(j.preemptions for j in done)),
+        "resizes": int(sum(j.resizes for j in done)),
+        "sla_attainment": sla,
+        "jct_by_tier": by_tier,
+        "jobs_by_tier": counts,
+        "jain_fairness": jain([sum(v) / len(v) for v in per_account.values()]),
+        "accounts": len(per_account),
+    }

@@ -1,0 +1,138 @@
+"""One simulation run, end to end: read, assign tiers, simulate, write DIR.
+
+DIR is written all at once: everything goes to a temporary sibling folder
+that is renamed onto DIR at the end, so an error leaves DIR as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from ...policy.api import Policy
+from . import constants
+from .engine import Engine
+from .metrics import summarize
+from .report import write_plots, write_report
+from .schedulers import SCHEDULERS, SingularityScheduler, SlurmScheduler, TiresiasScheduler
+from .trace import DEFAULT_TIER_RULE, TraceError, TraceJob, assign_tiers, describe_rule, read_trace
+
+log = logging.getLogger(__name__)
+
+
+class SimError(ValueError):
+    """A simulation cannot run as asked (bad option, bad --compare folder)."""
+
+
+@dataclass(frozen=True)
+class SimSpec:
+    """What to simulate. Validated in ``__post_init__`` (``SimError`` naming the option)."""
+
+    trace: Path
+    scheduler: str
+    gpus: int
+    policy: Policy
+    policy_path: str = "(built in)"
+    fmt: str = "philly"
+    gpus_per_node: int = 8
+    tier_rule: str | None = None
+    seed: int = 0
+    compare: tuple[Path, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if self.scheduler not in SCHEDULERS:
+            raise SimError(f"--scheduler: unknown {self.scheduler!r} (expected one of "
+                           f"{', '.join(SCHEDULERS)})")
+        if self.gpus < 1:
+            raise SimError(f"--gpus: must be >= 1, got {self.gpus}")
+        if self.gpus_per_node < 1:
+            raise SimError(f"--gpus-per-node: must be >= 1, got {self.gpus_per_node}")
+        for d in self.compare:
+            if not (d / "summary.json").is_file():
+                raise SimError(f"--compare: {d} has no summary.json (not a simulation output)")
+
+    @property
+    def rule(self) -> str:
+        if self.tier_rule:
+            return self.tier_rule
+        return "trace" if self.fmt == "alibaba-v2023" else DEFAULT_TIER_RULE
+
+
+def make_scheduler(spec: SimSpec, record: Callable | None = None):
+    if spec.scheduler == "singularity":
+        return SingularityScheduler(spec.policy, spec.gpus, spec.gpus_per_node, record)
+    if spec.scheduler == "slurm":
+        return SlurmScheduler(spec.policy, spec.gpus)
+    return TiresiasScheduler(spec.gpus)
+
+
+def load_jobs(spec: SimSpec) -> list[TraceJob]:
+    """:raises TraceError: as ``read_trace`` and ``assign_tiers``."""
+    jobs = assign_tiers(read_trace(spec.trace, spec.fmt), spec.rule, spec.seed)
+    too_big = [j for j in jobs if j.min_devices > spec.gpus]
+    if too_big:
+        j = too_big[0]
+        raise TraceError(f"{spec.trace}: job {j.job_id} needs at least {j.min_devices} GPUs but "
+                         f"--gpus is {spec.gpus} ({len(too_big)} such jobs)")
+    return jobs
+
+
+def simulate(spec: SimSpec, *, jobs: list[TraceJob] | None = None,
+             progress: Callable[[int], None] | None = None,
+             record: Callable | None = None) -> tuple[Engine, dict[str, Any]]:
+    """Run the simulation (on ``jobs`` if already loaded by ``load_jobs``);
+    return the engine (for plots) and the summary.
+
+    :raises TraceError: the trace or the tier rule is malformed.
+    """
+    started = time.perf_counter()
+    if jobs is None:
+        jobs = load_jobs(spec)
+    engine = Engine(jobs, spec.gpus, make_scheduler(spec, record), progress)
+    engine.run()
+    summary = {
+        "scheduler": spec.scheduler,
+        "trace": str(spec.trace),
+        "format": spec.fmt,
+        "gpus": spec.gpus,
+        "gpus_per_node": spec.gpus_per_node,
+        "tier_rule": spec.rule,
+        "tier_rule_text": describe_rule(spec.rule),
+        "seed": spec.seed,
+        "policy": spec.policy_path,
+        "constants": {k: getattr(constants, k) for k in (
+            "SPLICE_OVERHEAD", "CHECKPOINT_S", "RESTORE_S", "COALESCE_S", "ELASTIC_MAX_SPLICE",
+            "TIRESIAS_THRESHOLDS_GPU_S")},
+        **summarize(engine, spec.policy),
+    }
+    summary["wall_s"] = time.perf_counter() - started
+    return engine, summary
+
+
+def write_outputs(out: Path, engine: Engine, summary: dict[str, Any], compare: tuple[Path, ...]) -> None:
+    """Write summary.json, the plots and report.md into ``out`` atomically."""
+    out = out.resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        write_plots(tmp, engine, summary)
+        others = [json.loads((d / "summary.json").read_text(encoding="utf-8")) for d in compare]
+        write_report(tmp / "report.md", [summary] + others)
+        old = None
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+            os.rename(out, old / "x")
+        os.rename(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
