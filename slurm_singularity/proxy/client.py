@@ -24,6 +24,7 @@ from typing import Any, Iterator
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from slurm_singularity.proxy import ring
 from slurm_singularity.proxy.api import ChannelClosed, ProxyError, RemoteError
@@ -215,6 +216,12 @@ class ProxyDevice:
     def module(self, module: nn.Module) -> nn.Module:
         """Move a module's parameters and buffers to the proxy, in place."""
         return module._apply(lambda t: self.put(t))
+
+    def mode(self) -> "ProxyMode":
+        """A dispatch mode under which the meta device *is* this proxy:
+        ``module.to("meta")`` and ``torch.ones(..., device=x.device)`` create
+        proxy tensors, so code written for ``job.device`` runs unchanged."""
+        return ProxyMode(self)
 
     def manual_seed(self, seed: int) -> None:
         """Seed this job's random stream in the proxy (dropout, bernoulli...)."""
@@ -434,6 +441,27 @@ class ProxyDevice:
         if isinstance(out, (tuple, list)):
             return type(out)(back(i, v) for i, v in enumerate(out))
         return back(0, out)
+
+
+class ProxyMode(TorchDispatchMode):
+    """Routes operators that create tensors on the meta device to the proxy
+    (everything else goes on to ``ProxyTensor`` or the real backend)."""
+
+    def __init__(self, dev: ProxyDevice) -> None:
+        super().__init__()
+        self.dev = dev
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        target = kwargs.get("device")
+        if (target is not None and target.type == "meta"
+                and not any(issubclass(t, ProxyTensor) for t in types)):
+            if func is aten._to_copy.default and isinstance(args[0], torch.Tensor) \
+                    and args[0].device.type != "meta":
+                rest = {k: v for k, v in kwargs.items() if k != "device"}
+                return self.dev.put(func(args[0], **rest))
+            return self.dev._dispatch(func, args, kwargs)
+        return func(*args, **kwargs)
 
 
 def attach(addr: str | os.PathLike, job: str, timeout: float = 30.0) -> ProxyDevice:

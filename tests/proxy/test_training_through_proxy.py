@@ -79,3 +79,48 @@ def test_an_operator_error_in_the_proxy_is_raised_at_the_next_read(proxy):
         assert dev.fetch(t + 1).tolist() == [2.0, 2.0, 2.0]
     finally:
         dev.close()
+
+
+def test_the_example_lm_written_for_job_device_trains_unchanged_under_the_proxy_mode(proxy):
+    """examples/train_lm.py's model, built with ``.to(device)`` and creating
+    its mask with ``device=x.device``, gives the direct run's bits when the
+    device is the proxy (the meta device under ``dev.mode()``)."""
+    import argparse
+    import hashlib
+    import importlib.util
+    from pathlib import Path
+
+    import torch.nn.functional as F
+
+    path = Path(__file__).resolve().parents[2] / "examples" / "train_lm.py"
+    spec = importlib.util.spec_from_file_location("example_train_lm", path)
+    lm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lm)
+    args = argparse.Namespace(block=16, dim=32, layers=2, heads=2, dropout=0.1, lr=3e-3,
+                              warmup=2, seed=0)
+    g = torch.Generator().manual_seed(7)
+    data = torch.randint(0, 256, (3, 4, args.block + 1), generator=g)
+
+    def run(device: torch.device, seed_device) -> tuple[str, float]:
+        model, opt, sched = lm.build(args, device)
+        seed_device(1)  # dropout's stream: the device's own, as on a GPU
+        for s in range(3):
+            x, y = data[s, :, :-1].to(device), data[s, :, 1:].to(device)
+            loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+            loss.backward()
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+        h = hashlib.sha256()
+        for p in model.parameters():
+            h.update(p.detach().cpu().numpy().tobytes())
+        return h.hexdigest(), loss.item()
+
+    direct = run(torch.device("cpu"), torch.manual_seed)
+    dev = attach(proxy.addr, "example-lm")
+    try:
+        with dev.mode():
+            through = run(torch.device("meta"), dev.manual_seed)
+    finally:
+        dev.close()
+    assert through == direct
