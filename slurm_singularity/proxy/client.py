@@ -131,9 +131,17 @@ def _find_device(args: Any, kwargs: dict) -> "ProxyDevice":
 class ProxyDevice:
     """A worker's connection to one device proxy under one job name."""
 
-    def __init__(self, channel: ring.Channel, job: str) -> None:
+    def __init__(self, channel: ring.Channel, job: str, rng: str = "proxy") -> None:
+        if rng not in ("proxy", "worker"):
+            raise ValueError(f"rng={rng!r}: expected 'proxy' or 'worker'")
         self.channel = channel
         self.job = job
+        #: "proxy": random operators draw from the job's stream in the proxy
+        #: (fast; survives worker restarts with the last committed step).
+        #: "worker": they draw from this process's CPU generator, so the
+        #: worker's own RNG state management (e.g. the runtime's per-rank
+        #: streams and checkpoints) governs them and results equal a CPU run.
+        self.rng = rng
         self._lock = threading.RLock()
         self._next_id = 1
         self._rid = 0
@@ -372,6 +380,8 @@ class ProxyDevice:
         if func is aten.copy_.default and not isinstance(args[0], ProxyTensor):
             return args[0].copy_(self.fetch(args[1]))
         info = _info(func)
+        if self.rng == "worker" and torch.Tag.nondeterministic_seeded in func.tags:
+            return self._random_here(func, args, kwargs, info)
         key: list = [func]
         try:
             wargs = [self._enc(a, key) for a in args]
@@ -410,6 +420,27 @@ class ProxyDevice:
         hid = self._new_id()
         outs.append(hid)
         return self._wrap(hid, meta)
+
+    def _random_here(self, func: Any, args: tuple, kwargs: dict, info: _OpInfo) -> Any:
+        """A random operator drawn from the worker's CPU generator: when its
+        result depends only on the shape of its tensor argument (in-place
+        fills, ``*_like``), draw into a local tensor and upload it, without
+        waiting; otherwise run it here on fetched values."""
+        first, rest = args[0], args[1:]
+        shape_only = (isinstance(first, ProxyTensor)
+                      and (info.writes and info.writes[0] is not None
+                           or func._schema.name.endswith("_like"))
+                      and not any(isinstance(v, torch.Tensor) for v in rest)
+                      and not any(isinstance(v, torch.Tensor) for v in kwargs.values()))
+        if not shape_only:
+            return self._run_locally(func, args, kwargs, info)
+        local = torch.empty_strided(first.shape, first.stride(), dtype=first.dtype)
+        lkw = {k: v for k, v in kwargs.items() if k != "device"}
+        out = func(local, *rest, **lkw)
+        if info.writes and info.writes[0] is not None:
+            self._send(MsgKind.OP, ["copy_.default", [Handle(first._hid), out], {}, [0]])
+            return first
+        return self.put(out)
 
     def _run_locally(self, func: Any, args: tuple, kwargs: dict, info: _OpInfo) -> Any:
         """Run an operator in the worker on fetched values (a generator or an
@@ -464,7 +495,8 @@ class ProxyMode(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-def attach(addr: str | os.PathLike, job: str, timeout: float = 30.0) -> ProxyDevice:
+def attach(addr: str | os.PathLike, job: str, timeout: float = 30.0,
+           rng: str = "proxy") -> ProxyDevice:
     """Connect to the proxy at ``addr`` (its socket path) as job ``job``;
     a worker that attaches under a job name that the proxy knows finds that
     job's named tensors and meta (see :meth:`ProxyDevice.lookup`).
@@ -475,7 +507,7 @@ def attach(addr: str | os.PathLike, job: str, timeout: float = 30.0) -> ProxyDev
     """
     channel = ring.connect(addr, timeout=timeout)
     try:
-        return ProxyDevice(channel, job)
+        return ProxyDevice(channel, job, rng=rng)
     except (ProxyError, ChannelClosed):
         channel.close()
         raise

@@ -124,3 +124,30 @@ def test_the_example_lm_written_for_job_device_trains_unchanged_under_the_proxy_
     finally:
         dev.close()
     assert through == direct
+
+
+def test_with_the_worker_rng_dropout_follows_the_workers_cpu_generator(proxy):
+    """rng="worker": random operators draw from the worker's CPU generator,
+    so a run through the proxy equals a CPU run without reseeding anything
+    (what the runtime's per-rank RNG handling relies on)."""
+    cfg = R.LMConfig()
+    model, opt = R.make(cfg)
+    for s in range(2):
+        R.train_step(model, opt, *R.batch(cfg, s))
+        opt.step()
+        opt.zero_grad()
+    want = R.param_sha256(model)
+    dev = attach(proxy.addr, "worker-rng", rng="worker")
+    try:
+        torch.manual_seed(0)
+        model = R.TinyLM(cfg)
+        dev.module(model)
+        opt = R.optimizer(model)
+        for s in range(2):
+            x, y = R.batch(cfg, s)
+            R.train_step(model, opt, dev.put(x), dev.put(y))
+            opt.step()
+            opt.zero_grad()
+        assert R.param_sha256(model) == want
+    finally:
+        dev.close()
