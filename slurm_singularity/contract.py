@@ -34,6 +34,8 @@ PREEMPT_SIGNAL = "SINGULARITY_PREEMPT_SIGNAL"  # e.g. "USR1" or "TERM"
 DETERMINISTIC = "SINGULARITY_DETERMINISTIC"    # "1" or "0"
 PROXY = "SINGULARITY_PROXY"                # "on" or "off"
 PROXY_ADDRS = "SINGULARITY_PROXY_ADDRS"    # comma list of proxy socket paths
+PROXY_JOB = "SINGULARITY_PROXY_JOB"        # name workers attach to their proxy under
+WORKER_DEVICE = "SINGULARITY_WORKER_DEVICE"  # torch device of a worker ("meta": its proxy)
 DEVICES = "SINGULARITY_DEVICES"            # devices D the launcher uses
 STATE_DIR = "SINGULARITY_STATE_DIR"        # local cluster state directory
 DEVICE_RANK = "SINGULARITY_DEVICE_RANK"    # this worker's device index (runtime)
@@ -44,8 +46,13 @@ PROGRESS_FD = "SINGULARITY_PROGRESS_FD"    # launcher pipe for worker progress
 ALL_VARIABLES: tuple[str, ...] = (
     SLA, ELASTIC, WORLD_SIZE, CKPT_DIR, PREEMPT_SIGNAL, DETERMINISTIC,
     PROXY, PROXY_ADDRS, DEVICES, STATE_DIR, DEVICE_RANK, CKPT_EVERY_S,
-    CKPT_DELAY_S, PROGRESS_FD,
+    CKPT_DELAY_S, PROGRESS_FD, PROXY_JOB, WORKER_DEVICE,
 )
+
+#: Module a launcher runs a worker under (``python -m PROXY_WORKER_MODULE
+#: SCRIPT ARGS``) when the job's device proxy is on: it attaches the worker to
+#: its device's proxy and runs SCRIPT with the proxy as the worker's device.
+PROXY_WORKER_MODULE = "slurm_singularity.proxy.worker"
 
 
 class ContractError(ValueError):
@@ -355,3 +362,17 @@ def master_addr(environ: Mapping[str, str] | None = None) -> str | None:
     """``MASTER_ADDR``: host of device 0 for torch.distributed; set by a
     user for multi-node runs or by singularity-run. Default: none."""
     return _get("MASTER_ADDR", environ)
+
+
+def proxy_job(environ: Mapping[str, str] | None = None) -> str | None:
+    """Name under which a job's workers attach to their proxies (state named
+    in a proxy belongs to it); set by singularity-run or the SPANK plugin.
+    Default: none (``SLURM_JOB_ID``, else ``local``)."""
+    return _get(PROXY_JOB, environ)
+
+
+def worker_device(environ: Mapping[str, str] | None = None) -> str | None:
+    """Torch device a worker computes on, when something other than the
+    runtime's own choice: ``meta`` means the worker's device proxy (set by
+    the proxy's worker entry, ``PROXY_WORKER_MODULE``). Default: none."""
+    return _get(WORKER_DEVICE, environ)

@@ -104,6 +104,18 @@ class ProxyTensor(torch.Tensor):
         except Exception:
             pass
 
+    def __reduce_ex__(self, protocol: int) -> Any:
+        # pickling (torch.save of a state_dict, all_gather_object) stores the
+        # value, read back from the proxy, as a plain CPU tensor
+        return self._pdev.fetch(self).__reduce_ex__(protocol)
+
+    def __deepcopy__(self, memo: dict) -> "ProxyTensor":
+        with torch.no_grad():
+            out = self.clone()
+        out.requires_grad_(self.requires_grad)
+        memo[id(self)] = out
+        return out
+
     def __repr__(self, *, tensor_contents: Any = None) -> str:
         return f"ProxyTensor(job={self._pdev.job}, {self._pdev.fetch(self)!r})"
 
@@ -371,6 +383,8 @@ class ProxyDevice:
         return out
 
     def _dispatch(self, func: Any, args: tuple, kwargs: dict) -> Any:
+        if func.namespace == "c10d":
+            return self._collective(func, args, kwargs)
         if func is aten._local_scalar_dense.default:
             return self.fetch(args[0]).item()
         if func is aten._to_copy.default:
@@ -420,6 +434,38 @@ class ProxyDevice:
         hid = self._new_id()
         outs.append(hid)
         return self._wrap(hid, meta)
+
+    def _collective(self, func: Any, args: tuple, kwargs: dict) -> Any:
+        """A torch.distributed collective on proxy tensors: run it in the
+        worker's process group on fetched values, wait for it, and write
+        every proxy tensor it touched back (collectives are in place)."""
+        pairs: list[tuple[ProxyTensor, torch.Tensor]] = []
+
+        def local(v: Any) -> Any:
+            if isinstance(v, ProxyTensor):
+                t = self.fetch(v)
+                pairs.append((v, t))
+                return t
+            if isinstance(v, (list, tuple)):
+                return type(v)(local(x) for x in v)
+            return v
+
+        out = func(*local(args), **{k: local(v) for k, v in kwargs.items()})
+        for item in (out if isinstance(out, (tuple, list)) else [out]):
+            if hasattr(item, "wait") and not isinstance(item, torch.Tensor):
+                item.wait()
+        for proxy_t, local_t in pairs:
+            self._send(MsgKind.OP, ["copy_.default", [Handle(proxy_t._hid), local_t], {}, [0]])
+        back = {id(t): p for p, t in pairs}
+
+        def restore(v: Any) -> Any:
+            if isinstance(v, torch.Tensor) and id(v) in back:
+                return back[id(v)]
+            if isinstance(v, (list, tuple)):
+                return type(v)(restore(x) for x in v)
+            return v
+
+        return restore(out)
 
     def _random_here(self, func: Any, args: tuple, kwargs: dict, info: _OpInfo) -> Any:
         """A random operator drawn from the worker's CPU generator: when its

@@ -9,15 +9,22 @@ the proxy's device is emulated by the CPU.
 from __future__ import annotations
 
 import logging
+import warnings
 
 log = logging.getLogger(__name__)
+
+
+def _nvml():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # "pynvml is deprecated"
+        import pynvml
+    return pynvml
 
 
 def gpu_count() -> int:
     """GPUs that NVML sees; 0 when NVML or a driver is missing."""
     try:
-        import pynvml
-
+        pynvml = _nvml()
         pynvml.nvmlInit()
         try:
             return int(pynvml.nvmlDeviceGetCount())
@@ -31,8 +38,7 @@ def gpu_count() -> int:
 def gpu_report(index: int) -> dict[str, object]:
     """Memory and utilization of GPU ``index`` from NVML; empty if none."""
     try:
-        import pynvml
-
+        pynvml = _nvml()
         pynvml.nvmlInit()
         try:
             h = pynvml.nvmlDeviceGetHandleByIndex(index)
