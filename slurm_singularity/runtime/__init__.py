@@ -15,17 +15,27 @@ A DDP script changes a few lines to use it::
 See docs/runtime.md.
 """
 
-from slurm_singularity.runtime.api import (
-    BufferPolicy, CheckpointError, CheckpointMeta, CheckpointReason, CorruptCheckpointError,
-    HistoryRecord, JobShape, RuntimeSetupError, StopReason,
-)
-from slurm_singularity.runtime.checkpoint import list_meta
-from slurm_singularity.runtime.history import read_history
-from slurm_singularity.runtime.job import Job, init
-from slurm_singularity.runtime.splice import Step, Trainer, params_sha256
+from __future__ import annotations
 
-__all__ = [
-    "BufferPolicy", "CheckpointError", "CheckpointMeta", "CheckpointReason",
-    "CorruptCheckpointError", "HistoryRecord", "Job", "JobShape", "RuntimeSetupError",
-    "Step", "StopReason", "Trainer", "init", "list_meta", "params_sha256", "read_history",
-]
+import importlib
+from typing import Any
+
+# Lazy exports (PEP 562): ``singularity-run`` imports runtime.api and
+# runtime.launcher without paying for ``import torch`` until it forks workers.
+_EXPORTS = {
+    "BufferPolicy": "api", "CheckpointError": "api", "CheckpointMeta": "api",
+    "CheckpointReason": "api", "CorruptCheckpointError": "api", "HistoryRecord": "api",
+    "JobShape": "api", "RuntimeSetupError": "api", "StopReason": "api",
+    "list_meta": "checkpoint", "read_history": "history",
+    "Job": "job", "init": "job",
+    "Step": "splice", "Trainer": "splice", "params_sha256": "splice",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)

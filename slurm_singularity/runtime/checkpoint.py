@@ -30,10 +30,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import filelock
 import torch
 
 from slurm_singularity import contract
+from slurm_singularity.runtime.dirlock import fsync_dir, lock
 from slurm_singularity.runtime.api import (
     CheckpointError, CheckpointMeta, CheckpointReason, CorruptCheckpointError,
 )
@@ -43,27 +43,12 @@ log = logging.getLogger(__name__)
 MAGIC = b"SSCKPT01"
 HEADER_LEN = len(MAGIC) + 64 + 16 + 1
 KEEP = 2
-LOCK_NAME = ".lock"
 _CKPT_RE = re.compile(r"^ckpt-(\d{8,})\.pt$")
 
 
 def ckpt_name(step: int) -> str:
     """File name of the checkpoint after ``step`` completed steps."""
     return f"ckpt-{step:08d}.pt"
-
-
-def lock(ckpt_dir: str | os.PathLike[str], timeout_s: float = 600.0) -> filelock.FileLock:
-    """The directory's lock (held while writing, pruning and reading)."""
-    Path(ckpt_dir).mkdir(parents=True, exist_ok=True)
-    return filelock.FileLock(str(Path(ckpt_dir) / LOCK_NAME), timeout=timeout_s)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def serialize(state: dict[str, Any]) -> bytes:
@@ -151,7 +136,7 @@ def write(ckpt_dir: str | os.PathLike[str], step: int, state: dict[str, Any], *,
             meta_tmp = directory / f".{name}.json.tmp.{os.getpid()}"
             meta_tmp.write_text(json.dumps(meta_to_json(meta), sort_keys=True) + "\n")
             os.replace(meta_tmp, directory / meta_name(step))
-            _fsync_dir(directory)
+            fsync_dir(directory)
             _prune(directory)
     except OSError as exc:
         raise CheckpointError(f"cannot write checkpoint {name} in {directory}: {exc}") from exc

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from slurm_singularity.runtime.api import HistoryRecord, StopReason
-from slurm_singularity.runtime import checkpoint
+from slurm_singularity.runtime.dirlock import lock
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def append_record(ckpt_dir: str | os.PathLike[str], record: HistoryRecord) -> No
     """Append one line to ``history.jsonl`` under the directory's lock."""
     path = Path(ckpt_dir) / HISTORY_NAME
     line = json.dumps(record_to_json(record), sort_keys=True) + "\n"
-    with checkpoint.lock(ckpt_dir):
+    with lock(ckpt_dir):
         with open(path, "a", encoding="utf-8") as fh:
             fh.write(line)
             fh.flush()
