@@ -172,6 +172,8 @@ class ProxyDevice:
         return hid
 
     def _send(self, kind: MsgKind, body: Any) -> None:
+        if self.closed:
+            raise ProxyError(f"job {self.job}: the connection to the proxy is closed")
         msg = encode_message(kind, 0, body)
         with self._lock:
             if self._batch is not None and kind in _BATCHABLE:
@@ -201,6 +203,8 @@ class ProxyDevice:
         :raises ChannelClosed: the proxy went away.
         """
         with self._lock:
+            if self.closed:
+                raise ProxyError(f"job {self.job}: the connection to the proxy is closed")
             if self._batch is not None:
                 raise ProxyError(f"{kind.name} reads from the proxy inside an atomic block")
             self._flush_frees()
