@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from operator import attrgetter
 
 from ..policy.api import Tier
 
@@ -169,7 +170,10 @@ class ClusterState:
 
     @property
     def free_gpus(self) -> int:
-        return sum(n.free_gpus for n in self.nodes)
+        return sum(map(_FREE_GPUS, self.nodes))
+
+
+_FREE_GPUS = attrgetter("free_gpus")
 
 
 class ActionKind(enum.Enum):

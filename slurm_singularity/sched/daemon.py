@@ -135,9 +135,11 @@ class Daemon:
             view = obs.views.get(action.job_id)
             if view is None or action.kind is ActionKind.LEAVE or action.job_id in touched:
                 continue   # a job whose resize this pass continued is seen anew next pass
-            if action.kind is ActionKind.START and action.devices_to == view.requested \
-                    and view.job.reason != "BeginTime":
-                continue   # Slurm starts it as it is; nothing to do, nothing to log
+            if action.kind is ActionKind.START and action.devices_to == view.requested:
+                # Slurm starts it as it is; at most cut its requeue delay short
+                if view.job.reason == "BeginTime" and not self.settings.executor.dry_run:
+                    self.executor.release(action.job_id)
+                continue
             try:
                 what = self.executor.execute(action, view)
             except SlurmError as exc:

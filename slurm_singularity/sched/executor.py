@@ -103,7 +103,7 @@ class Executor:
             cleared = Marks(marks.tag, None, 0.0, marks.work_s)
             self.client.scontrol("update", f"JobId={job_id}", f"AdminComment={cleared.render()}")
             if marks.resize_to:
-                self._release(job_id)
+                self.release(job_id)
                 done.append("released it to start now")
             else:
                 done.append("left it pending (preempted)")
@@ -115,9 +115,6 @@ class Executor:
 
     def _set_request(self, view: JobView, devices: int) -> str:
         if devices == view.requested:
-            if view.job.reason == "BeginTime":
-                self._release(view.job.job_id)
-                return "released from its requeue delay"
             return "Slurm starts it as requested"
         return self._update_size(view.job.job_id, devices)
 
@@ -127,7 +124,8 @@ class Executor:
                              f"TresPerNode=gres:gpu:{per_node}")
         return f"request set to {nodes} node(s) x {per_node} GPU(s)"
 
-    def _release(self, job_id: int) -> None:
+    def release(self, job_id: int) -> None:
+        """Let a pending job start now instead of after Slurm's requeue delay."""
         try:
             self.client.scontrol("update", f"JobId={job_id}", "StartTime=now")
         except SlurmError as exc:   # already started: nothing to release

@@ -8,44 +8,47 @@ larger than a node takes the emptiest nodes first; a grow first fills the
 nodes the job is already on. Shrinks release the job's smallest pieces first,
 so that what stays is consolidated.
 
-Nodes are kept in buckets by free count, so one allocation costs
-O(GPUs per node), not O(nodes); iteration follows the input order, so the
-result is deterministic.
+Nodes are kept in buckets by free count (built on the first fit of a
+pass), so one allocation costs O(GPUs per node), not O(nodes); buckets keep
+input order, so the result is deterministic.
 """
 
 from __future__ import annotations
 
-from typing import Iterable
+from operator import attrgetter
+from typing import Sequence
+
+from .api import NodeState
+
+_FREE = attrgetter("free_gpus")
+_GPUS = attrgetter("gpus")
 
 #: Pseudo-node for devices of a running job whose placement was not given.
 UNKNOWN_NODE = "*"
 
 
 class NodePool:
-    """Free GPUs per node, with best-fit allocation."""
+    """Free GPUs per node, with best-fit allocation.
 
-    def __init__(self, nodes: Iterable[tuple[str, int, int]]) -> None:
-        """``nodes``: ``(name, gpus, free_gpus)`` in a fixed order."""
-        self.names: list[str] = []
-        self.free: list[int] = []
-        self.index: dict[str, int] = {}
-        cap = 0
-        for name, gpus, free in nodes:
-            self.index[name] = len(self.names)
-            self.names.append(name)
-            self.free.append(free)
-            cap = max(cap, gpus)
-        self.max_gpus = cap
-        self.buckets: list[dict[int, None]] = [dict() for _ in range(cap + 1)]
-        for i, f in enumerate(self.free):
-            self.buckets[f][i] = None
+    Built once per planning pass that places something, so construction is
+    to a list copy; the buckets are built on the first fit and the name index
+    when first needed.
+    """
+
+    def __init__(self, nodes: Sequence[NodeState]) -> None:
+        self.nodes = nodes
+        self.free: list[int] = list(map(_FREE, nodes))
+        self.max_gpus = max(map(_GPUS, nodes), default=0)
+        self._index: dict[str, int] | None = None
+        #: Nodes by free count (insertion = input order), built on the first fit.
+        self._buckets: list[dict[int, None]] | None = None
         #: Devices released by jobs without a known placement.
         self.unknown_free = 0
 
-    def _set(self, i: int, value: int) -> None:
-        del self.buckets[self.free[i]][i]
-        self.free[i] = value
-        self.buckets[value][i] = None
+    def index(self, name: str) -> int | None:
+        if self._index is None:
+            self._index = {n.name: i for i, n in enumerate(self.nodes)}
+        return self._index.get(name)
 
     def release(self, placement: tuple[tuple[str, int], ...], count: int) -> tuple[tuple[str, int], ...]:
         """Give back ``count`` of the job's devices; return what it keeps."""
@@ -62,12 +65,21 @@ class NodePool:
             give = min(n, left)
             left -= give
             keep[name] -= give
-            i = self.index.get(name)
+            i = self.index(name)
             if i is None:
                 self.unknown_free += give
             else:
                 self._set(i, self.free[i] + give)
         return tuple((name, n) for name, n in keep.items() if n > 0)
+
+    def _set(self, i: int, value: int) -> None:
+        if self._buckets is not None:
+            old = self.free[i]
+            if old:
+                del self._buckets[old][i]
+            if value:
+                self._buckets[value][i] = None
+        self.free[i] = value
 
     def take(self, placement: tuple[tuple[str, int], ...], count: int) -> tuple[tuple[str, int], ...]:
         """Add ``count`` devices to a job placed on ``placement``; return the new placement.
@@ -77,8 +89,8 @@ class NodePool:
         have = dict(placement)
         left = count
         for name in list(have):                      # grow in place first
-            i = self.index.get(name)
-            if i is None or left == 0:
+            i = self.index(name) if left else None
+            if i is None:
                 continue
             give = min(self.free[i], left)
             if give:
@@ -91,7 +103,7 @@ class NodePool:
                 break
             give = min(self.free[i], left)
             self._set(i, self.free[i] - give)
-            name = self.names[i]
+            name = self.nodes[i].name
             have[name] = have.get(name, 0) + give
             left -= give
         if left > 0:                                 # devices whose node is unknown
@@ -104,8 +116,13 @@ class NodePool:
         return tuple(have.items())
 
     def _fit(self, count: int) -> int | None:
-        """The node whose free count fits ``count`` best, else the emptiest node."""
-        buckets = self.buckets
+        """The first node whose free count fits ``count`` most tightly, else the emptiest."""
+        buckets = self._buckets
+        if buckets is None:
+            buckets = self._buckets = [{} for _ in range(self.max_gpus + 1)]
+            for i, f in enumerate(self.free):
+                if f:
+                    buckets[f][i] = None
         for f in range(min(count, self.max_gpus), self.max_gpus + 1):
             if f >= count and buckets[f]:
                 return next(iter(buckets[f]))

@@ -240,8 +240,9 @@ class _Pass:
         jobs = self.jobs
         groups: dict[str, list[tuple[int, float, int, int]]] = {}
         if self.promise[r] > 0:
-            for i in self.elastic[r]:
-                if self.tgt[i] < jobs[i].max_devices and self.lad(i) and self.tgt[i] < self.promised(i):
+            for i in self.elastic[r]:       # a job shrunk in this pass waits for the next
+                if (self.tgt[i] < jobs[i].max_devices and i not in self.victim_of
+                        and self.lad(i) and self.tgt[i] < self.promised(i)):
                     job = jobs[i]
                     groups.setdefault(job.account, []).append((0, job.submit_time, job.job_id, i))
         if not (groups or self.pending[r]):
@@ -442,7 +443,7 @@ class _Pass:
                 takes.append(i)
         out: list[Action] = []
         if frees or takes:
-            pool = NodePool((n.name, n.gpus, n.free_gpus) for n in self.state.nodes)
+            pool = NodePool(self.state.nodes)
             for i in frees:
                 job = jobs[i]
                 placement = pool.release(job.placement, job.devices - self.tgt[i])

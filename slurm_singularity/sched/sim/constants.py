@@ -35,5 +35,9 @@ ELASTIC_MAX_SPLICE = 8
 #: uses two queues; the threshold is its order of magnitude for Philly-like jobs.
 TIRESIAS_THRESHOLDS_GPU_S = (3600.0 * 4,)
 
+#: Slurm's backfill looks at most this many jobs past the first blocked one
+#: per pass (``SchedulerParameters=bf_max_job_test``; 500 is Slurm's default).
+SLURM_BF_MAX_JOB_TEST = 500
+
 #: Interval (simulated seconds) of the time series that the plots draw.
 SAMPLE_EVERY_S = 3600.0

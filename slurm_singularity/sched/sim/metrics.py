@@ -56,8 +56,10 @@ def summarize(engine: Engine, policy: Policy) -> dict[str, Any]:
         sla[t.value] = float(np.mean(frac[idx] >= promise - 1e-9))
         counts[t.value] = len(idx)
     per_account: dict[str, list[float]] = {}
-    for j, f in zip(done, frac):
+    jct_account: dict[str, list[float]] = {}
+    for j, f, c in zip(done, frac, jct):
         per_account.setdefault(j.account, []).append(float(f))
+        jct_account.setdefault(j.account, []).append(float(c))
     return {
         "jobs": len(done),
         "avg_jct_s": float(jct.mean()),
@@ -75,4 +77,6 @@ def summarize(engine: Engine, policy: Policy) -> dict[str, Any]:
         "jobs_by_tier": counts,
         "jain_fairness": jain([sum(v) / len(v) for v in per_account.values()]),
         "accounts": len(per_account),
+        "jct_by_account": {a: sum(v) / len(v) for a, v in sorted(jct_account.items())},
+        "gpu_fraction_by_account": {a: sum(v) / len(v) for a, v in sorted(per_account.items())},
     }

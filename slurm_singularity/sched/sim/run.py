@@ -121,6 +121,9 @@ def write_outputs(out: Path, engine: Engine, summary: dict[str, Any], compare: t
     out = out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)                  # mkdtemp makes it private
     try:
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
         write_plots(tmp, engine, summary)

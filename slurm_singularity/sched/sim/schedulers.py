@@ -6,7 +6,8 @@
   into the engine's resizes and keeps each job's ``JobState`` current.
 - ``slurm``: Slurm without this project: rigid jobs at their requested size
   in priority order (tier, then submission), EASY backfill with the true run
-  time as the time limit, and tier preemption by requeue, which restarts
+  time as the time limit (at most ``SLURM_BF_MAX_JOB_TEST`` jobs looked at
+  past the first blocked one, as Slurm's ``bf_max_job_test``), and tier preemption by requeue, which restarts
   the job from zero (its work is counted as lost).
 - ``tiresias``: discretized two-dimensional least-attained-service (Gu et
   al., NSDI'19): queues by attained GPU-seconds, FIFO within a queue, rigid
@@ -21,7 +22,7 @@ from typing import Callable
 from ...policy.api import Policy, Tier
 from .. import planner as planner_module
 from ..api import ActionKind, ClusterState, JobPhase, JobState, NodeState
-from .constants import TIRESIAS_THRESHOLDS_GPU_S
+from .constants import SLURM_BF_MAX_JOB_TEST, TIRESIAS_THRESHOLDS_GPU_S
 from .engine import Engine, SimJob
 
 SCHEDULERS = ("singularity", "slurm", "tiresias")
@@ -150,7 +151,12 @@ class SlurmScheduler:
         free = self.total - self.engine.busy
         shadow = None                # EASY: (time the head job can start, GPUs spare then)
         k = 0
+        tested = 0
         while k < len(self.queue) and (free > 0 or shadow is None):
+            if shadow is not None:
+                tested += 1
+                if tested > SLURM_BF_MAX_JOB_TEST:
+                    break
             job = active[self.queue[k][2]]
             w = job.world_size
             if w > free and shadow is None and self.preemptors.get(job.tier):
