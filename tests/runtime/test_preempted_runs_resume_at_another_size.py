@@ -1,0 +1,48 @@
+"""Invariants 1 and 2 across preemptions: a run stopped by the preemption
+signal at random steps and restarted on a different number of devices each
+time ends with the same parameters as an uninterrupted run, loses no
+completed step, and leaves one history.jsonl record per run."""
+
+from __future__ import annotations
+
+import random
+
+from slurm_singularity import contract
+from slurm_singularity.runtime import checkpoint
+from slurm_singularity.runtime.api import CheckpointReason, StopReason
+from slurm_singularity.runtime.history import read_history
+
+import runtime_harness as harness
+from conftest import LM_ARGS, LM_STEPS
+
+
+def test_preempting_at_random_steps_and_resizing_gives_the_uninterrupted_result(
+        tmp_path, lm_reference):
+    rng = random.Random(20261126)
+    restored = 0
+    for devices in (2, 8, 4):
+        stop_at = min(restored + rng.randint(1, 2), LM_STEPS - 2)
+        code, seen, out, err = harness.run_and_preempt(harness.LM, tmp_path, devices, 8,
+                                                       stop_at, *LM_ARGS)
+        assert code == contract.REQUEUE_EXIT_CODE, err[-3000:]
+        newest = checkpoint.list_meta(tmp_path)[0]
+        assert newest.reason is CheckpointReason.PREEMPT
+        assert newest.devices == devices and newest.world_size == 8
+        # the devices agreed on a boundary within two steps of the signal,
+        # and no completed step was lost
+        assert seen <= newest.step <= seen + 2, (seen, newest.step)
+        assert newest.step > restored
+        restored = newest.step
+    done = harness.run(harness.LM, tmp_path, 1, 8, *LM_ARGS)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"restored step {restored}" in done.stderr
+    assert harness.final(done.stdout)[:2] == lm_reference
+
+    runs = read_history(tmp_path)
+    assert [r.stop for r in runs] == [StopReason.PREEMPTED] * 3 + [StopReason.FINISHED]
+    assert [r.devices for r in runs] == [2, 8, 4, 1]
+    assert runs[0].first_step == 0 and runs[-1].last_step == LM_STEPS
+    for before, after in zip(runs, runs[1:]):
+        assert after.first_step == before.last_step
+    assert all(r.checkpoint_written and r.steps_lost == 0 for r in runs), runs
+    assert runs[0].exit_code == contract.REQUEUE_EXIT_CODE and runs[-1].exit_code == 0
