@@ -6,7 +6,9 @@ so the tests never touch a cluster a person is using."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,7 +61,9 @@ class RunningCluster:
 def slurm_cluster(tmp_path_factory) -> RunningCluster:
     from slurm_singularity.policy.load import load_policy
 
-    state_dir = tmp_path_factory.mktemp("cluster")
+    # Not under pytest's basetemp: a second pytest run on the machine prunes
+    # old basetemps, which would pull the spool from under a running cluster.
+    state_dir = Path(tempfile.mkdtemp(prefix="singularity-test-cluster-"))
     spec = ClusterSpec(state_dir=state_dir, nodes=4, gpus_per_node=8,
                        ctld_port=TEST_CTLD_PORT, slurmd_base_port=TEST_SLURMD_PORT,
                        cluster_name="singtest")
@@ -68,3 +72,4 @@ def slurm_cluster(tmp_path_factory) -> RunningCluster:
         yield RunningCluster(spec, CliSlurmClient(spec.env()))
     finally:
         local.down(state_dir)
+        shutil.rmtree(state_dir, ignore_errors=True)

@@ -34,6 +34,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     up.add_argument("--ctld-port", type=int, default=16817, help="slurmctld port (default 16817)")
     up.add_argument("--slurmd-port", type=int, default=17001,
                     help="port of n1's slurmd; node i uses this + i - 1 (default 17001)")
+    up.add_argument("--dbd-port", type=int, default=0,
+                    help="slurmdbd port (default: --ctld-port - 1)")
+    up.add_argument("--mysql-port", type=int, default=0,
+                    help="port of the cluster's private MariaDB (default: --ctld-port - 2)")
+    up.add_argument("--no-accounting", action="store_true",
+                    help="run without slurmdbd (sacct will not work)")
     up.add_argument("--name", default="singularity", help="Slurm ClusterName (default singularity)")
     up.add_argument("--policy", type=Path, default=None,
                     help="policy file (default templates/policy.toml)")
@@ -67,7 +73,9 @@ def _up(args: argparse.Namespace) -> int:
             state_dir=(args.state_dir or _default_state_dir()).absolute(),
             nodes=args.nodes, gpus_per_node=args.gpus_per_node,
             cpus_per_node=args.cpus_per_node, ctld_port=args.ctld_port,
-            slurmd_base_port=args.slurmd_port, cluster_name=args.name)
+            slurmd_base_port=args.slurmd_port, cluster_name=args.name,
+            accounting=not args.no_accounting, dbd_port=args.dbd_port,
+            mysql_port=args.mysql_port)
         policy = load_policy(args.policy or paths.TEMPLATES_DIR / "policy.toml")
         st = local.up(spec, policy, progress=_progress)
     except (ValueError, ClusterError, PolicyError) as exc:

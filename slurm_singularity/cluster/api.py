@@ -23,6 +23,8 @@ class DaemonKind(enum.Enum):
     stopped by its recorded pid by ``down``."""
 
     MUNGED = "munged"
+    MARIADBD = "mariadbd"
+    SLURMDBD = "slurmdbd"
     SLURMCTLD = "slurmctld"
     SLURMD = "slurmd"
 
@@ -52,8 +54,18 @@ class ClusterSpec:
     cluster_name: str = "singularity"
     #: Seconds to wait for every node to be idle.
     ready_timeout_s: float = 60.0
+    #: Run slurmdbd (and a private MariaDB for it) so that sacct works.
+    accounting: bool = True
+    #: slurmdbd's port; 0 = ctld_port - 1.
+    dbd_port: int = 0
+    #: The private MariaDB's port (127.0.0.1 only); 0 = ctld_port - 2.
+    mysql_port: int = 0
 
     def __post_init__(self) -> None:
+        if not self.dbd_port:
+            object.__setattr__(self, "dbd_port", self.ctld_port - 1)
+        if not self.mysql_port:
+            object.__setattr__(self, "mysql_port", self.ctld_port - 2)
         if not 1 <= self.nodes <= 64:
             raise ValueError(f"--nodes must be between 1 and 64, not {self.nodes}")
         if not 0 <= self.gpus_per_node <= 64:
@@ -62,15 +74,19 @@ class ClusterSpec:
         if self.cpus_per_node < 1:
             raise ValueError(f"--cpus-per-node must be at least 1, not {self.cpus_per_node}")
         for field, port in (("--ctld-port", self.ctld_port),
-                            ("--slurmd-port", self.slurmd_base_port)):
+                            ("--slurmd-port", self.slurmd_base_port),
+                            ("--dbd-port", self.dbd_port), ("--mysql-port", self.mysql_port)):
             if not 1024 <= port <= 65535:
                 raise ValueError(f"{field} must be between 1024 and 65535, not {port}")
         if self.slurmd_base_port + self.nodes - 1 > 65535:
             raise ValueError("--slurmd-port leaves no room for every node's port")
         lo, hi = self.slurmd_base_port, self.slurmd_base_port + self.nodes - 1
-        if lo <= self.ctld_port <= hi:
-            raise ValueError(
-                f"--ctld-port {self.ctld_port} collides with the slurmd ports {lo}-{hi}")
+        for field, port in (("--ctld-port", self.ctld_port), ("--dbd-port", self.dbd_port),
+                            ("--mysql-port", self.mysql_port)):
+            if lo <= port <= hi:
+                raise ValueError(f"{field} {port} collides with the slurmd ports {lo}-{hi}")
+        if len({self.ctld_port, self.dbd_port, self.mysql_port}) != 3:
+            raise ValueError("--ctld-port, --dbd-port and --mysql-port must differ")
         if not _NAME.match(self.cluster_name):
             raise ValueError(f"--name {self.cluster_name!r} must be lower-case letters and digits")
 
@@ -84,7 +100,8 @@ class ClusterSpec:
 
     @property
     def ports(self) -> tuple[int, ...]:
-        return (self.ctld_port,) + tuple(
+        extra = (self.dbd_port, self.mysql_port) if self.accounting else ()
+        return (self.ctld_port,) + extra + tuple(
             self.slurmd_base_port + i for i in range(self.nodes))
 
     @property

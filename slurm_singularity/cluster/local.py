@@ -119,14 +119,16 @@ def _check_ports(spec: ClusterSpec) -> None:
             except OSError as exc:
                 if exc.errno != errno.EADDRINUSE:
                     raise
-                which = "--ctld-port" if port == spec.ctld_port else "--slurmd-port"
+                which = {spec.ctld_port: "--ctld-port", spec.dbd_port: "--dbd-port",
+                         spec.mysql_port: "--mysql-port"}.get(port, "--slurmd-port")
                 raise ClusterError(
                     f"port {port} ({which}) is already in use; choose other ports "
                     f"or stop what listens there") from None
 
 
 def _check_binaries() -> None:
-    for binary in ("munged", "slurmctld", "slurmd", "sinfo"):
+    for binary in ("munged", "slurmctld", "slurmd", "sinfo", "slurmdbd", "mariadbd",
+                   "mariadb-install-db"):
         if shutil.which(binary) is None:
             raise ClusterError(f"{binary} is not installed; run `make setup`")
 
@@ -153,6 +155,24 @@ def _prepare(spec: ClusterSpec, policy: Policy) -> None:
         log.warning("SPANK plugin %s is not built; sbatch will lack --sla etc.", paths.SPANK_PLUGIN)
     for name, text in render_cluster_files(spec, policy, plugin).items():
         _write_atomic(spec.conf_dir / name, text)
+    if spec.accounting:
+        os.chmod(spec.conf_dir / "slurmdbd.conf", 0o600)   # slurmdbd insists
+        _init_database(spec)
+
+
+def _init_database(spec: ClusterSpec) -> None:
+    """A private MariaDB data directory for slurmdbd, made once."""
+    datadir = spec.state_dir / "mysql"
+    if (datadir / "mysql").is_dir():
+        return
+    datadir.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(
+        [shutil.which("mariadb-install-db") or "mariadb-install-db", "--no-defaults",
+         f"--datadir={datadir}", "--user=root", "--auth-root-authentication-method=normal",
+         "--skip-test-db"], capture_output=True, text=True, timeout=120)
+    if proc.returncode != 0:
+        raise ClusterError(f"mariadb-install-db failed for {datadir}: "
+                           f"{(proc.stderr or proc.stdout).strip()[-500:]}")
 
 
 def _make_devices(spec: ClusterSpec) -> None:
@@ -182,6 +202,19 @@ def _daemon_argv(spec: ClusterSpec) -> list[tuple[str, DaemonKind, list[str]]]:
         f"--socket={spec.munge_socket}", f"--key-file={munge / 'munge.key'}",
         f"--pid-file={munge / 'munged.pid'}", f"--seed-file={munge / 'munged.seed'}",
         f"--log-file={spec.state_dir / 'log' / 'munged.log'}"]),
+    ]
+    if spec.accounting:
+        mysql = spec.state_dir / "mysql"
+        out.append(("mariadbd", DaemonKind.MARIADBD, [
+            shutil.which("mariadbd") or "mariadbd", "--no-defaults", f"--datadir={mysql}",
+            f"--socket={mysql}/mysqld.sock", f"--port={spec.mysql_port}",
+            "--bind-address=127.0.0.1", f"--pid-file={mysql}/mariadbd.pid", "--user=root",
+            # private to this cluster: loopback only, on its own port
+            "--skip-grant-tables", "--skip-name-resolve",
+            f"--log-error={spec.state_dir / 'log' / 'mariadbd.log'}"]))
+        out.append(("slurmdbd", DaemonKind.SLURMDBD, [
+            shutil.which("slurmdbd") or "slurmdbd", "-D"]))
+    out += [
         ("slurmctld", DaemonKind.SLURMCTLD,
          [shutil.which("slurmctld") or "slurmctld", "-D", "-i", "-f", conf])]
     for node in spec.node_names:
@@ -252,6 +285,10 @@ def up(spec: ClusterSpec, policy: Policy,
             _write_daemons(spec.state_dir, started)
             if kind is DaemonKind.MUNGED:
                 _wait_for(spec.munge_socket.exists, 10, "munged's socket")
+            if kind is DaemonKind.MARIADBD:
+                _wait_for(lambda: _listening(spec.mysql_port), 30, "mariadbd to listen")
+            if kind is DaemonKind.SLURMDBD:
+                _wait_for(lambda: _listening(spec.dbd_port), 30, "slurmdbd to listen")
             if kind is DaemonKind.SLURMCTLD:
                 _wait_for(lambda: _controller_answers(spec), 20, "slurmctld to answer")
             time.sleep(0.05)
@@ -263,6 +300,12 @@ def up(spec: ClusterSpec, policy: Policy,
         _stop_all(spec.state_dir, started)
         raise
     return status(spec.state_dir)
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def _controller_answers(spec: ClusterSpec) -> bool:

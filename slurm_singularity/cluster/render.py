@@ -60,10 +60,14 @@ def render_cluster_files(spec: ClusterSpec, policy: Policy,
         cred_expire_s=CRED_EXPIRE_S,
         job_submit="job_submit.lua" in policy_files,
         spank_plugin=spank_plugin,
+        dbd_port=spec.dbd_port if spec.accounting else 0,
+        mysql_port=spec.mysql_port,
     )
     env = environment()
     files = {name: env.get_template(f"{name}.j2").render(**values)
              for name in ("slurm.conf", "gres.conf", "cgroup.conf", "plugstack.conf")}
+    if spec.accounting:
+        files["slurmdbd.conf"] = env.get_template("slurmdbd.conf.j2").render(**values)
     if spec.gpus_per_node == 0:
         files["gres.conf"] = "# no emulated GPUs\n"
         files["slurm.conf"] = files["slurm.conf"].replace(" Gres=gpu:0", "")

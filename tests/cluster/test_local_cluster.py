@@ -86,7 +86,7 @@ def _free_port_block(n: int) -> int:
 
 
 def test_cluster_down_stops_every_daemon_it_started(tmp_path):
-    base = _free_port_block(2)
+    base = _free_port_block(4) + 2   # mysql, dbd, ctld, slurmd n1, n2
     state = tmp_path / "small"
     r = admin("cluster", "up", "--state-dir", str(state), "--nodes", "2", "--gpus-per-node", "2",
               "--ctld-port", str(base), "--slurmd-port", str(base + 1), "--name", "small")
@@ -94,7 +94,8 @@ def test_cluster_down_stops_every_daemon_it_started(tmp_path):
         assert r.returncode == 0, r.stderr
         assert "2 nodes (2 idle)" in r.stdout
         pids = local.live_daemons(state)
-        assert sorted(pids) == ["munged", "slurmctld", "slurmd-n1", "slurmd-n2"]
+        assert sorted(pids) == ["mariadbd", "munged", "slurmctld", "slurmd-n1", "slurmd-n2",
+                                "slurmdbd"]
     finally:
         d = admin("cluster", "down", "--state-dir", str(state))
     assert d.returncode == 0, d.stderr
@@ -148,7 +149,7 @@ def test_a_state_directory_that_cannot_be_written_is_refused(tmp_path):
 
 
 def test_a_port_in_use_is_named_and_nothing_is_started(tmp_path):
-    base = _free_port_block(2)
+    base = _free_port_block(3) + 2
     state = tmp_path / "busy"
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

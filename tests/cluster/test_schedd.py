@@ -23,9 +23,9 @@ from slurm_singularity.cluster import local
 
 pytestmark = pytest.mark.cluster
 
-ELASTIC_JOB = f"""#!/bin/bash
+ELASTIC_JOB = """#!/bin/bash
 echo "run restart=${{SLURM_RESTART_COUNT:-0}} nodes=$SLURM_JOB_NUM_NODES gpus_per_node=$(echo $CUDA_VISIBLE_DEVICES | tr ',' ' ' | wc -w)"
-srun --ntasks-per-node=1 bash -c 'trap "exit {contract.REQUEUE_EXIT_CODE}" TERM USR1; for i in $(seq 3000); do sleep 0.1; done'
+srun --ntasks-per-node=1 bash -c 'trap "sleep {ckpt_s}; exit {code}" TERM USR1; for i in $(seq 3000); do sleep 0.1; done'
 """
 
 
@@ -79,9 +79,11 @@ def _cancel_all(cluster) -> None:
         time.sleep(0.3)
 
 
-def _submit_elastic(cluster, tmp_path: Path) -> tuple[int, Path]:
+def _submit_elastic(cluster, tmp_path: Path, ckpt_s: float = 0) -> tuple[int, Path]:
+    """An elastic basic job W=32 on 8..32 GPUs whose 'checkpoint' at the
+    signal takes ``ckpt_s`` seconds."""
     script = tmp_path / "elastic.sh"
-    script.write_text(ELASTIC_JOB)
+    script.write_text(ELASTIC_JOB.format(ckpt_s=ckpt_s, code=contract.REQUEUE_EXIT_CODE))
     out = tmp_path / "elastic.out"
     r = cluster.run("sbatch", "--parsable", "--sla=basic", "--elastic=8:32", "--world-size=32",
                     "-N1", "--gres=gpu:8", "--open-mode=append", "-o", str(out), str(script),
@@ -143,11 +145,11 @@ def test_elastic_job_grows_is_shrunk_for_premium_and_grows_back(slurm_cluster, s
 
 
 def test_killing_the_daemon_during_a_resize_repeats_nothing(slurm_cluster, schedd, tmp_path):
-    job, out = _submit_elastic(slurm_cluster, tmp_path)
+    job, out = _submit_elastic(slurm_cluster, tmp_path, ckpt_s=4)
     _wait_gpus(slurm_cluster, job, 32)
     restarts = int(slurm_cluster.client.show_job(job)["Restarts"])
     slurm_cluster.run("sbatch", "--sla=premium", "--account=research", "-N2", "--gres=gpu:8",
-                      "-o", "/dev/null", "--wrap", "sleep 30", check=True)
+                      "-o", "/dev/null", "--wrap", "sleep 90", check=True)
     # kill the daemon as soon as it has marked the shrink, before the job is back
     deadline = time.monotonic() + 60
     while ",resize=" not in slurm_cluster.client.show_job(job).get("AdminComment", ""):
@@ -166,11 +168,11 @@ def test_killing_the_daemon_during_a_resize_repeats_nothing(slurm_cluster, sched
 
 
 def test_a_slurmctld_restart_during_a_resize_loses_no_job(slurm_cluster, schedd, tmp_path):
-    job, out = _submit_elastic(slurm_cluster, tmp_path)
+    job, out = _submit_elastic(slurm_cluster, tmp_path, ckpt_s=4)
     _wait_gpus(slurm_cluster, job, 32)
     restarts = int(slurm_cluster.client.show_job(job)["Restarts"])
     r = slurm_cluster.run("sbatch", "--parsable", "--sla=premium", "--account=research", "-N2",
-                          "--gres=gpu:8", "-o", "/dev/null", "--wrap", "sleep 30", check=True)
+                          "--gres=gpu:8", "-o", "/dev/null", "--wrap", "sleep 90", check=True)
     premium = int(r.stdout.strip())
     deadline = time.monotonic() + 60
     while ",resize=" not in slurm_cluster.client.show_job(job).get("AdminComment", ""):
