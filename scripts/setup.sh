@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(slurm-wlm slurmctld slurmd slurm-client munge libslurm-dev libmunge-dev
-              slurm-wlm-plugins-dev gcc make)
+              slurm-wlm-plugins-dev slurmdbd mariadb-server gcc make)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
