@@ -59,18 +59,20 @@ class _Conn:
         limit = srv.settings.max_message_bytes
         try:
             while not srv.stopping.is_set():
-                rid = 0
+                rid, kind = 0, 0
                 try:
                     payload = self.channel.recv(limit)
                     kind, rid, body = decode_message(payload, limit)
                     wants_reply = kind in REPLY_KINDS
-                    with srv.device.lock:
+                    earlier = None
+                    with srv.device.lock:  # replies are sent outside the lock
                         if wants_reply and self.session.deferred:
-                            err, self.session.deferred = self.session.deferred, None
-                            self._reply(MsgKind.ERROR, rid, f"an earlier operation failed: {err}")
-                            continue
-                        value = self.session.handle(kind, body)
-                    if wants_reply:
+                            earlier, self.session.deferred = self.session.deferred, None
+                        else:
+                            value = self.session.handle(kind, body)
+                    if earlier is not None:
+                        self._reply(MsgKind.ERROR, rid, f"an earlier operation failed: {earlier}")
+                    elif wants_reply:
                         self._reply(MsgKind.OK, rid, value)
                 except WireError as err:
                     log.warning("[node] bad message from %s: %s", self.session.peer, err)
@@ -187,10 +189,10 @@ class ProxyServer:
     def serve_forever(self) -> None:
         if self.sock is None:
             self.bind()
-        assert self.sock is not None
+        listener = self.sock
         while not self.stopping.is_set():
             try:
-                conn, _ = self.sock.accept()
+                conn, _ = listener.accept()
             except socket.timeout:
                 continue
             except OSError:

@@ -1,0 +1,111 @@
+"""Operators that a proxy device runs in the worker instead of the proxy.
+
+Three kinds must: ``torch.distributed`` collectives (the process group lives
+in the worker), random operators when the job's random stream is the
+worker's CPU generator (``rng="worker"``), and operators that take a
+``torch.Generator`` or ask for a non-proxy device. Kept apart from
+``client.py``'s fast asynchronous path because each of these moves tensor
+values between worker and proxy.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from slurm_singularity.proxy.wire import Handle, MsgKind
+
+
+class WorkerSideOps:
+    """Mixed into ``ProxyDevice``: needs its ``fetch``, ``put`` and ``_send``."""
+
+    def _collective(self, func: Any, args: tuple, kwargs: dict) -> Any:
+        """A torch.distributed collective on proxy tensors: run it in the
+        worker's process group on fetched values, wait for it, and write
+        every proxy tensor it touched back (collectives are in place)."""
+        pairs: list[tuple[Any, torch.Tensor]] = []
+
+        def local(v: Any) -> Any:
+            if isinstance(v, _proxy_tensor()):
+                t = self.fetch(v)
+                pairs.append((v, t))
+                return t
+            if isinstance(v, (list, tuple)):
+                return type(v)(local(x) for x in v)
+            return v
+
+        out = func(*local(args), **{k: local(v) for k, v in kwargs.items()})
+        for item in (out if isinstance(out, (tuple, list)) else [out]):
+            if hasattr(item, "wait") and not isinstance(item, torch.Tensor):
+                item.wait()
+        for proxy_t, local_t in pairs:
+            self._send(MsgKind.OP, ["copy_.default", [Handle(proxy_t._hid), local_t], {}, [0]])
+        back = {id(t): p for p, t in pairs}
+
+        def restore(v: Any) -> Any:
+            if isinstance(v, torch.Tensor) and id(v) in back:
+                return back[id(v)]
+            if isinstance(v, (list, tuple)):
+                return type(v)(restore(x) for x in v)
+            return v
+
+        return restore(out)
+
+    def _random_here(self, func: Any, args: tuple, kwargs: dict, info: Any) -> Any:
+        """A random operator drawn from the worker's CPU generator: when its
+        result depends only on the shape of its tensor argument (in-place
+        fills, ``*_like``), draw into a local tensor and upload it, without
+        waiting; otherwise run it here on fetched values."""
+        first, rest = args[0], args[1:]
+        shape_only = (isinstance(first, _proxy_tensor())
+                      and (info.writes and info.writes[0] is not None
+                           or func._schema.name.endswith("_like"))
+                      and not any(isinstance(v, torch.Tensor) for v in rest)
+                      and not any(isinstance(v, torch.Tensor) for v in kwargs.values()))
+        if not shape_only:
+            return self._run_locally(func, args, kwargs, info)
+        local = torch.empty_strided(first.shape, first.stride(), dtype=first.dtype)
+        lkw = {k: v for k, v in kwargs.items() if k != "device"}
+        out = func(local, *rest, **lkw)
+        if info.writes and info.writes[0] is not None:
+            self._send(MsgKind.OP, ["copy_.default", [Handle(first._hid), out], {}, [0]])
+            return first
+        return self.put(out)
+
+    def _run_locally(self, func: Any, args: tuple, kwargs: dict, info: Any) -> Any:
+        """Run an operator in the worker on fetched values (a generator or an
+        explicit non-proxy device is involved); write back in-place results,
+        upload new ones unless a non-proxy device was asked for."""
+        def local(v: Any) -> Any:
+            if isinstance(v, _proxy_tensor()):
+                return self.fetch(v)
+            if isinstance(v, (list, tuple)):
+                return type(v)(local(x) for x in v)
+            return v
+
+        wants_here = any(isinstance(v, torch.device) and v.type != "meta"
+                         for v in kwargs.values())
+        out = func(*local(args), **{k: local(v) for k, v in kwargs.items()})
+
+        def back(i: int, value: Any) -> Any:
+            if not isinstance(value, torch.Tensor):
+                return value
+            target = info.writes[i] if i < len(info.writes) else None
+            if target is not None:
+                pos, name, kwarg_only = target
+                dst = args[pos] if not kwarg_only and pos < len(args) else kwargs[name]
+                if isinstance(dst, _proxy_tensor()):
+                    self._send(MsgKind.OP, ["copy_.default", [Handle(dst._hid), value], {}, [0]])
+                return dst
+            return value if wants_here else self.put(value)
+
+        if isinstance(out, (tuple, list)):
+            return type(out)(back(i, v) for i, v in enumerate(out))
+        return back(0, out)
+
+
+def _proxy_tensor() -> type:
+    from slurm_singularity.proxy.client import ProxyTensor
+
+    return ProxyTensor
