@@ -68,6 +68,7 @@ def test_every_scheduler_finishes_every_job_and_reports_the_summary_fields(tmp_p
             assert key in s, (name, key)
         assert 0 < s["utilization"] <= 1
         assert min(j.end - j.submit for j in engine.done) >= 300.0
+        assert engine.samples[-1][0] == max(j.end for j in engine.done)   # plots end there
 
 
 def test_the_simulator_decides_with_the_planner_function_itself(tmp_path, monkeypatch):

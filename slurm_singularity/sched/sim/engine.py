@@ -172,7 +172,13 @@ class Engine:
         events = self._events
         next_sample = 0.0
         last_wake = None
+        active = self.active
         while i < n or events:
+            while events and events[0][2] >= 0 and (
+                    events[0][2] not in active or active[events[0][2]].version != events[0][3]):
+                heapq.heappop(events)             # a completion made stale by a resize
+            if i >= n and not events:
+                break
             t = trace[i].submit_s if i < n else float("inf")
             if events and events[0][0] < t:
                 t = events[0][0]
