@@ -177,8 +177,8 @@ class Engine:
             while events and events[0][2] >= 0 and (
                     events[0][2] not in active or active[events[0][2]].version != events[0][3]):
                 heapq.heappop(events)             # a completion made stale by a resize
-            if i >= n and not events:
-                break
+            if i >= n and (not events or not active):
+                break                             # only stale wake-ups are left
             t = trace[i].submit_s if i < n else float("inf")
             if events and events[0][0] < t:
                 t = events[0][0]
