@@ -276,6 +276,28 @@ def explain_text(decision: Decision) -> str:
     ])
 
 
+def unprotected_warning(decision: Decision, argv: list[str], script: str | None) -> list[str]:
+    """A preemptible job whose script (or --wrap command) does not run
+    singularity-run keeps none of its work when preempted: say so."""
+    if not decision.preemptible:
+        return []
+    wrap = None
+    for i, a in enumerate(argv):
+        if a.startswith("--wrap="):
+            wrap = a.split("=", 1)[1]
+        elif a == "--wrap" and i + 1 < len(argv):
+            wrap = argv[i + 1]
+    command = script if script is not None else wrap
+    if command is None:
+        return ["no script given: only a job that runs `srun singularity-run ...` keeps its "
+                "work when preempted"]
+    if "singularity-run" in command:
+        return []
+    return [f"the job does not run singularity-run: when the {decision.tier.value} tier is "
+            f"preempted Slurm requeues it and it starts again from the top, so its work is "
+            f"not protected (see docs/user-guide.md)"]
+
+
 def _explain(args: argparse.Namespace) -> int:
     argv = list(args.sbatch_args)
     script = None
@@ -295,6 +317,7 @@ def _explain(args: argparse.Namespace) -> int:
               file=sys.stderr)
     result = decide(policy, sub)
     if isinstance(result, Decision):
+        warnings = unprotected_warning(result, argv, script)
         if args.json:
             print(json.dumps({"accepted": True, "tier": result.tier.value,
                               "account": result.account, "partition": result.partition,
@@ -302,9 +325,11 @@ def _explain(args: argparse.Namespace) -> int:
                               "signal": result.signal, "grace_time_s": result.grace_time_s,
                               "gpus": result.gpus, "elastic": list(result.elastic),
                               "world_size": result.world_size, "tag": result.tag,
-                              "env": result.env}))
+                              "env": result.env, "warnings": warnings}))
         else:
             print(explain_text(result))
+            for w in warnings:
+                print(f"warning: {w}")
         return 0
     if args.json:
         print(json.dumps({"accepted": False, "option": result.option,

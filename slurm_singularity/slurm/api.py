@@ -53,6 +53,22 @@ class Job:
     extra: Mapping[str, object] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class JobRun:
+    """One run of a job as sacct reports it (a requeued job has several)."""
+
+    job_id: int
+    start: str                 # ISO time, or "Unknown"/"None"
+    end: str
+    elapsed_s: int
+    state: str                 # REQUEUED, PREEMPTED, COMPLETED, FAILED, RUNNING, ...
+    exit_code: str             # "75:0"
+    nodes: str
+    gpus: int
+    partition: str
+    work_dir: str
+
+
 class SlurmClient(Protocol):
     """What the project needs from Slurm."""
 
@@ -76,3 +92,7 @@ class SlurmClient(Protocol):
 
     def cancel(self, *job_ids: int, signal: str | None = None) -> None:
         """scancel the jobs (or send them ``signal``). :raises SlurmError:"""
+
+    def job_runs(self, job_id: int) -> list[JobRun]:
+        """Every run of the job from accounting (sacct), oldest first.
+        :raises SlurmError: sacct failed (no accounting)."""

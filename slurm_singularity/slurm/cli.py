@@ -14,7 +14,7 @@ import re
 import subprocess
 from typing import Mapping, Sequence
 
-from .api import Job, Node, SlurmError
+from .api import Job, JobRun, Node, SlurmError
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +87,24 @@ class CliSlurmClient:
             return
         cmd = ["scancel"] + ([f"--signal={signal}"] if signal else [])
         self._run(cmd + [str(j) for j in job_ids])
+
+
+    def job_runs(self, job_id: int) -> list[JobRun]:
+        fields = "JobID,Start,End,ElapsedRaw,State,ExitCode,NodeList,AllocTRES,Partition,WorkDir"
+        out = self._run(["sacct", "-D", "-X", "-n", "-P", "-j", str(job_id), "-o", fields])
+        return [parse_sacct_run(line) for line in out.splitlines() if line.strip()]
+
+
+def parse_sacct_run(line: str) -> JobRun:
+    """One ``sacct -P`` line with the fields ``job_runs`` asks for."""
+    jid, start, end, elapsed, state, code, nodes, tres, part, workdir = (line.split("|") + [""] * 10)[:10]
+    gpus = 0
+    for item in tres.split(","):
+        if item.startswith("gres/gpu="):
+            gpus = int(item.split("=", 1)[1])
+    return JobRun(int(jid.split("_")[0].split(".")[0]), start, end,
+                  int(elapsed) if elapsed.isdigit() else 0, state.split()[0] if state else "",
+                  code, nodes, gpus, part, workdir)
 
 
 def parse_scontrol_record(text: str) -> dict[str, str]:
