@@ -51,39 +51,38 @@ def ckpt_name(step: int) -> str:
     return f"ckpt-{step:08d}.pt"
 
 
-def serialize(state: dict[str, Any]) -> bytes:
-    """``state`` -> checkpoint file bytes (header + payload)."""
+def serialize(state: dict[str, Any]) -> memoryview:
+    """``state`` -> checkpoint file bytes (header + payload), without an
+    extra copy of the payload."""
     buf = io.BytesIO()
     buf.write(b"\0" * HEADER_LEN)
     torch.save(state, buf)
     view = buf.getbuffer()
     payload = view[HEADER_LEN:]
     digest = hashlib.sha256(payload).hexdigest().encode()
-    length = len(payload)
-    del payload, view
-    buf.seek(0)
-    buf.write(MAGIC + digest + f"{length:016d}".encode() + b"\n")
-    return buf.getvalue()
+    view[:HEADER_LEN] = MAGIC + digest + f"{len(payload):016d}".encode() + b"\n"
+    return view
 
 
-def deserialize(data: bytes, name: str = "checkpoint") -> dict[str, Any]:
+def deserialize(data: bytes | memoryview, name: str = "checkpoint") -> dict[str, Any]:
     """Checkpoint file bytes -> state.
 
     :raises CorruptCheckpointError: bad magic, truncated, checksum mismatch
         or an unreadable payload; the message names ``name``.
     """
-    if len(data) < HEADER_LEN or not data.startswith(MAGIC):
+    data = memoryview(data)
+    if len(data) < HEADER_LEN or bytes(data[:len(MAGIC)]) != MAGIC:
         raise CorruptCheckpointError(
             f"checkpoint {name} is not a slurm-singularity checkpoint "
             f"(bad header, {len(data)} bytes); refusing it")
-    header = data[:HEADER_LEN]
+    header = bytes(data[:HEADER_LEN])
     digest = header[len(MAGIC):len(MAGIC) + 64].decode("ascii", "replace")
     try:
         length = int(header[len(MAGIC) + 64:HEADER_LEN - 1])
     except ValueError:
         raise CorruptCheckpointError(
             f"checkpoint {name} has a corrupt header (length field); refusing it") from None
-    payload = memoryview(data)[HEADER_LEN:]
+    payload = data[HEADER_LEN:]
     if len(payload) != length:
         raise CorruptCheckpointError(
             f"checkpoint {name} is truncated or padded: payload is {len(payload)} bytes, "
@@ -131,7 +130,7 @@ def write(ckpt_dir: str | os.PathLike[str], step: int, state: dict[str, Any], *,
             meta = CheckpointMeta(
                 step=step, wall_time=time.time(), devices=devices, world_size=world_size,
                 reason=reason, file=name, bytes=len(data),
-                sha256=data[len(MAGIC):len(MAGIC) + 64].decode(),
+                sha256=bytes(data[len(MAGIC):len(MAGIC) + 64]).decode(),
                 write_s=time.time() - started)
             meta_tmp = directory / f".{name}.json.tmp.{os.getpid()}"
             meta_tmp.write_text(json.dumps(meta_to_json(meta), sort_keys=True) + "\n")

@@ -1,0 +1,107 @@
+"""Replica splicing vs plain gradient accumulation, same run, alternating.
+
+The example language model (examples/train_lm.py, its default size) with
+W=8 logical ranks spliced onto one device through the runtime (per-rank data
+shard, RNG stream swap, deterministic reduction, preemption agreement) vs
+the same 8 micro-batches per step through plain PyTorch gradient
+accumulation in one process (backward 8 times, divide by 8, step). Both
+read their micro-batches from the same kind of shards, so only the
+runtime's per-step overhead differs. Goal: ratio of median step times
+<= 1.03. Last line: the JSON result.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from slurm_singularity.runtime.api import JobShape
+from slurm_singularity.runtime.data import RankShard
+from slurm_singularity.runtime.job import Job
+
+W = 8
+STEPS_PER_ROUND = 10
+ROUNDS = 15
+GOAL = 1.03
+
+
+def load_example():
+    path = Path(__file__).resolve().parents[1] / "examples" / "train_lm.py"
+    spec = importlib.util.spec_from_file_location("train_lm", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def main() -> int:
+    torch.set_num_threads(1)
+    lm = load_example()
+    args = lm.parse([])
+    data = lm.CharWindows(lm.load_text(args.corpus_bytes), args.block)
+    cpu = torch.device("cpu")
+
+    job = Job(shape=JobShape(W, 1), device=cpu, deterministic=True, ckpt_dir=None)
+    model, opt, sched = lm.build(args, cpu)
+    trainer = job.trainer(model, opt, data, batch_size=args.batch_size, scheduler=sched,
+                          seed=args.seed)
+    spliced_steps = trainer.steps(10**9)
+
+    base_model, base_opt, base_sched = lm.build(args, cpu)
+    shards = [RankShard(data, r, W, args.batch_size, seed=args.seed) for r in range(W)]
+
+    def spliced_round() -> float:
+        # each next() finishes the previous step (reduce, optimizer, agree)
+        # and starts the next: 10 finishes and 10 bodies per round
+        t0 = time.perf_counter()
+        for _ in range(STEPS_PER_ROUND):
+            step = next(spliced_steps)
+            for x, y in step.batches():
+                F.cross_entropy(model(x).flatten(0, 1), y.flatten()).backward()
+        return (time.perf_counter() - t0) / STEPS_PER_ROUND
+
+    def baseline_round() -> float:
+        t0 = time.perf_counter()
+        for _ in range(STEPS_PER_ROUND):
+            base_opt.zero_grad(set_to_none=True)
+            for shard in shards:
+                x, y = shard.next_batch()
+                F.cross_entropy(base_model(x).flatten(0, 1), y.flatten()).backward()
+            for p in base_model.parameters():
+                p.grad.div_(W)
+            base_opt.step()
+            base_sched.step()
+        return (time.perf_counter() - t0) / STEPS_PER_ROUND
+
+    first = next(spliced_steps)
+    for x, y in first.batches():
+        F.cross_entropy(model(x).flatten(0, 1), y.flatten()).backward()
+    baseline_round()
+    t_splice, t_base = [], []
+    for i in range(ROUNDS):
+        order = (spliced_round, baseline_round) if i % 2 == 0 else (baseline_round, spliced_round)
+        for fn in order:
+            (t_splice if fn is spliced_round else t_base).append(fn())
+    value, base = statistics.median(t_splice), statistics.median(t_base)
+    ratio = value / base
+    print(f"W={W} spliced on one device: {value * 1e3:.2f} ms/step; plain gradient "
+          f"accumulation of {W} micro-batches: {base * 1e3:.2f} ms/step "
+          f"(median of {ROUNDS} rounds x {STEPS_PER_ROUND} steps)", file=sys.stderr)
+    print(json.dumps({"bench": "splice", "value": round(value, 5), "baseline": round(base, 5),
+                      "ratio": round(ratio, 3), "unit": "s/step", "goal": GOAL,
+                      "ok": ratio <= GOAL, "world_size": W, "devices": 1,
+                      "pair_ratio_median": round(statistics.median(
+                          a / b for a, b in zip(t_splice, t_base)), 3),
+                      "micro_batch": args.batch_size, "block": args.block,
+                      "baseline_kind": "plain gradient accumulation, same micro-batches"}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
