@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import struct
 import threading
 from typing import Any, Iterator
 
@@ -30,12 +31,14 @@ from slurm_singularity.proxy import ring
 from slurm_singularity.proxy.api import ChannelClosed, ProxyError, RemoteError
 from slurm_singularity.proxy.local_ops import WorkerSideOps
 from slurm_singularity.proxy.wire import (
-    PROXY_DEVICE, Handle, MsgKind, decode_message, encode_message,
+    Handle, MsgKind, decode_message, encode_into, encode_message, encode_tensor, header,
 )
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
 _META = torch.device("meta")
+_Q = struct.Struct("<q")
+_U32 = struct.Struct("<I")
 #: Frees are sent in groups of this many handles.
 FREE_BATCH = 256
 #: Asynchronous messages buffered before they are written to the ring.
@@ -53,11 +56,14 @@ class _Local(Exception):
 class _OpInfo:
     """What the client needs to know about one operator overload."""
 
-    __slots__ = ("name", "writes", "tensor_returns", "has_generator")
+    __slots__ = ("name", "name_wire", "writes", "tensor_returns", "has_generator")
 
     def __init__(self, func: torch._ops.OpOverload) -> None:
         schema = func._schema
         self.name = f"{func._schema.name.split('::', 1)[1]}.{func._overloadname}"
+        wire = bytearray()
+        encode_into(self.name, wire)
+        self.name_wire = bytes(wire)
         self.has_generator = any("Generator" in str(a.type) for a in schema.arguments)
         writes: list[Any] = []
         for ret in schema.returns:
@@ -172,10 +178,11 @@ class ProxyDevice(WorkerSideOps):
         self._next_id += 1
         return hid
 
-    def _send(self, kind: MsgKind, body: Any) -> None:
+    def _send(self, kind: MsgKind, body: Any, raw: bytes | bytearray | None = None) -> None:
+        """Queue a message (``raw``: an already encoded body)."""
         if self.closed:
             raise ProxyError(f"job {self.job}: the connection to the proxy is closed")
-        msg = encode_message(kind, 0, body)
+        msg = header(kind, 0) + raw if raw is not None else encode_message(kind, 0, body)
         with self._lock:
             if self._batch is not None and kind in _BATCHABLE:
                 self._batch.append(msg)
@@ -196,7 +203,7 @@ class ProxyDevice(WorkerSideOps):
         if len(self._frees) >= FREE_BATCH and not self._lock._is_owned():  # type: ignore[attr-defined]
             self._flush_frees()
 
-    def _request(self, kind: MsgKind, body: Any) -> Any:
+    def _request(self, kind: MsgKind, body: Any, raw: bytes | bytearray | None = None) -> Any:
         """Send a request and wait for its reply.
 
         :raises RemoteError: the proxy reported an error (for this request or
@@ -211,7 +218,8 @@ class ProxyDevice(WorkerSideOps):
             self._flush_frees()
             self._rid += 1
             rid = self._rid
-            self.channel.send(encode_message(kind, rid, body))
+            self.channel.send(header(kind, rid) + raw if raw is not None
+                              else encode_message(kind, rid, body))
             while True:
                 rkind, got, value = decode_message(self.channel.recv(MAX_REPLY_BYTES),
                                                    MAX_REPLY_BYTES)
@@ -337,31 +345,38 @@ class ProxyDevice(WorkerSideOps):
             self.channel.close()
 
     # -- dispatch ----------------------------------------------------------------
-    def _enc(self, value: Any, key: list) -> Any:
+    def _enc(self, value: Any, key: list, out: bytearray) -> None:
+        """Append ``value``'s wire encoding to ``out`` and its cache-key part
+        to ``key`` in one pass (the hot path of every operator)."""
         if isinstance(value, ProxyTensor):
             if value._pdev is not self:
                 raise ProxyError("tensors of two different proxies in one operator")
             key.append((tuple(value.shape), value.stride(), value.dtype,
                         value.storage_offset()))
-            return Handle(value._hid)
-        if isinstance(value, torch.Tensor):
+            out += b"h"
+            out += _Q.pack(value._hid)
+        elif isinstance(value, torch.Tensor):
             if value.device.type != "cpu":
                 raise ProxyError(f"a {value.device.type} tensor mixed with proxy tensors; "
                                  "put it on the proxy first")
             key.append(("cpu", tuple(value.shape), value.dtype))
-            return value
-        if isinstance(value, torch.device):
+            encode_tensor(value, out)
+        elif isinstance(value, torch.device):
             if value.type != "meta":
                 raise _Local()
             key.append(_META)
-            return PROXY_DEVICE
-        if isinstance(value, (list, tuple)):
+            out += b"D"
+        elif isinstance(value, (list, tuple)):
             key.append(len(value))
-            return type(value)(self._enc(v, key) for v in value)
-        if isinstance(value, torch.Generator):
+            out += b"l" if isinstance(value, list) else b"u"
+            out += _U32.pack(len(value))
+            for v in value:
+                self._enc(v, key, out)
+        elif isinstance(value, torch.Generator):
             raise _Local()
-        key.append(value)
-        return value
+        else:
+            key.append(value)
+            encode_into(value, out)
 
     @staticmethod
     def _to_meta(value: Any) -> Any:
@@ -402,16 +417,24 @@ class ProxyDevice(WorkerSideOps):
         if self.rng == "worker" and torch.Tag.nondeterministic_seeded in func.tags:
             return self._random_here(func, args, kwargs, info)
         key: list = [func]
+        body = bytearray(b"l\x04\x00\x00\x00")  # [name, args, kwargs, outs]
+        body += info.name_wire
         try:
-            wargs = [self._enc(a, key) for a in args]
-            wkwargs = {}
+            body += b"l"
+            body += _U32.pack(len(args))
+            for a in args:
+                self._enc(a, key, body)
+            body += b"m"
+            body += _U32.pack(len(kwargs))
             for k, v in kwargs.items():
                 key.append(k)
-                wkwargs[k] = self._enc(v, key)
+                encode_into(k, body)
+                self._enc(v, key, body)
         except _Local:
             return self._run_locally(func, args, kwargs, info)
         if not info.tensor_returns:
-            return self._request(MsgKind.CALL, [info.name, wargs, wkwargs, []])
+            body += b"l\x00\x00\x00\x00"
+            return self._request(MsgKind.CALL, None, raw=body)
         try:
             meta_out = self._infer(func, args, kwargs, tuple(key))
         except TypeError:  # an unhashable argument: no cache
@@ -426,7 +449,12 @@ class ProxyDevice(WorkerSideOps):
                 for i, m in enumerate(meta_out))
         else:
             result = meta_out
-        self._send(MsgKind.OP, [info.name, wargs, wkwargs, outs])
+        body += b"l"
+        body += _U32.pack(len(outs))
+        for hid in outs:
+            body += b"i"
+            body += _Q.pack(hid)
+        self._send(MsgKind.OP, None, raw=body)
         return result
 
     def _out(self, meta: torch.Tensor, i: int, info: _OpInfo, args: tuple, kwargs: dict,

@@ -222,6 +222,15 @@ def encode_tensor(tensor: torch.Tensor, out: bytearray) -> None:
         out += memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
+def encode_into(value: Any, out: bytearray) -> None:
+    """Append one encoded value (for callers that assemble a body by hand)."""
+    _encode(value, out, 1)
+
+
+def header(kind: MsgKind, request_id: int) -> bytes:
+    return _HDR.pack(int(kind), request_id)
+
+
 def encode_message(kind: MsgKind, request_id: int, body: Any) -> bytes:
     out = bytearray(_HDR.pack(int(kind), request_id))
     _encode(body, out, 0)
