@@ -14,6 +14,7 @@ import argparse
 import json
 import sys
 from dataclasses import asdict, dataclass
+from datetime import datetime
 from pathlib import Path
 
 from .admin_policy import job_group
@@ -43,37 +44,64 @@ class RunRow:
     slurm_state: str
 
 
-def build_rows(runs, history) -> list[RunRow]:
-    """Pair sacct's runs with the runtime's records, oldest first.
+def _epoch(iso: str) -> float | None:
+    try:
+        return datetime.fromisoformat(iso).timestamp()
+    except ValueError:
+        return None
 
-    The runtime appends one record per run that reached the training script,
-    so records pair with runs in order; a run without a record (killed
-    before the script started, or a plain script) shows unknowns."""
+
+def _pair(runs, history) -> list[tuple[object | None, object | None]]:
+    """Pair sacct's runs with history records by time: a record belongs to
+    the run during which it started. A run killed outright (SIGKILL after the
+    grace time) has no record; a record without accounting stands alone."""
+    pairs: list[tuple[object | None, object | None]] = []
+    left = list(history)
+    for run in runs:
+        start = _epoch(run.start)
+        end = _epoch(run.end) if run.end not in ("Unknown", "None", "") else float("inf")
+        rec = None
+        if start is not None and left and start - 2 <= left[0].start_time <= (end or 0) + 2:
+            rec = left.pop(0)
+        pairs.append((run, rec))
+    pairs.extend((None, rec) for rec in left)
+    return pairs
+
+
+def build_rows(runs, history) -> list[RunRow]:
+    """One row per run, oldest first, from sacct's runs and the runtime's
+    history records (see ``_pair``)."""
+    pairs = _pair(runs, history)
     rows = []
-    for i in range(max(len(runs), len(history))):
-        run = runs[i] if i < len(runs) else None
-        rec = history[i] if i < len(history) else None
-        nxt = history[i + 1] if i + 1 < len(history) else None
+    for i, (run, rec) in enumerate(pairs):
+        nxt = next((r for _, r in pairs[i + 1:] if r is not None), None)
         devices = rec.devices if rec else (run.gpus if run else None)
-        stopped = "unknown"
+        lost_s = None
         if rec is not None:
-            stopped = rec.stop.value if hasattr(rec.stop, "value") else str(rec.stop)
+            stopped = rec.stop.value
             if stopped == "preempted" and nxt is not None and nxt.devices != rec.devices:
                 stopped = "resized"
-        elif run is not None:
-            stopped = {"REQUEUED": "preempted", "PREEMPTED": "preempted", "COMPLETED": "finished",
-                       "RUNNING": "running"}.get(run.state, run.state.lower())
-        steps = f"{rec.first_step}..{rec.last_step}" if rec else "?"
-        lost_s = None
-        if rec is not None and rec.last_step > rec.first_step:
-            per_step = (rec.end_time - rec.start_time) / (rec.last_step - rec.first_step)
-            lost_s = round(rec.steps_lost * per_step, 1)
+            steps = f"{rec.first_step}..{rec.last_step}"
+            ckpt = "yes" if rec.checkpoint_written else "no"
+            lost = rec.steps_lost
+            if rec.last_step > rec.first_step:
+                per_step = (rec.end_time - rec.start_time) / (rec.last_step - rec.first_step)
+                lost_s = round(rec.steps_lost * per_step, 1)
+        else:
+            state = run.state if run else "?"
+            ckpt, lost = "?", None
+            steps = f"{nxt.first_step}..?" if nxt is not None else "?"
+            if state in ("REQUEUED", "PREEMPTED", "NODE_FAIL", "CANCELLED", "FAILED") and nxt:
+                # killed before it could record anything: all its work is lost
+                stopped, ckpt = "killed", "no"
+                lost_s = float(run.elapsed_s)
+            else:
+                stopped = {"COMPLETED": "finished", "RUNNING": "running",
+                           "REQUEUED": "preempted"}.get(state, state.lower())
         rows.append(RunRow(
             run=i + 1, start=run.start if run else "?", end=run.end if run else "?",
-            devices=devices, steps=steps, stopped=stopped,
-            checkpoint=("yes" if rec.checkpoint_written else "no") if rec else "?",
-            steps_lost=rec.steps_lost if rec else None, time_lost_s=lost_s,
-            slurm_state=run.state if run else "?"))
+            devices=devices, steps=steps, stopped=stopped, checkpoint=ckpt,
+            steps_lost=lost, time_lost_s=lost_s, slurm_state=run.state if run else "?"))
     return rows
 
 
@@ -122,6 +150,11 @@ def _show(args: argparse.Namespace) -> int:
               f"{r.steps:>9} {r.stopped:<9} {r.checkpoint:<4} {lost:>9}")
     total = sum(r.steps_lost or 0 for r in rows)
     print(f"steps lost in all: {total}" + ("" if history else " (unknown: no runtime history)"))
+    for r in rows:
+        if r.stopped == "killed":
+            print(f"run {r.run} was killed before it wrote a checkpoint (grace time too short "
+                  f"for its checkpoint?): its {r.time_lost_s:g} s of work since the previous "
+                  f"checkpoint (step {r.steps.split('..')[0]}) are lost")
     for note in notes:
         print(f"note: {note}")
     return 0
