@@ -479,9 +479,12 @@ class ProxyMode(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if any(issubclass(t, ProxyTensor) for t in types):
+            # handled here rather than re-dispatched to ProxyTensor: one
+            # trip through the dispatcher less per operator
+            return _find_device(args, kwargs)._dispatch(func, args, kwargs)
         target = kwargs.get("device")
-        if (target is not None and target.type == "meta"
-                and not any(issubclass(t, ProxyTensor) for t in types)):
+        if target is not None and target.type == "meta":
             if func is aten._to_copy.default and isinstance(args[0], torch.Tensor) \
                     and args[0].device.type != "meta":
                 rest = {k: v for k, v in kwargs.items() if k != "device"}
