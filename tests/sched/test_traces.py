@@ -65,3 +65,17 @@ def test_elastic_ranges_keep_the_splice_factor_within_eight():
 def test_a_malformed_tier_rule_is_refused(rule, tmp_path):
     with pytest.raises(TraceError, match="--tiers"):
         assign_tiers([], rule)
+
+
+def test_an_alibaba_trace_runs_through_the_planner_with_its_own_tiers(tmp_path):
+    from slurm_singularity.sched.sim.policies import reference_policy
+    from slurm_singularity.sched.sim.run import SimSpec, simulate
+    path = tmp_path / "pods.csv"
+    rows = [f"p{k},1000,100,{(1, 2, 4, 8)[k % 4]},1000,{'V100' if k % 2 else ''},"
+            f"{('LS', 'Burstable', 'BE')[k % 3]},Succeeded,{10 * k},{10 * k + 500 + 40 * k},{10 * k + 5}"
+            for k in range(30)]
+    path.write_text(HEADER + "\n" + "\n".join(rows) + "\n")
+    _, s = simulate(SimSpec(path, "singularity", 48, reference_policy(), fmt="alibaba-v2023"))
+    assert s["jobs"] == 30 and s["tier_rule"] == "trace"
+    assert set(s["jobs_by_tier"]) == {"premium", "standard", "basic"}
+    assert s["sla_attainment"]["premium"] == 1.0 and s["lost_gpu_hours"] == 0
