@@ -287,7 +287,7 @@ class _Pass:
         if least - cur > self.bound(r):
             return
         reach = self.free + self._reclaimable(r, job.account, want - cur - self.free)
-        size = max((d for d in lad if cur < d and d - cur <= reach), default=0)
+        size = max((d for d in lad if cur < d <= want and d - cur <= reach), default=0)
         if size < least:
             return
         need = size - cur - self.free
