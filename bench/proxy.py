@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--steps", type=int, default=4, help="steps per timed repetition")
-    p.add_argument("--reps", type=int, default=5, help="alternating repetitions")
+    p.add_argument("--reps", type=int, default=7, help="alternating repetitions")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--model", choices=["example", "reference"], default="example",
                    help="examples/train_lm.py's CharLM (default) or the proxy's reference LM")
