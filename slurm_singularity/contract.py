@@ -309,7 +309,8 @@ def ckpt_every_s(environ: Mapping[str, str] | None = None) -> float | None:
 
 def ckpt_delay_s(environ: Mapping[str, str] | None = None) -> float:
     """TESTING KNOB, never for production: seconds every checkpoint write
-    sleeps half-way through writing its temporary file, so that a test can
+    sleeps after streaming its payload into the temporary file and before
+    the trailer and fsync, so that a test can
     kill a worker mid-write or show a checkpoint that misses Slurm's grace
     time. Set by tests. Default: 0.
 

@@ -11,8 +11,11 @@ whose old incarnation is still flushing).
 
 File layout of ``ckpt-<step:08d>.pt``::
 
-    b"SSCKPT01" | sha256 hex (64 bytes) | payload length (16 decimal digits) | b"\\n" | payload
+    b"SSCKPT02\\n" | payload | sha256 hex of payload (64) | payload length
+    (16 decimal digits) | b"\\n" | b"SSCKEND\\n"
 
+The checksum is a trailer so that the payload streams straight into the file
+while it is hashed; a file cut short lacks the trailer and is refused.
 The payload is ``torch.save`` of a dict (see ``splice.Trainer``). Beside it
 ``ckpt-<step:08d>.json`` holds a ``CheckpointMeta`` for tools such as
 ``singularity-admin job show``.
@@ -20,12 +23,15 @@ The payload is ``torch.save`` of a dict (see ``splice.Trainer``). Beside it
 
 from __future__ import annotations
 
+import concurrent.futures
+import functools
 import hashlib
 import io
 import json
 import logging
 import os
 import re
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -40,8 +46,9 @@ from slurm_singularity.runtime.api import (
 
 log = logging.getLogger(__name__)
 
-MAGIC = b"SSCKPT01"
-HEADER_LEN = len(MAGIC) + 64 + 16 + 1
+MAGIC = b"SSCKPT02\n"          # first bytes of every checkpoint file
+END = b"SSCKEND\n"             # last bytes: a file without them is incomplete
+TRAILER_LEN = 64 + 16 + 1 + len(END)
 KEEP = 2
 _CKPT_RE = re.compile(r"^ckpt-(\d{8,})\.pt$")
 
@@ -51,17 +58,66 @@ def ckpt_name(step: int) -> str:
     return f"ckpt-{step:08d}.pt"
 
 
-def serialize(state: dict[str, Any]) -> memoryview:
-    """``state`` -> checkpoint file bytes (header + payload), without an
-    extra copy of the payload."""
-    buf = io.BytesIO()
-    buf.write(b"\0" * HEADER_LEN)
-    torch.save(state, buf)
-    view = buf.getbuffer()
-    payload = view[HEADER_LEN:]
-    digest = hashlib.sha256(payload).hexdigest().encode()
-    view[:HEADER_LEN] = MAGIC + digest + f"{len(payload):016d}".encode() + b"\n"
-    return view
+class _HashingSink:
+    """File-like object that ``torch.save`` streams into: each chunk is
+    hashed and written as it comes, without an in-memory copy of the
+    payload. A large chunk is hashed on a helper thread while the main
+    thread writes it (both release the GIL); ``write`` returns only when
+    both are done, because torch may reuse the buffer afterwards."""
+
+    PARALLEL_BYTES = 1 << 16
+
+    def __init__(self, fh: Any) -> None:
+        self.fh = fh
+        self.length = 0
+        self._hash = hashlib.sha256()
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        if view.nbytes >= self.PARALLEL_BYTES:
+            hashing = _hash_pool().submit(self._hash.update, view)
+            self.fh.write(view)
+            hashing.result()
+        else:
+            self._hash.update(view)
+            self.fh.write(view)
+        self.length += view.nbytes
+        return view.nbytes
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
+
+
+@functools.lru_cache(maxsize=1)
+def _hash_pool() -> concurrent.futures.ThreadPoolExecutor:
+    return concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ckpt-hash")
+
+
+def _save(state: dict[str, Any], sink: Any) -> None:
+    """``torch.save`` without torch's own CRC32 of every record (the sha256
+    of the whole payload covers it and costs less than both)."""
+    old = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(False)
+    try:
+        torch.save(state, sink)
+    finally:
+        torch.serialization.set_crc32_options(old)
+
+
+def _trailer(digest: str, length: int) -> bytes:
+    return digest.encode() + f"{length:016d}".encode() + b"\n" + END
+
+
+def serialize(state: dict[str, Any]) -> bytes:
+    """``state`` -> checkpoint file bytes (header, payload, trailer); the
+    writer streams the same layout straight into the file."""
+    payload = io.BytesIO()
+    _save(state, payload)
+    data = payload.getvalue()
+    return MAGIC + data + _trailer(hashlib.sha256(data).hexdigest(), len(data))
 
 
 def deserialize(data: bytes | memoryview, name: str = "checkpoint") -> dict[str, Any]:
@@ -71,26 +127,30 @@ def deserialize(data: bytes | memoryview, name: str = "checkpoint") -> dict[str,
         or an unreadable payload; the message names ``name``.
     """
     data = memoryview(data)
-    if len(data) < HEADER_LEN or bytes(data[:len(MAGIC)]) != MAGIC:
+    if len(data) < len(MAGIC) or bytes(data[:len(MAGIC)]) != MAGIC:
         raise CorruptCheckpointError(
             f"checkpoint {name} is not a slurm-singularity checkpoint "
             f"(bad header, {len(data)} bytes); refusing it")
-    header = bytes(data[:HEADER_LEN])
-    digest = header[len(MAGIC):len(MAGIC) + 64].decode("ascii", "replace")
+    if len(data) < len(MAGIC) + TRAILER_LEN or bytes(data[-len(END):]) != END:
+        raise CorruptCheckpointError(
+            f"checkpoint {name} is truncated or incomplete (its trailer is missing, "
+            f"{len(data)} bytes); refusing it")
+    trailer = bytes(data[-TRAILER_LEN:])
+    digest = trailer[:64].decode("ascii", "replace")
     try:
-        length = int(header[len(MAGIC) + 64:HEADER_LEN - 1])
+        length = int(trailer[64:80])
     except ValueError:
         raise CorruptCheckpointError(
-            f"checkpoint {name} has a corrupt header (length field); refusing it") from None
-    payload = data[HEADER_LEN:]
+            f"checkpoint {name} has a corrupt trailer (length field); refusing it") from None
+    payload = data[len(MAGIC):len(data) - TRAILER_LEN]
     if len(payload) != length:
         raise CorruptCheckpointError(
             f"checkpoint {name} is truncated or padded: payload is {len(payload)} bytes, "
-            f"header says {length}; refusing it")
+            f"its trailer says {length}; refusing it")
     actual = hashlib.sha256(payload).hexdigest()
     if actual != digest:
         raise CorruptCheckpointError(
-            f"checkpoint {name} fails its checksum (sha256 {actual[:12]}..., header says "
+            f"checkpoint {name} fails its checksum (sha256 {actual[:12]}..., trailer says "
             f"{digest[:12]}...): the file was modified or damaged; refusing it")
     try:
         return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
@@ -101,14 +161,15 @@ def deserialize(data: bytes | memoryview, name: str = "checkpoint") -> dict[str,
 
 def write(ckpt_dir: str | os.PathLike[str], step: int, state: dict[str, Any], *,
           devices: int, world_size: int, reason: CheckpointReason) -> CheckpointMeta:
-    """Write the checkpoint of ``step`` durably, then its metadata, then
-    delete all but the newest ``KEEP`` checkpoints.
+    """Write the checkpoint of ``step`` durably (stream to a temporary file
+    while hashing, trailer, fsync, rename), then its metadata, fsync the
+    directory, and delete all but the newest ``KEEP`` checkpoints.
 
     :raises CheckpointError: the directory cannot be written.
     """
+    wait_for_pruning()
     directory = Path(ckpt_dir)
     started = time.time()
-    data = serialize(state)
     delay = contract.ckpt_delay_s()
     name = ckpt_name(step)
     tmp = directory / f".{name}.tmp.{os.getpid()}"
@@ -116,32 +177,48 @@ def write(ckpt_dir: str | os.PathLike[str], step: int, state: dict[str, Any], *,
         with lock(directory):
             _remove_stale_temporaries(directory)
             with open(tmp, "wb") as fh:
-                half = len(data) // 2
-                fh.write(data[:half])
+                fh.write(MAGIC)
+                sink = _HashingSink(fh)
+                _save(state, sink)
+                digest = sink.hexdigest()
                 if delay:
                     fh.flush()
                     log.warning("checkpoint %s: testing delay of %.1f s (SINGULARITY_CKPT_DELAY_S)",
                                 name, delay)
                     time.sleep(delay)
-                fh.write(data[half:])
+                fh.write(_trailer(digest, sink.length))
                 fh.flush()
                 os.fsync(fh.fileno())
+                size = fh.tell()
             os.replace(tmp, directory / name)
             meta = CheckpointMeta(
                 step=step, wall_time=time.time(), devices=devices, world_size=world_size,
-                reason=reason, file=name, bytes=len(data),
-                sha256=bytes(data[len(MAGIC):len(MAGIC) + 64]).decode(),
+                reason=reason, file=name, bytes=size, sha256=digest,
                 write_s=time.time() - started)
             meta_tmp = directory / f".{name}.json.tmp.{os.getpid()}"
             meta_tmp.write_text(json.dumps(meta_to_json(meta), sort_keys=True) + "\n")
             os.replace(meta_tmp, directory / meta_name(step))
             fsync_dir(directory)
-            _prune(directory)
     except OSError as exc:
         raise CheckpointError(f"cannot write checkpoint {name} in {directory}: {exc}") from exc
-    log.info("checkpoint %s written (%s, %d bytes, %.3f s)", name, reason.value, len(data),
+    log.info("checkpoint %s written (%s, %d bytes, %.3f s)", name, reason.value, size,
              meta.write_s)
+    # Deleting old checkpoints is not needed for durability: do it off the
+    # critical path (a non-daemon thread, so the process waits for it).
+    global _pruner
+    _pruner = threading.Thread(target=_prune_locked, args=(directory,), name="ckpt-prune")
+    _pruner.start()
     return meta
+
+
+_pruner: threading.Thread | None = None
+
+
+def wait_for_pruning() -> None:
+    """Wait until this process's last write deleted the checkpoints beyond
+    the newest ``KEEP`` (done on a helper thread after the write)."""
+    if _pruner is not None:
+        _pruner.join()
 
 
 def meta_name(step: int) -> str:
@@ -169,6 +246,11 @@ def meta_from_json(raw: dict[str, Any]) -> CheckpointMeta:
 
 def list_checkpoints(ckpt_dir: str | os.PathLike[str]) -> list[tuple[int, Path]]:
     """``(step, path)`` of the checkpoint files, newest first."""
+    wait_for_pruning()
+    return _list(ckpt_dir)
+
+
+def _list(ckpt_dir: str | os.PathLike[str]) -> list[tuple[int, Path]]:
     directory = Path(ckpt_dir)
     if not directory.is_dir():
         return []
@@ -219,8 +301,18 @@ def load_latest(ckpt_dir: str | os.PathLike[str]) -> tuple[int, dict[str, Any]] 
         f"no valid checkpoint in {ckpt_dir}: " + "; ".join(refused))
 
 
+def _prune_locked(directory: Path) -> None:
+    if not directory.is_dir():
+        return
+    try:
+        with lock(directory):
+            _prune(directory)
+    except OSError as exc:
+        log.warning("cannot delete old checkpoints in %s: %s", directory, exc)
+
+
 def _prune(directory: Path) -> None:
-    for step, path in list_checkpoints(directory)[KEEP:]:
+    for step, path in _list(directory)[KEEP:]:
         path.unlink(missing_ok=True)
         (directory / meta_name(step)).unlink(missing_ok=True)
 

@@ -1,0 +1,100 @@
+"""Time to a durable checkpoint vs writing and fsyncing the same bytes raw.
+
+A W=8 job of the example language model, widened so that its state is tens
+of MB (examples/train_lm.py --dim 256 --layers 4), checkpointed through the
+runtime (serialize one replica + every logical rank's RNG state and data
+cursor, sha256, temporary file, fsync, rename, metadata, directory fsync,
+prune) vs the baseline: the same number of bytes written to a file and
+fsynced. Alternating, several repetitions, median. Goal: ratio <= 1.3.
+Also reports checkpoint bytes / one replica's state bytes (parameters and
+optimizer state). Last line: the JSON result.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from slurm_singularity.runtime import checkpoint
+from slurm_singularity.runtime.api import CheckpointReason, JobShape
+from slurm_singularity.runtime.job import Job
+
+W = 8
+REPS = 7
+GOAL = 1.3
+
+
+def load_example():
+    path = Path(__file__).resolve().parents[1] / "examples" / "train_lm.py"
+    spec = importlib.util.spec_from_file_location("train_lm", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def raw_write(path: Path, payload: bytes) -> None:
+    with open(path, "wb") as fh:
+        fh.write(payload)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def main() -> int:
+    torch.set_num_threads(1)
+    lm = load_example()
+    args = lm.parse(["--dim", "256", "--layers", "4", "--heads", "4"])
+    data = lm.CharWindows(lm.load_text(args.corpus_bytes), args.block)
+    cpu = torch.device("cpu")
+    job = Job(shape=JobShape(W, 1), device=cpu, deterministic=True, ckpt_dir=None)
+    model, opt, sched = lm.build(args, cpu)
+    trainer = job.trainer(model, opt, data, batch_size=args.batch_size, scheduler=sched)
+    for step in trainer.steps(1):       # one step so that AdamW has its moments
+        for x, y in step.batches():
+            F.cross_entropy(model(x).flatten(0, 1), y.flatten()).backward()
+    replica = sum(t.numel() * t.element_size() for t in model.parameters())
+    replica += sum(v.numel() * v.element_size() for s in opt.state.values()
+                   for v in s.values() if torch.is_tensor(v))
+
+    base_dir = Path(os.environ.get("BENCH_DIR", tempfile.gettempdir()))
+    with tempfile.TemporaryDirectory(dir=base_dir, prefix="bench-ckpt-") as tmp:
+        ckpt_dir = Path(tmp) / "ckpt"
+        raw_path = Path(tmp) / "raw.bin"
+        size = len(checkpoint.serialize(trainer.state()))
+        payload = os.urandom(size)
+        t_ckpt, t_raw = [], []
+        for i in range(REPS + 1):
+            for kind in (("ckpt", "raw") if i % 2 == 0 else ("raw", "ckpt")):
+                t0 = time.perf_counter()
+                if kind == "ckpt":
+                    checkpoint.write(ckpt_dir, i, trainer.state(), devices=1, world_size=W,
+                                     reason=CheckpointReason.PERIODIC)
+                else:
+                    raw_write(raw_path, payload)
+                dt = time.perf_counter() - t0
+                if i:   # the first round warms the page cache and allocator
+                    (t_ckpt if kind == "ckpt" else t_raw).append(dt)
+        written = (ckpt_dir / checkpoint.ckpt_name(REPS)).stat().st_size
+    value, base = statistics.median(t_ckpt), statistics.median(t_raw)
+    ratio = value / base
+    print(f"durable checkpoint of {written / 1e6:.1f} MB: {value * 1e3:.1f} ms; raw write+fsync "
+          f"of the same bytes: {base * 1e3:.1f} ms (median of {REPS}); checkpoint / replica "
+          f"bytes = {written / replica:.3f}", file=sys.stderr)
+    print(json.dumps({"bench": "checkpoint", "value": round(value, 4), "baseline": round(base, 4),
+                      "ratio": round(ratio, 3), "unit": "s", "goal": GOAL, "ok": ratio <= GOAL,
+                      "bytes": written, "replica_bytes": replica,
+                      "bytes_over_replica": round(written / replica, 4), "world_size": W,
+                      "baseline_kind": "write + fsync of the same number of bytes"}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
