@@ -5,6 +5,7 @@ adds a scene here."""
 from __future__ import annotations
 
 import argparse
+import re
 import subprocess
 import sys
 import tempfile
@@ -48,6 +49,113 @@ def scene_gpu_job(client: CliSlurmClient, work: Path) -> None:
     print(out.read_text().strip())
 
 
+BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parent.parent
+TRAIN = REPO / "examples" / "train_lm.py"
+FINAL_LINE = re.compile(r"final step=(\d+) params_sha256=([0-9a-f]{64})")
+
+
+def reference(work: Path, world: int, steps: int) -> str:
+    """The uninterrupted run, outside Slurm, on 2 emulated devices."""
+    r = subprocess.run([str(BIN / "singularity-run"), "--devices", "2", "--world-size", str(world),
+                        "--ckpt-dir", str(work / f"ref-{world}"), str(TRAIN), "--steps", str(steps)],
+                       capture_output=True, text=True)
+    m = FINAL_LINE.search(r.stdout)
+    if not m:
+        raise SystemExit(f"demo: the reference run failed:\n{r.stderr[-2000:]}")
+    return m.group(2)
+
+
+def training_script(work: Path, name: str, sbatch: str, steps: int, step_sleep: float) -> Path:
+    script = work / f"{name}.sh"
+    script.write_text(f"""#!/bin/bash
+{sbatch}
+export MASTER_ADDR=127.0.0.1   # the local cluster's nodes all live on this machine
+srun --ntasks-per-node=1 {BIN / 'singularity-run'} {TRAIN} --steps {steps} --step-sleep {step_sleep}
+""")
+    return script
+
+
+def final_sha(out: Path) -> str:
+    m = FINAL_LINE.search(out.read_text())
+    return m.group(2) if m else "(none)"
+
+
+def scene_tiers(work: Path) -> None:
+    step("Tiers: the policy decides at submit time (job_submit.lua, generated from it)")
+    show([str(BIN / "singularity-admin"), "job", "explain", "--sla=basic", "--elastic=2:8",
+          "--world-size=8", "--gres=gpu:8"])
+    print("A bad elastic range is refused by sbatch itself, naming the option:")
+    show(["sbatch", "--sla=basic", "--elastic=8:2", "--gres=gpu:8", "--wrap", "true"])
+    print("A tier the account may not use is refused by the policy:")
+    show(["sbatch", "--sla=premium", "--gres=gpu:1", "--wrap", "true"])
+
+
+def scene_preemption(client: CliSlurmClient, work: Path) -> None:
+    step("Preemption without loss: premium jobs preempt a basic training job twice")
+    steps = 40
+    want = reference(work, 8, steps)
+    out = work / "basic.out"
+    script = training_script(work, "basic", "#SBATCH --sla=basic --world-size=8 -N1 --gres=gpu:4",
+                             steps, 0.25)
+    job = client.submit([f"--ckpt-dir={work / 'ckpt-basic'}", "-o", str(out),
+                         "--open-mode=append", str(script)])
+    print(f"basic job {job}: W=8 logical ranks on 4 GPUs, {steps} steps")
+    for n in range(2):
+        time.sleep(12 if n == 0 else 25)
+        prem = client.submit(["--sla=premium", "--account=research", "-N4", "--gres=gpu:8",
+                              "-o", "/dev/null", "--wrap", "sleep 3"])
+        print(f"premium job {prem} needs the whole cluster: Slurm preempts the basic job")
+        wait(client, prem)
+    rec = wait(client, job)
+    print(f"basic job {job}: {rec['JobState']} after {rec.get('Restarts')} requeue(s)")
+    show([str(BIN / "singularity-admin"), "job", "show", str(job), "--ckpt-dir",
+          str(work / "ckpt-basic")])
+    print(f"params_sha256, preempted run:     {final_sha(out)}")
+    print(f"params_sha256, uninterrupted run: {want}")
+    print("equal: " + ("yes" if final_sha(out) == want else "NO"))
+
+
+def scene_elastic(client: CliSlurmClient, work: Path) -> None:
+    step("Elastic: the scheduler daemon grows a job into idle GPUs, shrinks it for premium, "
+         "grows it back")
+    steps = 60
+    want = reference(work, 16, steps)
+    log = open(work / "schedd.log", "w")
+    schedd = subprocess.Popen([str(BIN / "singularity-schedd"), "--period", "0.5"],
+                              stdout=log, stderr=log)
+    try:
+        out = work / "elastic.out"
+        script = training_script(
+            work, "elastic", "#SBATCH --sla=basic --elastic=8:16 --world-size=16 -N1 --gres=gpu:8",
+            steps, 0.4)
+        job = client.submit([f"--ckpt-dir={work / 'ckpt-elastic'}", "-o", str(out),
+                             "--open-mode=append", str(script)])
+        print(f"elastic basic job {job}: W=16 on 8..16 GPUs")
+        time.sleep(20)
+        prem = client.submit(["--sla=premium", "--account=research", "-N3", "--gres=gpu:8",
+                              "-o", "/dev/null", "--wrap", "sleep 20"])
+        print(f"premium job {prem} needs 24 of the 32 GPUs")
+        time.sleep(8)
+        show([str(BIN / "singularity-admin"), "status"])
+        wait(client, prem)
+        rec = wait(client, job, timeout=600)
+        print(f"elastic job {job}: {rec['JobState']}")
+    finally:
+        schedd.terminate()
+        schedd.wait(10)
+        log.close()
+    print("The daemon's decisions, each with its reason from the policy:")
+    for line in (work / "schedd.log").read_text().splitlines():
+        if "] grow" in line or "] shrink" in line or "] preempt" in line:
+            print("  " + line.split("daemon: ", 1)[-1][:160])
+    show([str(BIN / "singularity-admin"), "job", "show", str(job), "--ckpt-dir",
+          str(work / "ckpt-elastic")])
+    print(f"params_sha256, resized run:       {final_sha(out)}")
+    print(f"params_sha256, uninterrupted run: {want}")
+    print("equal: " + ("yes" if final_sha(out) == want else "NO"))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--state-dir", required=True)
@@ -55,6 +163,9 @@ def main() -> int:
     client = CliSlurmClient()
     work = Path(tempfile.mkdtemp(prefix="singularity-demo-", dir=args.state_dir))
     scene_gpu_job(client, work)
+    scene_tiers(work)
+    scene_preemption(client, work)
+    scene_elastic(client, work)
     step("Done")
     print(f"The cluster keeps running. Explore it with:\n"
           f"  eval $(.venv/bin/singularity-admin cluster env --state-dir {args.state_dir})\n"

@@ -12,6 +12,6 @@ step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 step "Local Slurm cluster: 4 nodes x 8 emulated GPUs"
 singularity-admin cluster up --state-dir "$STATE" --nodes 4 --gpus-per-node 8
 eval "$(singularity-admin cluster env --state-dir "$STATE")"
-sinfo -N -o "%N %P %t %G"
+sinfo -o "%P %D %N %t %G"
 
 exec .venv/bin/python scripts/demo.py --state-dir "$STATE"

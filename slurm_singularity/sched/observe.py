@@ -174,7 +174,10 @@ def _job_state(view: JobView, running: bool, held: int,
         # a job that does not follow the rules (no job tag): treat it as rigid
         world = devices
         lo = hi = devices
-    account = job.account or (policy.defaults.account or "default")
+    # a job's Slurm account outside the policy falls under the policy's
+    # default account, as job_submit.lua treats it
+    account = job.account if job.account in policy.accounts else (
+        policy.defaults.account or job.account or "default")
     return JobState(
         job_id=job.job_id, tier=view.tier, account=account, world_size=world,
         min_devices=max(1, min(lo, hi)), max_devices=max(1, hi), phase=phase,
