@@ -194,7 +194,7 @@ class Channel:
         """Write bytes without framing (tests use it to send broken frames)."""
         self._write(memoryview(data))
 
-    def recv(self, max_bytes: int) -> bytes:
+    def recv(self, max_bytes: int) -> bytearray:
         """Read one frame.
 
         :raises WireError: the frame is longer than ``max_bytes`` (skipped).
@@ -209,7 +209,7 @@ class Channel:
                 left -= step
             raise WireError(f"message of {length} bytes is larger than the limit "
                             f"of {max_bytes} bytes")
-        return bytes(self._read(length))
+        return self._read(length)
 
     def close(self) -> None:
         self.closed = True

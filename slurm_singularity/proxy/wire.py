@@ -389,7 +389,11 @@ class _Reader:
         raw = self.take(nbytes, "tensor data")
         if nbytes == 0:
             return torch.empty(shape, dtype=dtype)
-        flat = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+        # the payload is a fresh bytearray per message: share it rather than
+        # copy it, unless the data would be misaligned for the kernels
+        flat = torch.frombuffer(raw if not raw.readonly else bytearray(raw), dtype=torch.uint8)
+        if flat.data_ptr() % 64:
+            flat = flat.clone()
         return flat.view(dtype).reshape(shape)
 
 

@@ -151,3 +151,30 @@ def test_with_the_worker_rng_dropout_follows_the_workers_cpu_generator(proxy):
         assert R.param_sha256(model) == want
     finally:
         dev.close()
+
+
+def test_sgd_with_momentum_through_the_proxy_matches_direct_training(proxy):
+    def train(put):
+        torch.manual_seed(3)
+        net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
+        if put is not None:
+            put.module(net)
+        opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, nesterov=True,
+                              weight_decay=1e-4, foreach=False)
+        g = torch.Generator().manual_seed(4)
+        for _ in range(3):
+            x, y = torch.randn(5, 8, generator=g), torch.randint(0, 4, (5,), generator=g)
+            if put is not None:
+                x, y = put.put(x), put.put(y)
+            torch.nn.functional.cross_entropy(net(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+        return [p.detach().cpu() for p in net.parameters()]
+
+    dev = attach(proxy.addr, "sgd")
+    try:
+        got = train(dev)
+    finally:
+        dev.close()
+    want = train(None)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
