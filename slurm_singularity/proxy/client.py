@@ -31,7 +31,7 @@ from slurm_singularity.proxy import ring
 from slurm_singularity.proxy.api import ChannelClosed, ProxyError, RemoteError
 from slurm_singularity.proxy.local_ops import WorkerSideOps
 from slurm_singularity.proxy.wire import (
-    Handle, MsgKind, decode_message, encode_into, encode_message, encode_tensor, header,
+    MsgKind, decode_message, encode_into, encode_message, encode_tensor, header,
 )
 
 log = logging.getLogger(__name__)
