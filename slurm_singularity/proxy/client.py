@@ -16,6 +16,7 @@ values (the generator lives here) and their results are uploaded.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
@@ -169,6 +170,7 @@ class ProxyDevice(WorkerSideOps):
         self._meta_cache: dict[Any, Any] = {}
         self.closed = False
         reply = self._request(MsgKind.ATTACH, [job])
+        atexit.register(self.close)  # queued work reaches the proxy at exit
         self.device_name: str = reply[0]
         self.names_at_attach: list[str] = reply[1]
 
@@ -335,7 +337,9 @@ class ProxyDevice(WorkerSideOps):
         self._request(MsgKind.RESTORE, [blob])
 
     def close(self) -> None:
+        """Send what is queued, wait for it, and leave (named state stays)."""
         if not self.closed:
+            atexit.unregister(self.close)
             try:
                 self._flush_frees()
                 self.sync()
