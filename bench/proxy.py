@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import importlib.util
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -132,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         dev.close()
     finally:
         stop_proxies(handles)
+        shutil.rmtree(state, ignore_errors=True)
     value = statistics.median(p_times)
     base = statistics.median(d_times)
     ratio = value / base
