@@ -19,7 +19,7 @@ from __future__ import annotations
 import bisect
 from typing import Callable
 
-from ...policy.api import Policy, Tier
+from ...policy.api import Policy
 from .. import planner as planner_module
 from ..api import ActionKind, ClusterState, JobPhase, JobState, NodeState
 from .constants import SLURM_BF_MAX_JOB_TEST, TIRESIAS_THRESHOLDS_GPU_S
