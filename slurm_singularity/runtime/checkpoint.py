@@ -23,8 +23,7 @@ The payload is ``torch.save`` of a dict (see ``splice.Trainer``). Beside it
 
 from __future__ import annotations
 
-import concurrent.futures
-import functools
+import bisect
 import hashlib
 import io
 import json
@@ -36,6 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy
 import torch
 
 from slurm_singularity import contract
@@ -58,42 +58,72 @@ def ckpt_name(step: int) -> str:
     return f"ckpt-{step:08d}.pt"
 
 
-class _HashingSink:
-    """File-like object that ``torch.save`` streams into: each chunk is
-    hashed and written as it comes, without an in-memory copy of the
-    payload. A large chunk is hashed on a helper thread while the main
-    thread writes it (both release the GIL); ``write`` returns only when
-    both are done, because torch may reuse the buffer afterwards."""
+class _RecordingSink:
+    """File-like object that ``torch.save`` streams into: each chunk goes to
+    the file at once and is remembered for hashing, so that the sha256 is
+    computed while the kernel flushes the file (``hash_while_flushing``)
+    instead of before; both release the GIL. (Hashing on a thread while
+    torch writes was slower on a busy 2-core machine: it competes for the
+    CPU, where the flush mostly waits for the disk.) A chunk that lies
+    inside the storage of a CPU tensor of the state being saved is
+    remembered in place (the state keeps that memory alive); any other chunk
+    (pickle bytes, zip headers, a temporary CPU copy of a GPU tensor) is
+    copied, because torch may reuse its buffer once ``write`` returns."""
 
-    PARALLEL_BYTES = 1 << 16
-
-    def __init__(self, fh: Any) -> None:
+    def __init__(self, fh: Any, state: Any) -> None:
         self.fh = fh
         self.length = 0
-        self._hash = hashlib.sha256()
+        self._ranges = sorted(_cpu_storage_ranges(state))
+        self._starts = [start for start, _ in self._ranges]
+        self._chunks: list[Any] = []
+
+    def _owned_by_state(self, view: memoryview) -> bool:
+        if not self._ranges or view.nbytes == 0:
+            return False
+        addr = numpy.frombuffer(view, dtype=numpy.uint8).__array_interface__["data"][0]
+        i = bisect.bisect_right(self._starts, addr) - 1
+        return i >= 0 and addr + view.nbytes <= self._ranges[i][1]
 
     def write(self, data: Any) -> int:
         view = memoryview(data).cast("B")
-        if view.nbytes >= self.PARALLEL_BYTES:
-            hashing = _hash_pool().submit(self._hash.update, view)
-            self.fh.write(view)
-            hashing.result()
-        else:
-            self._hash.update(view)
-            self.fh.write(view)
+        self.fh.write(view)
+        self._chunks.append(view if self._owned_by_state(view) else bytes(view))
         self.length += view.nbytes
         return view.nbytes
 
     def flush(self) -> None:
         self.fh.flush()
 
-    def hexdigest(self) -> str:
-        return self._hash.hexdigest()
+    def hash_while_flushing(self) -> str:
+        """sha256 of everything written, computed while a helper thread
+        fdatasyncs the file (both release the GIL)."""
+        self.fh.flush()
+        flushing = threading.Thread(target=os.fdatasync, args=(self.fh.fileno(),),
+                                    name="ckpt-flush")
+        flushing.start()
+        digest = hashlib.sha256()
+        for chunk in self._chunks:
+            digest.update(chunk)
+        self._chunks.clear()
+        flushing.join()
+        return digest.hexdigest()
 
 
-@functools.lru_cache(maxsize=1)
-def _hash_pool() -> concurrent.futures.ThreadPoolExecutor:
-    return concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ckpt-hash")
+def _cpu_storage_ranges(obj: Any, out: list[tuple[int, int]] | None = None
+                        ) -> list[tuple[int, int]]:
+    """(start, end) addresses of the storages of every CPU tensor in obj."""
+    out = [] if out is None else out
+    if isinstance(obj, torch.Tensor):
+        if obj.device.type == "cpu":
+            storage = obj.untyped_storage()
+            out.append((storage.data_ptr(), storage.data_ptr() + storage.nbytes()))
+    elif isinstance(obj, dict):
+        for value in obj.values():
+            _cpu_storage_ranges(value, out)
+    elif isinstance(obj, (list, tuple)):
+        for value in obj:
+            _cpu_storage_ranges(value, out)
+    return out
 
 
 def _save(state: dict[str, Any], sink: Any) -> None:
@@ -178,9 +208,9 @@ def write(ckpt_dir: str | os.PathLike[str], step: int, state: dict[str, Any], *,
             _remove_stale_temporaries(directory)
             with open(tmp, "wb") as fh:
                 fh.write(MAGIC)
-                sink = _HashingSink(fh)
+                sink = _RecordingSink(fh, state)
                 _save(state, sink)
-                digest = sink.hexdigest()
+                digest = sink.hash_while_flushing()
                 if delay:
                     fh.flush()
                     log.warning("checkpoint %s: testing delay of %.1f s (SINGULARITY_CKPT_DELAY_S)",
