@@ -142,7 +142,7 @@ def main(argv=None) -> None:
             import time
             time.sleep(args.step_sleep)
         if job.is_main:
-            print(f"step {trainer.step} loss {loss.item():.4f}", flush=True)
+            print(f"step {step.index + 1} loss {loss.item():.4f}", flush=True)
     if job.is_main:
         print(f"final step={trainer.step} params_sha256={trainer.params_sha256()}", flush=True)
     job.close()

@@ -43,6 +43,19 @@ class PreemptFlag:
         return self.signum is not None
 
 
+#: The flag of this process: set up early by the launcher's worker bootstrap
+#: (so a signal between fork and ``init()`` is not lost) or by ``init()``.
+_PROCESS_FLAG = PreemptFlag()
+
+
+def install_preempt_handler() -> PreemptFlag:
+    """Point the preemption signal at this process's flag (main thread
+    only; elsewhere the flag is returned without a handler)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(contract.preempt_signal(), _PROCESS_FLAG.set)
+    return _PROCESS_FLAG
+
+
 @dataclass
 class Job:
     """This worker's view of the job. Build it with ``init()``."""
@@ -114,9 +127,8 @@ def init(device: torch.device | str | None = None, *,
         torch.set_num_threads(1)
     ckpt = contract.ckpt_dir()
     job = Job(shape=shape, device=dev, deterministic=det,
-              ckpt_dir=Path(ckpt) if ckpt else None, ckpt_every_s=contract.ckpt_every_s())
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(contract.preempt_signal(), job.preempt.set)
+              ckpt_dir=Path(ckpt) if ckpt else None, ckpt_every_s=contract.ckpt_every_s(),
+              preempt=install_preempt_handler())
     if job.distributed and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
         dist.init_process_group(backend, rank=shape.device_rank, world_size=shape.devices)

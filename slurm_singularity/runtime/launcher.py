@@ -188,6 +188,11 @@ def _worker_main(script: str, args: tuple[str, ...], env: dict[str, str],
     """Body of a worker process: the script as ``__main__`` in its env."""
     os.environ.clear()
     os.environ.update(env)
+    for signum in FORWARDED:      # drop the launcher's forwarding handlers
+        signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT
+                      else signal.SIG_DFL)
+    from slurm_singularity.runtime.job import install_preempt_handler
+    install_preempt_handler()     # a preemption before init() is not lost
     if progress is not None:
         os.environ[contract.PROGRESS_FD] = str(progress.fileno())
     sys.argv = [script, *args]
@@ -214,9 +219,11 @@ def launch(spec: LaunchSpec) -> int:
     spec.ckpt_dir.mkdir(parents=True, exist_ok=True)
     main_node = spec.node_rank == 0
     progress = RunProgress(spec.devices, spec.world_size)
+    procs: list[multiprocessing.process.BaseProcess] = []
+    pending: list[int] = []       # signals that came before the workers
+    forwarded = _forward_signals(procs, pending)
     ctx = _context()
     reader_conn, writer_conn = ctx.Pipe(duplex=False) if main_node else (None, None)
-    procs: list[multiprocessing.process.BaseProcess] = []
     base = dict(os.environ)
     for local in range(spec.devices_per_node):
         env = worker_env(spec, local, base)
@@ -225,6 +232,10 @@ def launch(spec: LaunchSpec) -> int:
                            name=f"singularity-worker-{local}")
         proc.start()
         procs.append(proc)
+    for signum in pending:
+        for proc in procs:
+            if proc.pid is not None:
+                os.kill(proc.pid, signum)
     reader = None
     if reader_conn is not None and writer_conn is not None:
         writer_conn.close()
@@ -233,7 +244,6 @@ def launch(spec: LaunchSpec) -> int:
         reader.start()
     log.info("singularity-run: %d worker(s) on this node, W=%d D=%d, checkpoints in %s",
              len(procs), spec.world_size, spec.devices, spec.ckpt_dir)
-    forwarded = _forward_signals(procs)
     try:
         code = _wait(procs)
     finally:
@@ -254,11 +264,18 @@ def _read_progress(conn: Connection, progress: RunProgress) -> None:
     conn.close()
 
 
-def _forward_signals(procs: list[multiprocessing.process.BaseProcess]) -> dict[int, object]:
-    wanted = {contract.preempt_signal(), signal.SIGTERM, signal.SIGINT,
-              signal.SIGUSR1, signal.SIGUSR2}
+#: Signals singularity-run passes on to its workers (plus the preemption
+#: signal of the contract).
+FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
+
+
+def _forward_signals(procs: list[multiprocessing.process.BaseProcess],
+                     pending: list[int]) -> dict[int, object]:
+    wanted = {contract.preempt_signal(), *FORWARDED}
 
     def forward(signum: int, _frame: object) -> None:
+        if not procs:
+            pending.append(signum)
         for p in procs:
             if p.exitcode is None and p.pid is not None:
                 try:

@@ -6,6 +6,9 @@ completed step, and leaves one history.jsonl record per run."""
 from __future__ import annotations
 
 import random
+import signal
+import time
+from pathlib import Path
 
 from slurm_singularity import contract
 from slurm_singularity.runtime import checkpoint
@@ -46,3 +49,24 @@ def test_preempting_at_random_steps_and_resizing_gives_the_uninterrupted_result(
         assert after.first_step == before.last_step
     assert all(r.checkpoint_written and r.steps_lost == 0 for r in runs), runs
     assert runs[0].exit_code == contract.REQUEUE_EXIT_CODE and runs[-1].exit_code == 0
+
+
+def test_a_preemption_signal_that_comes_while_the_workers_start_is_not_lost(tmp_path):
+    proc = harness.launch(harness.LM, tmp_path, 2, 4, *LM_ARGS)
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == contract.REQUEUE_EXIT_CODE, err[-3000:]
+    (run,) = read_history(tmp_path)
+    assert run.stop is StopReason.PREEMPTED and run.checkpoint_written
+    assert checkpoint.list_meta(tmp_path)[0].step == run.last_step
+
+
+def test_a_worker_that_fails_fails_the_run_and_its_history_says_so(tmp_path):
+    script = str(Path(__file__).with_name("crashing_worker.py"))
+    done = harness.run(script, tmp_path, 2, 4)
+    assert done.returncode == 1
+    assert "worker 1 fails on purpose" in done.stderr
+    (run,) = read_history(tmp_path)
+    assert run.stop is StopReason.FAILED and run.exit_code == 1
+    assert run.steps_lost == run.last_step >= 2     # no checkpoint was ever written
