@@ -16,7 +16,7 @@ import torch
 
 from slurm_singularity.proxy import reference as R
 
-STEPS = 8
+STEPS = 10
 WORKER = Path(__file__).with_name("kill_worker.py")
 
 
@@ -41,7 +41,7 @@ def test_a_worker_killed_three_times_finishes_with_the_uninterrupted_parameters(
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
     rng = random.Random(os.getpid())
-    kills = sorted(rng.sample(range(1, STEPS - 1), 3))
+    kills = sorted(rng.sample(range(1, STEPS - 3), 3))
     starts = []
     for k in kills:
         proc = _launch(proxy, "killed-job", ckpt)
@@ -52,7 +52,11 @@ def test_a_worker_killed_three_times_finishes_with_the_uninterrupted_parameters(
             if line.startswith(("fresh", "resumed")):
                 starts.append(line.strip())
                 if line.startswith("resumed"):
-                    target = max(k, int(line.split()[1]) + 1)
+                    resumed = int(line.split()[1])
+                    if resumed >= STEPS - 4:  # little room left: kill it as it resumes
+                        os.kill(proc.pid, signal.SIGKILL)
+                        break
+                    target = max(k, resumed + 1)
             if line.startswith("step ") and int(line.split()[1]) >= target:
                 time.sleep(rng.uniform(0.0, 0.08))  # somewhere inside the next step
                 os.kill(proc.pid, signal.SIGKILL)
