@@ -80,7 +80,8 @@ class GradReducer:
             p.grad.div_(self.world_size)
 
     def _fold_gathered(self) -> None:
-        assert self._slots is not None, "end_turn was never called"  # internal invariant
+        if self._slots is None:
+            raise RuntimeError("GradReducer.finish before any end_turn: no gradients collected")
         dist.all_gather(self._gathered, self._slots)
         total = self._gathered[0][0].clone()
         for d, block in enumerate(self._gathered):
