@@ -184,15 +184,21 @@ def _exit_code(rc: int) -> int:
 
 
 def _worker_main(script: str, args: tuple[str, ...], env: dict[str, str],
-                 progress: Connection | None) -> None:
-    """Body of a worker process: the script as ``__main__`` in its env."""
+                 progress: Connection | None, early: tuple[int, ...]) -> None:
+    """Body of a worker process: the script as ``__main__`` in its env.
+    ``early``: signals the launcher got before this worker existed."""
+    from slurm_singularity.runtime.job import install_preempt_handler
+
     os.environ.clear()
     os.environ.update(env)
-    for signum in FORWARDED:      # drop the launcher's forwarding handlers
-        signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT
-                      else signal.SIG_DFL)
-    from slurm_singularity.runtime.job import install_preempt_handler
-    install_preempt_handler()     # a preemption before init() is not lost
+    flag = install_preempt_handler()   # first: a preemption before init() is not lost
+    preempt = contract.preempt_signal()
+    for signum in FORWARDED:           # drop the launcher's forwarding handlers
+        if signum != preempt:
+            signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT
+                          else signal.SIG_DFL)
+    if preempt in early:
+        flag.set(preempt)
     if progress is not None:
         os.environ[contract.PROGRESS_FD] = str(progress.fileno())
     sys.argv = [script, *args]
@@ -216,26 +222,23 @@ def launch(spec: LaunchSpec) -> int:
     finished, ``REQUEUE_EXIT_CODE`` when they all checkpointed for
     preemption, else the first failing worker's code (128+signal for a
     signal). Device 0's node appends the run to ``history.jsonl``."""
-    spec.ckpt_dir.mkdir(parents=True, exist_ok=True)
-    main_node = spec.node_rank == 0
-    progress = RunProgress(spec.devices, spec.world_size)
     procs: list[multiprocessing.process.BaseProcess] = []
     pending: list[int] = []       # signals that came before the workers
     forwarded = _forward_signals(procs, pending)
+    spec.ckpt_dir.mkdir(parents=True, exist_ok=True)
+    main_node = spec.node_rank == 0
+    progress = RunProgress(spec.devices, spec.world_size)
     ctx = _context()
     reader_conn, writer_conn = ctx.Pipe(duplex=False) if main_node else (None, None)
     base = dict(os.environ)
     for local in range(spec.devices_per_node):
         env = worker_env(spec, local, base)
         conn = writer_conn if local == 0 else None
-        proc = ctx.Process(target=_worker_main, args=(spec.script, spec.args, env, conn),
+        proc = ctx.Process(target=_worker_main,
+                           args=(spec.script, spec.args, env, conn, tuple(pending)),
                            name=f"singularity-worker-{local}")
         proc.start()
         procs.append(proc)
-    for signum in pending:
-        for proc in procs:
-            if proc.pid is not None:
-                os.kill(proc.pid, signum)
     reader = None
     if reader_conn is not None and writer_conn is not None:
         writer_conn.close()
@@ -272,10 +275,13 @@ FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 def _forward_signals(procs: list[multiprocessing.process.BaseProcess],
                      pending: list[int]) -> dict[int, object]:
     wanted = {contract.preempt_signal(), *FORWARDED}
+    launcher_pid = os.getpid()
 
     def forward(signum: int, _frame: object) -> None:
-        if not procs:
-            pending.append(signum)
+        if os.getpid() != launcher_pid:
+            _early_in_worker(signum)
+            return
+        pending.append(signum)
         for p in procs:
             if p.exitcode is None and p.pid is not None:
                 try:
@@ -287,6 +293,18 @@ def _forward_signals(procs: list[multiprocessing.process.BaseProcess],
     for signum in wanted:
         old[signum] = signal.signal(signum, forward)
     return old
+
+
+def _early_in_worker(signum: int) -> None:
+    """A worker got a signal after fork but before ``_worker_main`` set its
+    own handlers (it still runs the launcher's): record a preemption, act
+    on anything else as the default would."""
+    if signum == contract.preempt_signal():
+        from slurm_singularity.runtime.job import install_preempt_handler
+        install_preempt_handler().set(signum)
+        return
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
 
 
 def _wait(procs: list[multiprocessing.process.BaseProcess]) -> int:

@@ -52,14 +52,17 @@ def test_preempting_at_random_steps_and_resizing_gives_the_uninterrupted_result(
 
 
 def test_a_preemption_signal_that_comes_while_the_workers_start_is_not_lost(tmp_path):
-    proc = harness.launch(harness.LM, tmp_path, 2, 4, *LM_ARGS)
-    time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    ckpt = tmp_path / "ckpt"
+    proc = harness.launch(harness.LM, ckpt, 2, 4, *LM_ARGS)
+    while not ckpt.exists():      # the launcher is up (its handlers are in place)
+        assert proc.poll() is None
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)   # long before the workers imported torch
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == contract.REQUEUE_EXIT_CODE, err[-3000:]
-    (run,) = read_history(tmp_path)
+    (run,) = read_history(ckpt)
     assert run.stop is StopReason.PREEMPTED and run.checkpoint_written
-    assert checkpoint.list_meta(tmp_path)[0].step == run.last_step
+    assert checkpoint.list_meta(ckpt)[0].step == run.last_step
 
 
 def test_a_worker_that_fails_fails_the_run_and_its_history_says_so(tmp_path):
