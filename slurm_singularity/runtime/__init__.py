@@ -26,7 +26,7 @@ _EXPORTS = {
     "BufferPolicy": "api", "CheckpointError": "api", "CheckpointMeta": "api",
     "CheckpointReason": "api", "CorruptCheckpointError": "api", "HistoryRecord": "api",
     "JobShape": "api", "RuntimeSetupError": "api", "StopReason": "api",
-    "list_meta": "checkpoint", "read_history": "history",
+    "list_meta": "catalog", "read_history": "history",
     "Job": "job", "init": "job",
     "Step": "splice", "Trainer": "splice", "params_sha256": "splice",
 }

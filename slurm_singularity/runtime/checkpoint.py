@@ -29,7 +29,6 @@ import io
 import json
 import logging
 import os
-import re
 import threading
 import time
 from pathlib import Path
@@ -39,6 +38,8 @@ import numpy
 import torch
 
 from slurm_singularity import contract
+from slurm_singularity.runtime import catalog
+from slurm_singularity.runtime.catalog import ckpt_name, meta_name, meta_to_json
 from slurm_singularity.runtime.dirlock import fsync_dir, lock
 from slurm_singularity.runtime.api import (
     CheckpointError, CheckpointMeta, CheckpointReason, CorruptCheckpointError,
@@ -50,12 +51,6 @@ MAGIC = b"SSCKPT02\n"          # first bytes of every checkpoint file
 END = b"SSCKEND\n"             # last bytes: a file without them is incomplete
 TRAILER_LEN = 64 + 16 + 1 + len(END)
 KEEP = 2
-_CKPT_RE = re.compile(r"^ckpt-(\d{8,})\.pt$")
-
-
-def ckpt_name(step: int) -> str:
-    """File name of the checkpoint after ``step`` completed steps."""
-    return f"ckpt-{step:08d}.pt"
 
 
 class _RecordingSink:
@@ -251,58 +246,17 @@ def wait_for_pruning() -> None:
         _pruner.join()
 
 
-def meta_name(step: int) -> str:
-    return f"ckpt-{step:08d}.json"
-
-
-def meta_to_json(meta: CheckpointMeta) -> dict[str, Any]:
-    out = dict(meta.__dict__)
-    out["reason"] = meta.reason.value
-    return out
-
-
-def meta_from_json(raw: dict[str, Any]) -> CheckpointMeta:
-    """:raises ValueError: a field is missing or malformed (names it)."""
-    try:
-        return CheckpointMeta(
-            step=int(raw["step"]), wall_time=float(raw["wall_time"]),
-            devices=int(raw["devices"]), world_size=int(raw["world_size"]),
-            reason=CheckpointReason(raw["reason"]), file=str(raw["file"]),
-            bytes=int(raw["bytes"]), sha256=str(raw["sha256"]),
-            write_s=float(raw.get("write_s", 0.0)))
-    except KeyError as exc:
-        raise ValueError(f"checkpoint metadata lacks field {exc.args[0]!r}") from None
-
-
 def list_checkpoints(ckpt_dir: str | os.PathLike[str]) -> list[tuple[int, Path]]:
-    """``(step, path)`` of the checkpoint files, newest first."""
+    """``(step, path)`` of the checkpoint files, newest first (after this
+    process's pruning finished)."""
     wait_for_pruning()
-    return _list(ckpt_dir)
-
-
-def _list(ckpt_dir: str | os.PathLike[str]) -> list[tuple[int, Path]]:
-    directory = Path(ckpt_dir)
-    if not directory.is_dir():
-        return []
-    found = []
-    for entry in directory.iterdir():
-        match = _CKPT_RE.match(entry.name)
-        if match:
-            found.append((int(match.group(1)), entry))
-    return sorted(found, reverse=True)
+    return catalog.scan(ckpt_dir)
 
 
 def list_meta(ckpt_dir: str | os.PathLike[str]) -> list[CheckpointMeta]:
-    """Metadata of the checkpoints kept in ``ckpt_dir``, newest first;
-    unreadable metadata files are skipped with a warning."""
-    metas = []
-    for step, _ in list_checkpoints(ckpt_dir):
-        path = Path(ckpt_dir) / meta_name(step)
-        try:
-            metas.append(meta_from_json(json.loads(path.read_text())))
-        except (OSError, ValueError) as exc:
-            log.warning("checkpoint metadata %s unreadable: %s", path, exc)
-    return metas
+    """``catalog.list_meta`` after this process's pruning finished."""
+    wait_for_pruning()
+    return catalog.list_meta(ckpt_dir)
 
 
 def load_latest(ckpt_dir: str | os.PathLike[str]) -> tuple[int, dict[str, Any]] | None:
@@ -342,7 +296,7 @@ def _prune_locked(directory: Path) -> None:
 
 
 def _prune(directory: Path) -> None:
-    for step, path in _list(directory)[KEEP:]:
+    for step, path in catalog.scan(directory)[KEEP:]:
         path.unlink(missing_ok=True)
         (directory / meta_name(step)).unlink(missing_ok=True)
 
