@@ -37,7 +37,9 @@ from multiprocessing.connection import Connection
 from typing import Mapping
 
 from slurm_singularity import contract
-from slurm_singularity.runtime.api import JobShape, RuntimeSetupError, StopReason
+from slurm_singularity.runtime.api import (
+    CheckpointError, JobShape, RuntimeSetupError, StopReason,
+)
 from slurm_singularity.runtime.history import RunProgress, append_record
 
 log = logging.getLogger(__name__)
@@ -203,7 +205,12 @@ def _worker_main(script: str, args: tuple[str, ...], env: dict[str, str],
         os.environ[contract.PROGRESS_FD] = str(progress.fileno())
     sys.argv = [script, *args]
     sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
-    runpy.run_path(script, run_name="__main__")
+    try:
+        runpy.run_path(script, run_name="__main__")
+    except (RuntimeSetupError, CheckpointError, contract.ContractError) as exc:
+        rank = env.get(contract.DEVICE_RANK, "?")
+        print(f"singularity-run: error: [device {rank}] {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
 
 
 def _context() -> multiprocessing.context.BaseContext:
