@@ -12,6 +12,7 @@ cluster as it was.
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import logging
 import os
@@ -253,6 +254,15 @@ def _apply(args: argparse.Namespace) -> int:
         return _error("policy apply", f"scontrol reconfigure failed: {exc}\n"
                                       "the previous files were put back")
     print("scontrol reconfigure: done")
+    try:
+        if client.accounting_enabled():
+            added = client.ensure_accounts(sorted(policy.accounts), [getpass.getuser()])
+            print(f"slurmdbd accounts {', '.join(sorted(policy.accounts))}: "
+                  + ("created" if added else "already there"))
+    except SlurmError as exc:
+        print(f"policy apply: warning: could not create the policy's accounts in slurmdbd "
+              f"({exc}); jobs of an account without an association run under the user's "
+              f"default account", file=sys.stderr)
     return 0
 
 

@@ -13,6 +13,7 @@ instead of starting duplicates.
 from __future__ import annotations
 
 import errno
+import getpass
 import json
 import logging
 import os
@@ -296,6 +297,11 @@ def up(spec: ClusterSpec, policy: Policy,
                 raise ClusterError(f"{name} exited at start:\n  {_log_tail(spec, name)}")
         progress(f"waiting for {spec.nodes} nodes to be idle")
         _wait_for(lambda: _all_idle(spec), spec.ready_timeout_s, "every node to be idle")
+        if spec.accounting:
+            # without an association, --account=NAME falls back to the user's
+            # default account; make the policy's accounts real
+            CliSlurmClient(spec.env(), timeout_s=30).ensure_accounts(
+                sorted(policy.accounts), sorted({"root", getpass.getuser()}))
     except BaseException:
         _stop_all(spec.state_dir, started)
         raise

@@ -93,6 +93,10 @@ class SlurmClient(Protocol):
     def cancel(self, *job_ids: int, signal: str | None = None) -> None:
         """scancel the jobs (or send them ``signal``). :raises SlurmError:"""
 
+    def ensure_accounts(self, accounts: Sequence[str], users: Sequence[str]) -> list[str]:
+        """Create the accounts (and the users' associations) in slurmdbd.
+        :raises SlurmError:"""
+
     def job_runs(self, job_id: int) -> list[JobRun]:
         """Every run of the job from accounting (sacct), oldest first.
         :raises SlurmError: sacct failed (no accounting)."""

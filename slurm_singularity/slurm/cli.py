@@ -89,6 +89,29 @@ class CliSlurmClient:
         self._run(cmd + [str(j) for j in job_ids])
 
 
+    def ensure_accounts(self, accounts: Sequence[str], users: Sequence[str]) -> list[str]:
+        """Make the accounts exist in slurmdbd with ``users`` in each, so that
+        ``--account=NAME`` sticks to the job (without an association Slurm
+        puts the job under the user's default account). Idempotent; returns
+        what was added. :raises SlurmError: sacctmgr failed."""
+        added = []
+        for cmd, what in ((["sacctmgr", "-i", "add", "account", ",".join(accounts)], "accounts"),
+                          (["sacctmgr", "-i", "add", "user", ",".join(users),
+                            f"account={','.join(accounts)}"], "users")):
+            try:
+                out = self._run(cmd)
+            except SlurmError as exc:
+                if "Nothing new added" in exc.stderr or exc.returncode == 1 and not exc.stderr:
+                    continue
+                raise
+            if "Nothing new added" not in out:
+                added.append(what)
+        return added
+
+    def accounting_enabled(self) -> bool:
+        """Whether the cluster stores accounting in slurmdbd. :raises SlurmError:"""
+        return "accounting_storage/slurmdbd" in self.scontrol("show", "config")
+
     def job_runs(self, job_id: int) -> list[JobRun]:
         fields = "JobID,Start,End,ElapsedRaw,State,ExitCode,NodeList,AllocTRES,Partition,WorkDir"
         out = self._run(["sacct", "-D", "-X", "-n", "-P", "-j", str(job_id), "-o", fields])

@@ -32,16 +32,18 @@ srun --ntasks-per-node=1 bash -c 'trap "sleep {ckpt_s}; exit {code}" TERM USR1; 
 class Schedd:
     """singularity-schedd as a subprocess, stopped by its pid."""
 
-    def __init__(self, cluster, log_path: Path) -> None:
+    def __init__(self, cluster, log_path: Path, args: tuple[str, ...] = ()) -> None:
         self.cluster = cluster
         self.log_path = log_path
+        self.args = args
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
         self.log = open(self.log_path, "a")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "slurm_singularity.cli.schedd", "--period", "0.5",
-             "--gpus-per-node", "8"], env=self.cluster.env, stdout=self.log, stderr=self.log)
+             "--gpus-per-node", "8", *self.args], env=self.cluster.env, stdout=self.log,
+            stderr=self.log)
 
     def kill(self) -> None:
         if self.proc and self.proc.poll() is None:

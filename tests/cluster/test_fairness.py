@@ -1,0 +1,83 @@
+"""Fair sharing on the real local Slurm: two accounts with fair-share
+weights 2:1 compete for the whole cluster with elastic basic jobs; over the
+test the scheduler daemon gives them GPU-hours within 10% of 2:1."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from slurm_singularity import paths
+from test_schedd import ELASTIC_JOB, Schedd, _cancel_all
+
+pytestmark = pytest.mark.cluster
+
+BIN = Path(sys.executable).parent
+ACCOUNTS = """
+[accounts.team-a]
+tiers = ["standard", "basic"]
+fair_share_weight = 2.0
+
+[accounts.team-b]
+tiers = ["standard", "basic"]
+fair_share_weight = 1.0
+"""
+
+
+def _apply(cluster, policy: Path) -> None:
+    r = subprocess.run([str(BIN / "singularity-admin"), "policy", "apply", str(policy)],
+                       env=cluster.env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.fixture
+def two_teams(slurm_cluster, tmp_path):
+    policy = tmp_path / "teams.toml"
+    policy.write_text((paths.TEMPLATES_DIR / "policy.toml").read_text() + ACCOUNTS)
+    _cancel_all(slurm_cluster)
+    _apply(slurm_cluster, policy)
+    schedd = Schedd(slurm_cluster, tmp_path / "schedd.log", ("--policy", str(policy)))
+    schedd.start()
+    try:
+        yield schedd
+    finally:
+        schedd.stop()
+        _cancel_all(slurm_cluster)
+        _apply(slurm_cluster, paths.TEMPLATES_DIR / "policy.toml")
+
+
+def _held_by_account(cluster) -> dict[str, int]:
+    out = cluster.run("squeue", "-h", "-t", "R", "-o", "%a %D %b").stdout
+    held: dict[str, int] = {}
+    for line in out.splitlines():
+        account, nodes, gres = line.split()
+        per_node = int(gres.rsplit(":", 1)[-1]) if "gpu" in gres else 0
+        held[account] = held.get(account, 0) + int(nodes) * per_node
+    return held
+
+
+def test_two_accounts_weighted_2_to_1_get_gpu_hours_within_10_percent_of_2_to_1(
+        slurm_cluster, two_teams, tmp_path):
+    script = tmp_path / "elastic.sh"
+    script.write_text(ELASTIC_JOB.format(ckpt_s=0, code=75))
+    for account in ("team-a", "team-b"):
+        for i in range(4):
+            slurm_cluster.run("sbatch", f"--account={account}", "--sla=basic", "--elastic=1:8",
+                              "--world-size=8", "-N1", "--gres=gpu:1", "-o", "/dev/null",
+                              str(script), check=True)
+    time.sleep(15)   # let the daemon settle the shares
+    gpu_s = {"team-a": 0.0, "team-b": 0.0}
+    last = time.monotonic()
+    end = last + 45
+    while time.monotonic() < end:
+        time.sleep(0.5)
+        now = time.monotonic()
+        for account, gpus in _held_by_account(slurm_cluster).items():
+            gpu_s[account] = gpu_s.get(account, 0.0) + gpus * (now - last)
+        last = now
+    ratio = gpu_s["team-a"] / gpu_s["team-b"]
+    assert 1.8 <= ratio <= 2.2, (gpu_s, two_teams.text()[-3000:])
