@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
                                         "SINGULARITY_DETERMINISTIC)")
     det.add_argument("--no-deterministic", dest="deterministic", action="store_false",
                      help="faster reduction (sum locally, then all-reduce)")
+    p.add_argument("--proxy", choices=["on", "off"], default=None,
+                   help="run each worker's device work through a device proxy that this "
+                        "launcher starts, one per device (default: SINGULARITY_PROXY, else off)")
     p.add_argument("-v", "--verbose", action="store_true", help="log the launcher's steps")
     p.add_argument("script", nargs="?", help="the training script")
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the script")
@@ -58,7 +61,35 @@ def main(argv: list[str] | None = None) -> int:
     except (RuntimeSetupError, contract.ContractError) as exc:
         print(f"singularity-run: error: {exc}", file=sys.stderr)
         return 2
-    return launcher.launch(spec)
+    use_proxy = args.proxy == "on" if args.proxy else contract.proxy_enabled()
+    if not use_proxy:
+        return launcher.launch(spec)
+    return _launch_with_proxies(launcher, spec)
+
+
+def _launch_with_proxies(launcher, spec) -> int:
+    """Start one device proxy per device of this node, point the workers at
+    them (the contract variables), run, and stop the proxies by pid."""
+    import os
+    import shutil
+    import tempfile
+
+    from slurm_singularity.proxy.api import ProxyError, stop_proxies
+    from slurm_singularity.proxy.worker import start_node_proxies
+
+    job = contract.proxy_job() or contract.slurm_job_id() or "local"
+    state = tempfile.mkdtemp(prefix="singularity-proxy-")   # short: socket paths
+    try:
+        handles, extra = start_node_proxies(spec.devices_per_node, state, job)
+    except (ProxyError, OSError) as exc:
+        print(f"singularity-run: error: a device proxy failed to start: {exc}", file=sys.stderr)
+        return 1
+    os.environ.update(extra)   # the launcher hands its environment to the workers
+    try:
+        return launcher.launch(spec)
+    finally:
+        stop_proxies(handles)
+        shutil.rmtree(state, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -98,6 +98,8 @@ def select_device(explicit: torch.device | str | None = None) -> torch.device:
     """The torch device this worker computes on: ``explicit`` if given (the
     seam for a device proxy), else the one CUDA device singularity-run left
     visible to this worker, else the CPU (an emulated device)."""
+    if explicit is None:
+        explicit = contract.worker_device()   # the device proxy's worker entry sets it
     if explicit is not None:
         return torch.device(explicit)
     if contract.cuda_visible_devices() and torch.cuda.is_available():

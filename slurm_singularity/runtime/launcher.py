@@ -206,7 +206,13 @@ def _worker_main(script: str, args: tuple[str, ...], env: dict[str, str],
     sys.argv = [script, *args]
     sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
     try:
-        runpy.run_path(script, run_name="__main__")
+        if contract.proxy_enabled() and contract.proxy_addrs():
+            # the device proxy's worker entry attaches to this device's proxy,
+            # then runs the script with the proxy as the worker's device
+            sys.argv = [contract.PROXY_WORKER_MODULE, script, *args]
+            runpy.run_module(contract.PROXY_WORKER_MODULE, run_name="__main__", alter_sys=True)
+        else:
+            runpy.run_path(script, run_name="__main__")
     except (RuntimeSetupError, CheckpointError, contract.ContractError) as exc:
         rank = env.get(contract.DEVICE_RANK, "?")
         print(f"singularity-run: error: [device {rank}] {exc}", file=sys.stderr, flush=True)
