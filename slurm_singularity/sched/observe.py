@@ -100,7 +100,16 @@ def placement_of(job: Job) -> tuple[tuple[str, int], ...]:
     return tuple(out)
 
 
+_REQ_GPUS = re.compile(r"(?:^|,)gres/gpu=(\d+)")
+
+
 def requested_gpus(job: Job) -> int:
+    """GPUs the job's request asks for in all. ``tres_req_str`` has the
+    total after an update; a requeued job's ``node_count`` still shows its
+    previous allocation until it starts again."""
+    m = _REQ_GPUS.search(str(job.extra.get("tres_req_str") or ""))
+    if m:
+        return int(m.group(1))
     per_node = job.extra.get("tres_per_node")
     if per_node:
         return gpus_in(str(per_node)) * int(job.extra.get("node_count") or 1)
