@@ -188,3 +188,28 @@ def test_a_slurmctld_restart_during_a_resize_loses_no_job(slurm_cluster, schedd,
     assert _sizes(out)[-2:] == [32, 16], _sizes(out)
     assert "Traceback" not in schedd.text()
     assert schedd.proc.poll() is None, "the daemon died when slurmctld restarted"
+
+
+def test_the_metrics_count_gpus_per_tier_and_the_actions(slurm_cluster, tmp_path):
+    from prometheus_client import generate_latest
+
+    from slurm_singularity import paths
+    from slurm_singularity.policy.load import load_policy
+    from slurm_singularity.sched.daemon import Daemon, DaemonSettings
+    from slurm_singularity.slurm.cli import CliSlurmClient
+
+    _cancel_all(slurm_cluster)
+    job, _ = _submit_elastic(slurm_cluster, tmp_path)
+    daemon = Daemon(CliSlurmClient(slurm_cluster.spec.env()),
+                    load_policy(paths.TEMPLATES_DIR / "policy.toml"), DaemonSettings())
+    try:
+        done = daemon.run_pass()          # sets the pending job's request to 32
+        assert [(a.kind.value, a.devices_to) for a, _ in done] == [("start", 32)]
+        _wait_gpus(slurm_cluster, job, 32)
+        daemon.run_pass()
+        text = generate_latest(daemon.metrics.registry).decode()
+        assert 'singularity_gpus_busy{tier="basic"} 32.0' in text
+        assert 'singularity_actions_total{kind="start"} 1.0' in text
+        assert 'singularity_jobs{phase="running",tier="basic"} 1.0' in text
+    finally:
+        _cancel_all(slurm_cluster)
