@@ -154,10 +154,19 @@ class ElasticRules:
     world_size_multiple_of_devices: bool = True
     #: Largest splice factor W / D allowed, >= 1.
     max_splice_factor: int = 16
+    #: Who preempts and shrinks jobs for higher tiers: "slurm" (Slurm's own
+    #: partition-priority preemption, which works without the scheduler
+    #: daemon but races it: Slurm preempts a whole job before the daemon can
+    #: shrink it) or "daemon" (Slurm's preemption is off and
+    #: singularity-schedd takes every such decision, as the simulator does).
+    preemption: str = "slurm"
 
     def __post_init__(self) -> None:
         if self.max_splice_factor < 1:
             raise PolicyError("must be >= 1", key="elastic.max_splice_factor")
+        if self.preemption not in ("slurm", "daemon"):
+            raise PolicyError(f"must be \"slurm\" or \"daemon\", not {self.preemption!r}",
+                              key="elastic.preemption")
 
 
 #: Signal names a tier may use for its preemption signal.

@@ -11,7 +11,7 @@ The file's layout (every key is documented in templates/policy.toml and
 docs/admin-guide.md)::
 
     [defaults]          tier, account
-    [elastic]           world_size_multiple_of_devices, max_splice_factor
+    [elastic]           world_size_multiple_of_devices, max_splice_factor, preemption
     [partitions.NAME]   nodes, max_time
     [tiers.TIER]        partition, priority_tier, preempt_mode, grace_time_s,
                         signal, gpu_fraction, preemptible_by
@@ -114,7 +114,8 @@ def _optional_account(value: Any, key: str) -> str | None:
 
 _SCHEMA: dict[str, dict[str, Callable[[Any, str], Any]]] = {
     "defaults": {"tier": _tier_value, "account": _optional_account},
-    "elastic": {"world_size_multiple_of_devices": _BOOL, "max_splice_factor": _INT},
+    "elastic": {"world_size_multiple_of_devices": _BOOL, "max_splice_factor": _INT,
+                "preemption": _STR},
     "partitions": {"nodes": _STR, "max_time": _STR},
     "tiers": {"partition": _STR, "priority_tier": _INT, "preempt_mode": _preempt_mode,
               "grace_time_s": _INT, "signal": _STR, "gpu_fraction": _NUM,

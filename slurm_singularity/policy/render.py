@@ -103,6 +103,10 @@ def render_policy_conf(policy: Policy, nodes: str, source: str = "(policy)") -> 
     """The slurm.conf fragment: PreemptType, PreemptMode, one partition per
     tier over ``nodes`` (a Slurm node list such as ``n[1-4]``)."""
     rows = _partitions(policy, nodes)
+    if policy.elastic.preemption == "daemon":
+        # singularity-schedd takes every preemption and shrink itself
+        for r in rows:
+            r["preempt_mode"] = "OFF"
     modes = {r["preempt_mode"] for r in rows} - {"OFF"}
     return _environment().get_template("policy.conf.j2").render(
         source=source, partitions=rows,

@@ -116,7 +116,11 @@ class Executor:
     def _set_request(self, view: JobView, devices: int) -> str:
         if devices == view.requested:
             return "Slurm starts it as requested"
-        return self._update_size(view.job.job_id, devices)
+        done = self._update_size(view.job.job_id, devices)
+        if view.job.reason == "BeginTime":   # requeued (by Slurm's own preemption)
+            self.release(view.job.job_id)
+            done += "; released it to start now"
+        return done
 
     def _update_size(self, job_id: int, devices: int) -> str:
         nodes, per_node = request_shape(devices, self.settings.gpus_per_node)

@@ -4,19 +4,15 @@ test the scheduler daemon gives them GPU-hours within 10% of 2:1."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from slurm_singularity import paths
-from test_schedd import ELASTIC_JOB, Schedd, _cancel_all
+from test_schedd import ELASTIC_JOB, running_schedd
 
 pytestmark = pytest.mark.cluster
 
-BIN = Path(sys.executable).parent
 ACCOUNTS = """
 [accounts.team-a]
 tiers = ["standard", "basic"]
@@ -28,26 +24,10 @@ fair_share_weight = 1.0
 """
 
 
-def _apply(cluster, policy: Path) -> None:
-    r = subprocess.run([str(BIN / "singularity-admin"), "policy", "apply", str(policy)],
-                       env=cluster.env, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-
-
 @pytest.fixture
 def two_teams(slurm_cluster, tmp_path):
-    policy = tmp_path / "teams.toml"
-    policy.write_text((paths.TEMPLATES_DIR / "policy.toml").read_text() + ACCOUNTS)
-    _cancel_all(slurm_cluster)
-    _apply(slurm_cluster, policy)
-    schedd = Schedd(slurm_cluster, tmp_path / "schedd.log", ("--policy", str(policy)))
-    schedd.start()
-    try:
+    with running_schedd(slurm_cluster, tmp_path, ACCOUNTS) as schedd:
         yield schedd
-    finally:
-        schedd.stop()
-        _cancel_all(slurm_cluster)
-        _apply(slurm_cluster, paths.TEMPLATES_DIR / "policy.toml")
 
 
 def _held_by_account(cluster) -> dict[str, int]:

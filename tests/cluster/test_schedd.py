@@ -9,6 +9,7 @@ own end-to-end test checks the parameters through the same path."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from slurm_singularity import contract
+from slurm_singularity import contract, paths
 from slurm_singularity.cluster import local
 
 pytestmark = pytest.mark.cluster
@@ -62,16 +63,45 @@ class Schedd:
         return self.log_path.read_text()
 
 
-@pytest.fixture
-def schedd(slurm_cluster, tmp_path):
-    _cancel_all(slurm_cluster)
-    d = Schedd(slurm_cluster, tmp_path / "schedd.log")
+def apply_policy(cluster, policy: Path) -> None:
+    r = subprocess.run([sys.executable, "-m", "slurm_singularity.cli.admin", "policy", "apply",
+                        str(policy)], env=cluster.env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+def daemon_policy(tmp_path: Path, extra: str = "", quota: int = 32) -> Path:
+    """The default policy with the daemon alone preempting and shrinking
+    (``[elastic] preemption = "daemon"``), the accounts' ``gpu_quota`` set to
+    ``quota``, plus ``extra`` TOML."""
+    text = (paths.TEMPLATES_DIR / "policy.toml").read_text()
+    assert 'preemption = "slurm"' in text and "gpu_quota = 32" in text
+    text = text.replace('preemption = "slurm"', 'preemption = "daemon"')
+    policy = tmp_path / "daemon-policy.toml"
+    policy.write_text(text.replace("gpu_quota = 32", f"gpu_quota = {quota}") + extra)
+    return policy
+
+
+@contextlib.contextmanager
+def running_schedd(cluster, tmp_path: Path, extra_policy: str = "", quota: int = 32):
+    """singularity-schedd in charge of a cluster whose Slurm preempts nothing
+    by itself; the default policy is put back afterwards."""
+    _cancel_all(cluster)
+    policy = daemon_policy(tmp_path, extra_policy, quota)
+    apply_policy(cluster, policy)
+    d = Schedd(cluster, tmp_path / "schedd.log", ("--policy", str(policy)))
     d.start()
     try:
         yield d
     finally:
         d.stop()
-        _cancel_all(slurm_cluster)
+        _cancel_all(cluster)
+        apply_policy(cluster, paths.TEMPLATES_DIR / "policy.toml")
+
+
+@pytest.fixture
+def schedd(slurm_cluster, tmp_path):
+    with running_schedd(slurm_cluster, tmp_path) as d:
+        yield d
 
 
 def _cancel_all(cluster) -> None:
@@ -193,7 +223,6 @@ def test_a_slurmctld_restart_during_a_resize_loses_no_job(slurm_cluster, schedd,
 def test_the_metrics_count_gpus_per_tier_and_the_actions(slurm_cluster, tmp_path):
     from prometheus_client import generate_latest
 
-    from slurm_singularity import paths
     from slurm_singularity.policy.load import load_policy
     from slurm_singularity.sched.daemon import Daemon, DaemonSettings
     from slurm_singularity.slurm.cli import CliSlurmClient
