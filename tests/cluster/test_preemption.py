@@ -113,9 +113,15 @@ def test_a_basic_job_preempted_three_times_ends_as_if_uninterrupted(slurm_cluste
     for prev, nxt in zip(history, history[1:]):
         assert prev.checkpoint_written and prev.steps_lost == 0
         assert nxt.first_step == prev.last_step
-    # sacct shows the requeues
+    # sacct shows the requeues (slurmctld sends accounting to slurmdbd
+    # asynchronously: give the last record a moment to arrive)
+    want_states = ["REQUEUED"] * 3 + ["COMPLETED"]
+    deadline = time.monotonic() + 30
     runs = slurm_cluster.client.job_runs(job)
-    assert [r.state for r in runs] == ["REQUEUED"] * 3 + ["COMPLETED"], runs
+    while [r.state for r in runs] != want_states and time.monotonic() < deadline:
+        time.sleep(0.5)
+        runs = slurm_cluster.client.job_runs(job)
+    assert [r.state for r in runs] == want_states, runs
     show = subprocess.run([str(BIN / "singularity-admin"), "job", "show", str(job),
                            "--ckpt-dir", str(ckpt), "--json"], env=slurm_cluster.env,
                           capture_output=True, text=True)
