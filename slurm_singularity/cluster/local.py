@@ -338,7 +338,8 @@ def down(state_dir: Path, progress: Callable[[str], None] = lambda msg: None) ->
     live = {n: r for n, r in records.items() if _alive(r)}
     if not live:
         progress(f"no daemons running for {state_dir}")
-        _write_daemons(state_dir, {}) if records else None
+        if records:
+            _write_daemons(state_dir, {})
         return []
     if "slurmctld" in live:
         _cancel_all_jobs(state_dir, progress)
