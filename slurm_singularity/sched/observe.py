@@ -70,6 +70,7 @@ class JobView:
     world_size: int
     devices: int               # held now (running) or requested (pending)
     requested: int             # GPUs the job's Slurm request asks for
+    elastic: tuple[int, int] | None = None   # from the job tag; None: rigid
 
 
 @dataclass(frozen=True)
@@ -153,22 +154,23 @@ def _view(job: Job, policy: Policy, devices: int, requested: int) -> JobView | N
         tag = None
     tier = None
     world = requested
+    elastic = None
     if tag is not None:
         try:
             tier = Tier(str(tag["sla"]))
         except ValueError:
             tier = None
         world = int(tag["ws"])  # type: ignore[arg-type]
+        elastic = tag["elastic"]  # type: ignore[assignment]
     if tier is None:
         tier = policy.tier_of_partition(job.partition) or policy.defaults.tier
-    return JobView(job, marks, tier, max(world, 1), devices, requested)
+    return JobView(job, marks, tier, max(world, 1), devices, requested, elastic)
 
 
 def _job_state(view: JobView, running: bool, held: int,
                placement: tuple[tuple[str, int], ...], now: float, policy: Policy) -> JobState:
     job = view.job
-    tag = contract.parse_job_tag(view.marks.tag) if view.marks.tag else None
-    lo, hi = tag["elastic"] if tag else (view.requested, view.requested)  # type: ignore[misc]
+    lo, hi = view.elastic or (view.requested, view.requested)
     world = view.world_size
     lo, hi = min(lo, world), min(hi, world)
     if running:

@@ -1,0 +1,90 @@
+"""Pure pieces of the daemon and the Slurm layer, on text that Slurm 22.05
+printed on the local cluster (copied here so that odd cases can be tested
+without a cluster: a stale node count, several runs in sacct)."""
+
+from __future__ import annotations
+
+import pytest
+
+from slurm_singularity.sched.executor import request_shape
+from slurm_singularity.sched.observe import Marks, read_marks, requested_gpus
+from slurm_singularity.slurm.api import Job
+from slurm_singularity.slurm.cli import gpus_in, parse_sacct_run, parse_scontrol_record
+
+TAG = "singularity:sla=basic,elastic=8:32,ws=32"
+
+
+def test_the_daemons_marks_survive_a_round_trip_through_admin_comment():
+    marks = Marks(TAG, resize_to=16, resize_at=1795729895.0, work_s=12.5)
+    assert marks.render() == TAG + ",work=12.5,resize=16@1795729895"
+    assert read_marks(marks.render()) == marks
+    assert read_marks(TAG) == Marks(TAG)
+    # Slurm pads AdminComment with a space in scontrol's output
+    assert read_marks(TAG + ",resize=0@5 ").resize_to == 0
+
+
+@pytest.mark.parametrize("devices, shape", [
+    (4, (1, 4)), (8, (1, 8)), (12, (2, 6)), (16, (2, 8)), (24, (3, 8)), (32, (4, 8)), (9, (3, 3)),
+])
+def test_a_size_becomes_the_fewest_nodes_with_equal_gpus_each(devices, shape):
+    assert request_shape(devices, 8) == shape
+
+
+def test_a_requeued_jobs_requested_gpus_come_from_its_tres_request_not_its_stale_node_count():
+    # squeue --json of a job requeued from 4 nodes and set to 2 x 8 GPUs
+    job = Job(1, "j", "PENDING", "basic", "default", "root", "", extra={
+        "node_count": 4, "tres_per_node": "gres:gpu:8",
+        "tres_req_str": "cpu=4,mem=250G,node=2,billing=4,gres/gpu=16"})
+    assert requested_gpus(job) == 16
+    plain = Job(2, "j", "PENDING", "basic", "default", "root", "",
+                extra={"node_count": 2, "tres_per_node": "gres:gpu:3"})
+    assert requested_gpus(plain) == 6
+
+
+@pytest.mark.parametrize("text, gpus", [
+    ("gpu:8", 8), ("gres:gpu:3", 3), ("gpu:8(S:0-1)", 8), ("gres/gpu=2", 2),
+    ("gpu:a100:4,gpu:v100:2", 6), ("", 0), (None, 0), ("craynetwork:1", 0),
+])
+def test_gpu_counts_are_read_from_every_gres_spelling(text, gpus):
+    assert gpus_in(text) == gpus
+
+
+def test_sacct_lines_become_runs_with_their_gpus():
+    run = parse_sacct_run("11|2026-11-26T21:58:09|2026-11-26T21:58:15|6|REQUEUED|75:0|n1|"
+                          "billing=1,cpu=1,gres/gpu=4,node=1|basic|/work")
+    assert (run.job_id, run.state, run.exit_code, run.gpus, run.elapsed_s) == \
+        (11, "REQUEUED", "75:0", 4, 6)
+    cancelled = parse_sacct_run("12|2026-11-26T21:58:09|Unknown|0|CANCELLED by 0|0:0|n1||basic|/w")
+    assert cancelled.state == "CANCELLED" and cancelled.gpus == 0
+
+
+def test_scontrol_records_keep_values_with_spaces():
+    rec = parse_scontrol_record("JobId=5 JobName=a b Comment=x y z Partition=basic "
+                                "AdminComment=singularity:sla=basic,elastic=8:32,ws=32 ")
+    assert rec["JobName"] == "a b" and rec["Comment"] == "x y z"
+    assert rec["Partition"] == "basic" and rec["AdminComment"].startswith("singularity:")
+
+
+def _run(start: str, end: str, state: str, elapsed: int = 10):
+    return parse_sacct_run(f"7|{start}|{end}|{elapsed}|{state}|0:0|n1|gres/gpu=4|basic|/w")
+
+
+def test_job_show_pairs_runs_by_time_and_marks_a_run_killed_past_its_grace_time():
+    from datetime import datetime
+
+    from slurm_singularity.cli.admin_job import build_rows
+    from slurm_singularity.runtime.api import HistoryRecord, StopReason
+
+    def t(hms: str) -> float:
+        return datetime.fromisoformat(f"2026-11-26T{hms}").timestamp()
+
+    runs = [_run("2026-11-26T10:00:00", "2026-11-26T10:00:20", "REQUEUED"),
+            _run("2026-11-26T10:00:31", "2026-11-26T10:01:10", "REQUEUED", elapsed=39),
+            _run("2026-11-26T10:01:21", "2026-11-26T10:01:40", "COMPLETED")]
+    history = [  # run 2 was SIGKILLed mid-checkpoint: it left no record
+        HistoryRecord(t("10:00:01"), t("10:00:20"), 4, 8, 0, 12, StopReason.PREEMPTED, True, 0, 75),
+        HistoryRecord(t("10:01:22"), t("10:01:40"), 8, 8, 12, 40, StopReason.FINISHED, True, 0, 0)]
+    rows = build_rows(runs, history)
+    assert [r.stopped for r in rows] == ["resized", "killed", "finished"]
+    assert rows[1].steps == "12..?" and rows[1].time_lost_s == 39.0 and rows[1].checkpoint == "no"
+    assert [r.devices for r in rows] == [4, 4, 8]
