@@ -12,7 +12,6 @@ optimizer state). Last line: the JSON result.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import statistics
@@ -28,17 +27,11 @@ from slurm_singularity.runtime import checkpoint
 from slurm_singularity.runtime.api import CheckpointReason, JobShape
 from slurm_singularity.runtime.job import Job
 
+from _example import load_example  # noqa: E402 - bench/ is the script's dir
+
 W = 8
 REPS = 7
 GOAL = 1.3
-
-
-def load_example():
-    path = Path(__file__).resolve().parents[1] / "examples" / "train_lm.py"
-    spec = importlib.util.spec_from_file_location("train_lm", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def raw_write(path: Path, payload: bytes) -> None:

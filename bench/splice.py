@@ -12,7 +12,6 @@ runtime's per-step overhead differs. Goal: ratio of median step times
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import statistics
 import sys
@@ -26,18 +25,12 @@ from slurm_singularity.runtime.api import JobShape
 from slurm_singularity.runtime.data import RankShard
 from slurm_singularity.runtime.job import Job
 
+from _example import load_example  # noqa: E402 - bench/ is the script's dir
+
 W = 8
 STEPS_PER_ROUND = 4
 ROUNDS = 31
 GOAL = 1.03
-
-
-def load_example():
-    path = Path(__file__).resolve().parents[1] / "examples" / "train_lm.py"
-    spec = importlib.util.spec_from_file_location("train_lm", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def tiny_overhead_us() -> float:

@@ -7,6 +7,7 @@ status=0
 results=()
 for b in bench/*.py; do
   [ -e "$b" ] || continue
+  case "$(basename "$b")" in _*) continue ;; esac   # helpers, not benchmarks
   echo "== $b" >&2
   out=$(.venv/bin/python "$b" 2>&1 | tee /dev/stderr)
   rc=$?

@@ -71,7 +71,11 @@ def _get(name: str, environ: Mapping[str, str] | None) -> str | None:
     return value.strip()
 
 
-def _int(name: str, environ: Mapping[str, str] | None) -> int | None:
+def _int(name: str, environ: Mapping[str, str] | None, minimum: int = 1) -> int | None:
+    """The variable as an integer >= ``minimum``; None when unset.
+
+    :raises ContractError: names the variable.
+    """
     raw = _get(name, environ)
     if raw is None:
         return None
@@ -79,8 +83,8 @@ def _int(name: str, environ: Mapping[str, str] | None) -> int | None:
         value = int(raw)
     except ValueError:
         raise ContractError(f"{name}={raw!r} is not an integer") from None
-    if value < 1:
-        raise ContractError(f"{name}={raw!r} must be at least 1")
+    if value < minimum:
+        raise ContractError(f"{name}={raw!r} must be at least {minimum}")
     return value
 
 
@@ -260,19 +264,6 @@ def parse_job_tag(text: str | None) -> dict[str, object] | None:
 # --- runtime (singularity-run and its workers) ---------------------------
 
 
-def _nonneg_int(name: str, environ: Mapping[str, str] | None) -> int | None:
-    raw = _get(name, environ)
-    if raw is None:
-        return None
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ContractError(f"{name}={raw!r} is not an integer") from None
-    if value < 0:
-        raise ContractError(f"{name}={raw!r} must not be negative")
-    return value
-
-
 def _nonneg_float(name: str, environ: Mapping[str, str] | None) -> float | None:
     raw = _get(name, environ)
     if raw is None:
@@ -292,7 +283,7 @@ def device_rank(environ: Mapping[str, str] | None = None) -> int:
 
     :raises ContractError: not an integer >= 0.
     """
-    value = _nonneg_int(DEVICE_RANK, environ)
+    value = _int(DEVICE_RANK, environ, minimum=0)
     return 0 if value is None else value
 
 
@@ -326,7 +317,7 @@ def progress_fd(environ: Mapping[str, str] | None = None) -> int | None:
 
     :raises ContractError: not an integer >= 0.
     """
-    return _nonneg_int(PROGRESS_FD, environ)
+    return _int(PROGRESS_FD, environ, minimum=0)
 
 
 def slurm_nodeid(environ: Mapping[str, str] | None = None) -> int:
@@ -335,7 +326,7 @@ def slurm_nodeid(environ: Mapping[str, str] | None = None) -> int:
 
     :raises ContractError: not an integer >= 0.
     """
-    value = _nonneg_int("SLURM_NODEID", environ)
+    value = _int("SLURM_NODEID", environ, minimum=0)
     return 0 if value is None else value
 
 
