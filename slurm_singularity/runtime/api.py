@@ -117,7 +117,7 @@ class CheckpointMeta:
     reason: CheckpointReason
     file: str                 # file name of the checkpoint in the directory
     bytes: int                # size of the checkpoint file
-    sha256: str               # checksum of the payload
+    checksum: str             # "<algorithm>:<hex>" of the payload
     write_s: float = 0.0      # seconds from start of write to durable
 
     def __post_init__(self) -> None:

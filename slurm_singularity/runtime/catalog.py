@@ -43,10 +43,17 @@ def meta_from_json(raw: dict[str, Any]) -> CheckpointMeta:
             step=int(raw["step"]), wall_time=float(raw["wall_time"]),
             devices=int(raw["devices"]), world_size=int(raw["world_size"]),
             reason=CheckpointReason(raw["reason"]), file=str(raw["file"]),
-            bytes=int(raw["bytes"]), sha256=str(raw["sha256"]),
+            bytes=int(raw["bytes"]), checksum=_checksum_field(raw),
             write_s=float(raw.get("write_s", 0.0)))
     except KeyError as exc:
         raise ValueError(f"checkpoint metadata lacks field {exc.args[0]!r}") from None
+
+
+def _checksum_field(raw: dict[str, Any]) -> str:
+    """``checksum``; metadata of format 02 named it ``sha256`` (hex only)."""
+    if "checksum" in raw:
+        return str(raw["checksum"])
+    return "sha256:" + str(raw["sha256"])
 
 
 def scan(ckpt_dir: str | os.PathLike[str]) -> list[tuple[int, Path]]:
