@@ -36,6 +36,8 @@ PROXY = "SINGULARITY_PROXY"                # "on" or "off"
 PROXY_ADDRS = "SINGULARITY_PROXY_ADDRS"    # comma list of proxy socket paths
 PROXY_JOB = "SINGULARITY_PROXY_JOB"        # name workers attach to their proxy under
 WORKER_DEVICE = "SINGULARITY_WORKER_DEVICE"  # torch device of a worker ("meta": its proxy)
+PROXY_RING_BYTES = "SINGULARITY_PROXY_RING_BYTES"  # size of each proxy shared ring
+PROXY_STATE = "SINGULARITY_PROXY_STATE"    # directory of the step's proxies (SPANK)
 DEVICES = "SINGULARITY_DEVICES"            # devices D the launcher uses
 STATE_DIR = "SINGULARITY_STATE_DIR"        # local cluster state directory
 DEVICE_RANK = "SINGULARITY_DEVICE_RANK"    # this worker's device index (runtime)
@@ -46,7 +48,7 @@ PROGRESS_FD = "SINGULARITY_PROGRESS_FD"    # launcher pipe for worker progress
 ALL_VARIABLES: tuple[str, ...] = (
     SLA, ELASTIC, WORLD_SIZE, CKPT_DIR, PREEMPT_SIGNAL, DETERMINISTIC,
     PROXY, PROXY_ADDRS, DEVICES, STATE_DIR, DEVICE_RANK, CKPT_EVERY_S,
-    CKPT_DELAY_S, PROGRESS_FD, PROXY_JOB, WORKER_DEVICE,
+    CKPT_DELAY_S, PROGRESS_FD, PROXY_JOB, WORKER_DEVICE, PROXY_RING_BYTES, PROXY_STATE,
 )
 
 #: Module a launcher runs a worker under (``python -m PROXY_WORKER_MODULE
@@ -129,6 +131,17 @@ def devices(environ: Mapping[str, str] | None = None) -> int | None:
     :raises ContractError: not a positive integer.
     """
     return _int(DEVICES, environ)
+
+
+def preempt_signals(environ: Mapping[str, str] | None = None) -> frozenset[_signal.Signals]:
+    """Signals that ask the job to checkpoint and exit: ``preempt_signal()``
+    and always SIGTERM, which Slurm sends at preemption to a job that did
+    not ask for a signal of its own (and at scancel and the time limit,
+    where a checkpoint saves the work too).
+
+    :raises ContractError: as ``preempt_signal``.
+    """
+    return frozenset({preempt_signal(environ), _signal.SIGTERM})
 
 
 def ckpt_dir(environ: Mapping[str, str] | None = None) -> str | None:
@@ -361,6 +374,13 @@ def proxy_job(environ: Mapping[str, str] | None = None) -> str | None:
     in a proxy belongs to it); set by singularity-run or the SPANK plugin.
     Default: none (``SLURM_JOB_ID``, else ``local``)."""
     return _get(PROXY_JOB, environ)
+
+
+def proxy_ring_bytes(environ: Mapping[str, str] | None = None) -> int | None:
+    """Bytes of each shared-memory ring between a worker and its device
+    proxy (a power of two >= 4096, checked by the proxy). Default: none,
+    the proxy's own (4 MiB)."""
+    return _int(PROXY_RING_BYTES, environ)
 
 
 def worker_device(environ: Mapping[str, str] | None = None) -> str | None:

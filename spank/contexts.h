@@ -15,7 +15,7 @@ int local_init_post_opt(spank_t sp);
 
 /* slurmstepd */
 int remote_user_init(spank_t sp);
-int remote_task_init_privileged(spank_t sp);
+int remote_task_init(spank_t sp);
 int remote_exit(spank_t sp);
 
 #endif

@@ -4,11 +4,14 @@
  * so the runtime reads the same values that job_submit.lua and the scheduler
  * daemon saw. An option that was not given leaves the variable as it is:
  * for a batch job job_submit.lua has set the policy's default there.
+ * Then, with --proxy=on, start the step's device proxies (proxies.c) before
+ * the tasks, and stop them when the step ends.
  */
 #include <string.h>
 
 #include "contexts.h"
 #include "options.h"
+#include "proxies.h"
 
 int remote_user_init(spank_t sp)
 {
@@ -26,26 +29,18 @@ int remote_user_init(spank_t sp)
 			return -1;
 		}
 	}
-	return 0;
+	return proxies_start(sp);
 }
 
-int remote_task_init_privileged(spank_t sp)
+int remote_task_init(spank_t sp)
 {
 	(void)sp;
-	/*
-	 * ---- DEVICE PROXIES START HERE (later issue) ----------------------
-	 * When SINGULARITY_PROXY is "on", start one device proxy per GPU in
-	 * CUDA_VISIBLE_DEVICES before the tasks run, and export their socket
-	 * paths as SINGULARITY_PROXY_ADDRS. Started once per step (guard
-	 * against one call per task), stopped in remote_exit. Not built yet.
-	 * -------------------------------------------------------------------
-	 */
+	proxies_check_task();
 	return 0;
 }
 
 int remote_exit(spank_t sp)
 {
 	(void)sp;
-	/* ---- DEVICE PROXIES STOP HERE (later issue) ---- */
-	return 0;
+	return proxies_stop();
 }

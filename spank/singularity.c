@@ -1,7 +1,8 @@
 /*
  * singularity SPANK plugin: the entry points Slurm looks up, and nothing
  * else. Each switches on spank_context() into the file of that context:
- * allocator.c (sbatch, salloc), local.c (srun), remote.c (slurmstepd).
+ * allocator.c (sbatch, salloc), local.c (srun), remote.c (slurmstepd,
+ * which starts the step's device proxies through proxies.c).
  * Options are registered from one table (options.c) in slurm_spank_init:
  * sbatch and salloc of Slurm 22.05 show and accept only options registered
  * there, not a static spank_options table.
@@ -10,16 +11,18 @@
 
 #include "contexts.h"
 #include "options.h"
+#include "proxies.h"
 
 SPANK_PLUGIN(singularity, 1)
 
 int slurm_spank_init(spank_t sp, int ac, char **av)
 {
-	(void)ac;
-	(void)av;
 	switch (spank_context()) {
-	case S_CTX_LOCAL:
 	case S_CTX_REMOTE:
+		if (proxies_configure(ac, av) != 0)
+			return ESPANK_ERROR;
+		return singularity_options_register(sp) == 0 ? ESPANK_SUCCESS : ESPANK_ERROR;
+	case S_CTX_LOCAL:
 	case S_CTX_ALLOCATOR:
 		return singularity_options_register(sp) == 0 ? ESPANK_SUCCESS : ESPANK_ERROR;
 	default:
@@ -50,13 +53,13 @@ int slurm_spank_user_init(spank_t sp, int ac, char **av)
 	return remote_user_init(sp) == 0 ? ESPANK_SUCCESS : ESPANK_ERROR;
 }
 
-int slurm_spank_task_init_privileged(spank_t sp, int ac, char **av)
+int slurm_spank_task_init(spank_t sp, int ac, char **av)
 {
 	(void)ac;
 	(void)av;
 	if (spank_context() != S_CTX_REMOTE)
 		return ESPANK_SUCCESS;
-	return remote_task_init_privileged(sp) == 0 ? ESPANK_SUCCESS : ESPANK_ERROR;
+	return remote_task_init(sp) == 0 ? ESPANK_SUCCESS : ESPANK_ERROR;
 }
 
 int slurm_spank_exit(spank_t sp, int ac, char **av)

@@ -68,8 +68,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _launch_with_proxies(launcher, spec) -> int:
-    """Start one device proxy per device of this node, point the workers at
-    them (the contract variables), run, and stop the proxies by pid."""
+    """Use the step's device proxies when the SPANK plugin started them;
+    else start one per device of this node, point the workers at them (the
+    contract variables), run, and stop the proxies by pid."""
     import os
     import shutil
     import tempfile
@@ -77,11 +78,21 @@ def _launch_with_proxies(launcher, spec) -> int:
     from slurm_singularity.proxy.api import ProxyError, stop_proxies
     from slurm_singularity.proxy.worker import start_node_proxies
 
+    started_by_slurm = contract.proxy_addrs()
+    if started_by_slurm:
+        if len(started_by_slurm) < spec.devices_per_node:
+            print(f"singularity-run: error: the step has {len(started_by_slurm)} device "
+                  f"proxies ({contract.PROXY_ADDRS}) for {spec.devices_per_node} devices",
+                  file=sys.stderr)
+            return 2
+        print(f"singularity-run: using the step's {len(started_by_slurm)} device proxies "
+              f"(started by the SPANK plugin)", file=sys.stderr)
+        return launcher.launch(spec)
     job = contract.proxy_job() or contract.slurm_job_id() or "local"
     state = tempfile.mkdtemp(prefix="singularity-proxy-")   # short: socket paths
     try:
         handles, extra = start_node_proxies(spec.devices_per_node, state, job)
-    except (ProxyError, OSError) as exc:
+    except (ProxyError, OSError, contract.ContractError) as exc:
         print(f"singularity-run: error: a device proxy failed to start: {exc}", file=sys.stderr)
         return 1
     os.environ.update(extra)   # the launcher hands its environment to the workers

@@ -10,6 +10,7 @@ cluster always runs the policy that ``policy apply`` would install.
 from __future__ import annotations
 
 import socket
+import sys
 from pathlib import Path
 
 import jinja2
@@ -60,6 +61,7 @@ def render_cluster_files(spec: ClusterSpec, policy: Policy,
         cred_expire_s=CRED_EXPIRE_S,
         job_submit="job_submit.lua" in policy_files,
         spank_plugin=spank_plugin,
+        spank_python=sys.executable,     # runs the step's device proxies
         dbd_port=spec.dbd_port if spec.accounting else 0,
         mysql_port=spec.mysql_port,
     )

@@ -129,6 +129,16 @@ def start_proxy(settings: ProxySettings, log_file: Path | None = None,
 
     :raises ProxyError: it exited or did not create its socket in ``timeout``.
     """
+    return _wait_ready(_spawn(settings, log_file, log_level), time.monotonic() + timeout)
+
+
+class _Spawned:
+    def __init__(self, proc: subprocess.Popen, settings: ProxySettings,
+                 log_file: Path | None) -> None:
+        self.proc, self.settings, self.log_file = proc, settings, log_file
+
+
+def _spawn(settings: ProxySettings, log_file: Path | None, log_level: str) -> _Spawned:
     settings.socket_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     out = open(log_file, "ab") if log_file else subprocess.DEVNULL
     try:
@@ -138,25 +148,41 @@ def start_proxy(settings: ProxySettings, log_file: Path | None = None,
     finally:
         if log_file:
             out.close()
-    deadline = time.monotonic() + timeout
+    return _Spawned(proc, settings, log_file)
+
+
+def _wait_ready(spawned: _Spawned, deadline: float) -> ProxyHandle:
+    settings, proc, log_file = spawned.settings, spawned.proc, spawned.log_file
     while not settings.pid_path.exists() or not settings.socket_path.exists():
         if proc.poll() is not None:
             raise ProxyError(f"singularity-proxy --device {settings.device} exited with "
-                             f"{proc.returncode}; see {log_file}")
+                             f"{proc.returncode}{_log_tail(log_file)}")
         if time.monotonic() > deadline:
             proc.kill()
             raise ProxyError(f"singularity-proxy --device {settings.device} did not start "
-                             f"within {timeout:.0f} s; see {log_file}")
+                             f"in time{_log_tail(log_file)}")
         time.sleep(0.05)
     return ProxyHandle(settings.device, settings.socket_path, proc.pid, settings.pid_path,
                        log_file)
 
 
+def _log_tail(log_file: Path | None) -> str:
+    """'; see LOG: its last line' for an error message."""
+    if log_file is None:
+        return ""
+    try:
+        lines = log_file.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        lines = []
+    return f"; see {log_file}" + (f": {lines[-1]}" if lines else "")
+
+
 def start_proxies(n: int, state_dir: str | os.PathLike, device: str | None = None,
-                  **settings: object) -> list[ProxyHandle]:
+                  timeout: float = 60.0, **settings: object) -> list[ProxyHandle]:
     """Start ``n`` proxies, one per device, with sockets, pid files and logs
-    under ``state_dir/proxy`` (created 0700). Devices are the CUDA indices
-    0..n-1 when pynvml sees at least ``n`` GPUs, else emulated CPU devices
+    under ``state_dir/proxy`` (created 0700); all start at once, then this
+    waits until each serves. Devices are the CUDA indices 0..n-1 when
+    pynvml sees at least ``n`` GPUs, else emulated CPU devices
     (``device="cpu"`` forces that).
 
     :raises ProxySpecError: ``n`` < 1 or a bad setting.
@@ -170,14 +196,21 @@ def start_proxies(n: int, state_dir: str | os.PathLike, device: str | None = Non
     base.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(base, 0o700)
     use_gpu = device != "cpu" and gpu_count() >= n
+    specs = [ProxySettings(device=str(i) if use_gpu else "cpu",
+                           socket_path=base / f"dev{i}.sock", **settings) for i in range(n)]
+    spawned: list[_Spawned] = []
     handles: list[ProxyHandle] = []
+    deadline = time.monotonic() + timeout
     try:
-        for i in range(n):
-            dev = str(i) if use_gpu else "cpu"
-            spec = ProxySettings(device=dev, socket_path=base / f"dev{i}.sock", **settings)
-            handles.append(start_proxy(spec, log_file=base / f"dev{i}.log"))
+        for i, spec in enumerate(specs):
+            spawned.append(_spawn(spec, base / f"dev{i}.log", "INFO"))
+        for one in spawned:
+            handles.append(_wait_ready(one, deadline))
     except Exception:
-        stop_proxies(handles)
+        for one in spawned:
+            if one.proc.poll() is None:
+                one.proc.kill()
+            one.proc.wait()
         raise
     log.info("[node] started %s device proxies under %s", n, base)
     return handles

@@ -61,8 +61,13 @@ def start_node_proxies(devices: int, state_dir: str | os.PathLike,
                        job: str) -> tuple[list[ProxyHandle], dict[str, str]]:
     """Start one proxy per device of this node (GPUs when NVML sees enough,
     else emulated) and return them with the workers' environment additions.
-    Stop them with ``api.stop_proxies(handles)`` when the launcher ends."""
-    handles = start_proxies(devices, Path(state_dir))
+    Stop them with ``api.stop_proxies(handles)`` when the launcher ends.
+
+    :raises contract.ContractError: a malformed ``SINGULARITY_PROXY_RING_BYTES``.
+    """
+    ring = contract.proxy_ring_bytes()
+    handles = start_proxies(devices, Path(state_dir),
+                            **({} if ring is None else {"ring_bytes": ring}))
     return handles, node_env(handles, job)
 
 

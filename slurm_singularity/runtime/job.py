@@ -49,10 +49,11 @@ _PROCESS_FLAG = PreemptFlag()
 
 
 def install_preempt_handler() -> PreemptFlag:
-    """Point the preemption signal at this process's flag (main thread
+    """Point the preemption signals at this process's flag (main thread
     only; elsewhere the flag is returned without a handler)."""
     if threading.current_thread() is threading.main_thread():
-        signal.signal(contract.preempt_signal(), _PROCESS_FLAG.set)
+        for signum in contract.preempt_signals():
+            signal.signal(signum, _PROCESS_FLAG.set)
     return _PROCESS_FLAG
 
 

@@ -194,13 +194,14 @@ def _worker_main(script: str, args: tuple[str, ...], env: dict[str, str],
     os.environ.clear()
     os.environ.update(env)
     flag = install_preempt_handler()   # first: a preemption before init() is not lost
-    preempt = contract.preempt_signal()
+    preempt = contract.preempt_signals()
     for signum in FORWARDED:           # drop the launcher's forwarding handlers
-        if signum != preempt:
+        if signum not in preempt:
             signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT
                           else signal.SIG_DFL)
-    if preempt in early:
-        flag.set(preempt)
+    for signum in early:
+        if signum in preempt:
+            flag.set(signum)
     if progress is not None:
         os.environ[contract.PROGRESS_FD] = str(progress.fileno())
     sys.argv = [script, *args]
@@ -281,13 +282,13 @@ def _read_progress(conn: Connection, progress: RunProgress) -> None:
 
 
 #: Signals singularity-run passes on to its workers (plus the preemption
-#: signal of the contract).
+#: signals of the contract).
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 
 
 def _forward_signals(procs: list[multiprocessing.process.BaseProcess],
                      pending: list[int]) -> dict[int, object]:
-    wanted = {contract.preempt_signal(), *FORWARDED}
+    wanted = {*contract.preempt_signals(), *FORWARDED}
     launcher_pid = os.getpid()
 
     def forward(signum: int, _frame: object) -> None:
@@ -312,7 +313,7 @@ def _early_in_worker(signum: int) -> None:
     """A worker got a signal after fork but before ``_worker_main`` set its
     own handlers (it still runs the launcher's): record a preemption, act
     on anything else as the default would."""
-    if signum == contract.preempt_signal():
+    if signum in contract.preempt_signals():
         from slurm_singularity.runtime.job import install_preempt_handler
         install_preempt_handler().set(signum)
         return

@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import signal
 import sys
 import time
 from typing import Any, Callable, Iterator
@@ -277,6 +278,15 @@ class Trainer:
         return self.job.device if self.job.device.type == "cuda" else torch.device("cpu")
 
     # ---- the loop ------------------------------------------------------------
+    def _preempted_by(self) -> str:
+        signum = self.job.preempt.signum
+        if signum is None:
+            return "a peer device got the signal"
+        try:
+            return f"{signal.Signals(signum).name} here"
+        except ValueError:
+            return f"signal {signum} here"
+
     def steps(self, total: int) -> Iterator[Step]:
         """Yield a ``Step`` until ``total`` steps are complete (counting
         those restored from a checkpoint). On preemption it checkpoints and
@@ -293,8 +303,9 @@ class Trainer:
                 preempt, due = self._agree()
                 if preempt:
                     self.save(CheckpointReason.PREEMPT)
-                    log.warning("%s: preempted; checkpointed step %d, exiting %d",
-                                self.job, self.step, contract.REQUEUE_EXIT_CODE)
+                    log.warning("%s: preempted (%s); checkpointed step %d, exiting %d",
+                                self.job, self._preempted_by(), self.step,
+                                contract.REQUEUE_EXIT_CODE)
                     self._progress.close(StopReason.PREEMPTED, contract.REQUEUE_EXIT_CODE)
                     self.job.close()
                     sys.stdout.flush()

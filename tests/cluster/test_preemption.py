@@ -39,13 +39,14 @@ def reference_sha(tmp_path: Path, steps: int) -> str:
 
 
 def submit_training(cluster, tmp_path: Path, extra_env: str = "", ckpt_every: int = 0,
-                    step_sleep: float = 0.25) -> tuple[int, Path, Path]:
+                    step_sleep: float = 0.25, sbatch: str = "",
+                    steps: int = STEPS) -> tuple[int, Path, Path]:
     ckpt = tmp_path / "ckpt"
     script = tmp_path / "train.sh"
     script.write_text(f"""#!/bin/bash
-#SBATCH --sla=basic --elastic=1:4 --world-size=8 -N1 --gres=gpu:4
+#SBATCH --sla=basic --elastic=1:4 --world-size=8 -N1 --gres=gpu:4 {sbatch}
 {extra_env}
-srun --ntasks-per-node=1 {BIN / 'singularity-run'} {TRAIN} --steps {STEPS} \\
+srun --ntasks-per-node=1 {BIN / 'singularity-run'} {TRAIN} --steps {steps} \\
      --step-sleep {step_sleep} --ckpt-every {ckpt_every}
 """)
     out = tmp_path / "train.out"
@@ -128,6 +129,31 @@ def test_a_basic_job_preempted_three_times_ends_as_if_uninterrupted(slurm_cluste
     rows = json.loads(show.stdout)["runs"]
     assert [r["stopped"] for r in rows] == ["preempted"] * 3 + ["finished"]
     assert sum(r["steps_lost"] for r in rows) == 0
+
+
+def test_a_job_that_asks_for_usr1_gets_it_at_preemption_instead_of_sigterm(
+        slurm_cluster, tmp_path):
+    """The other way Slurm can warn a job: `--signal=USR1@600` with
+    SlurmctldParameters=preempt_send_user_signal (in the template) delivers
+    USR1 at preemption time instead of SIGTERM. The runtime, told
+    SINGULARITY_PREEMPT_SIGNAL=USR1, checkpoints on it and says which
+    signal it got (the last one before the agreed step boundary)."""
+    steps = 16
+    want = reference_sha(tmp_path, steps)
+    job, out, ckpt = submit_training(slurm_cluster, tmp_path, sbatch="--signal=USR1@600",
+                                     extra_env="export SINGULARITY_PREEMPT_SIGNAL=USR1",
+                                     steps=steps, ckpt_every=1000)
+    wait_until(lambda: steps_done(out) >= 3, 180, "step 3")
+    slurm_cluster.wait_job(premium_burst(slurm_cluster), timeout=120)
+    rec = slurm_cluster.wait_job(job, timeout=300)
+    assert rec["JobState"] == "COMPLETED", rec
+    text = out.read_text()
+    assert "preempted (SIGUSR1 here)" in text, text[-3000:]
+    m = FINAL.search(text)
+    assert m and int(m.group(1)) == steps and m.group(2) == want, text[-2000:]
+    history = read_history(ckpt)
+    assert [h.stop.value for h in history] == ["preempted", "finished"], history
+    assert history[0].checkpoint_written and history[1].first_step == history[0].last_step
 
 
 def test_a_checkpoint_that_misses_the_grace_time_loses_only_steps_since_the_previous_one(
