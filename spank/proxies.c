@@ -21,7 +21,6 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
-#include <ftw.h>
 #include <poll.h>
 #include <signal.h>
 #include <stdio.h>
@@ -345,12 +344,41 @@ static pid_t proxy_pid(const char *proxy_dir, const char *pid_name)
 	return 0;
 }
 
-static int remove_entry(const char *path, const struct stat *sb, int flag, struct FTW *ftw)
+/*
+ * Delete the step's state directory, STATE/proxy/<files>, as root but
+ * through file descriptors opened with O_NOFOLLOW: the directory belongs to
+ * the job's user, who could swap a path for a symbolic link while a
+ * path-walking delete runs. unlinkat never follows the last component, and
+ * a directory that became a link is not opened, so nothing outside the
+ * step's own directory can be removed. Returns 0 or -1 (errno set).
+ */
+static int remove_state_dir(const char *dir)
 {
-	(void)sb;
-	(void)flag;
-	(void)ftw;
-	return remove(path) == 0 || errno == ENOENT ? 0 : -1;
+	int top, sub, rc = 0;
+	DIR *d;
+	struct dirent *e;
+
+	top = open(dir, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+	if (top < 0)
+		return errno == ENOENT ? 0 : -1;
+	sub = openat(top, "proxy", O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+	if (sub >= 0 && (d = fdopendir(sub)) != NULL) {
+		while ((e = readdir(d)) != NULL) {
+			if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0)
+				continue;
+			if (unlinkat(dirfd(d), e->d_name, 0) != 0 && errno != ENOENT)
+				rc = -1;
+		}
+		closedir(d);	/* closes sub */
+	} else if (sub >= 0) {
+		close(sub);
+	}
+	if (unlinkat(top, "proxy", AT_REMOVEDIR) != 0 && errno != ENOENT)
+		rc = -1;
+	close(top);
+	if (rc == 0 && rmdir(dir) != 0 && errno != ENOENT)
+		rc = -1;
+	return rc;
 }
 
 /*
@@ -400,7 +428,7 @@ int proxies_stop(void)
 		}
 	}
 	if (base != NULL && strncmp(base + 1, "singularity-proxy-", 18) == 0 &&
-	    nftw(state_dir, remove_entry, 16, FTW_DEPTH | FTW_PHYS) != 0) {
+	    remove_state_dir(state_dir) != 0) {
 		slurm_error("singularity: cannot delete %s: %s", state_dir, strerror(errno));
 		rc = -1;
 	}

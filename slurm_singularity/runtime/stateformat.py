@@ -16,8 +16,10 @@ The header is ``{"state": TREE, "tensors": [[dtype, shape, offset,
 nbytes], ...]}`` with offsets counted from the start of the tensor area.
 TREE encodes, so that every type round-trips: a dict as ``{"d": [[key,
 value], ...]}``, a list as ``{"l": [...]}``, a tuple as ``{"t": [...]}``,
-a tensor as ``{"T": index}``; ``str``, ``int``, ``float`` (NaN and the
-infinities included), ``bool`` and ``None`` as themselves. Two entries that
+a tensor as ``{"T": index}``, a numpy array as ``{"A": index}`` (stored as
+a tensor, restored as an array); ``str``, ``int``, ``float`` (NaN and the
+infinities included), ``bool`` and ``None`` as themselves, and a numpy
+scalar as the Python number it holds. Two entries that
 are the same tensor (tied weights) share one index, stored once.
 """
 
@@ -29,6 +31,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy
 import torch
 
 ALIGN = 64
@@ -136,6 +139,15 @@ def _tensor(payload: memoryview, start: int, entry: Any, i: int) -> torch.Tensor
 def _encode(obj: Any, tensors: list[torch.Tensor], index: dict, path: tuple[Any, ...]) -> Any:
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
+    if isinstance(obj, numpy.generic) and not isinstance(obj, (numpy.object_, numpy.void)):
+        return _encode(obj.item(), tensors, index, path)
+    if isinstance(obj, numpy.ndarray):
+        try:
+            as_tensor = torch.from_numpy(numpy.ascontiguousarray(obj))
+        except TypeError as exc:
+            raise StateFormatError(f"{_where(path)} is a numpy array a checkpoint cannot "
+                                   f"store: {exc}") from None
+        return {"A": _encode(as_tensor, tensors, index, path)["T"]}
     if isinstance(obj, torch.Tensor):
         key = (str(obj.device), obj.untyped_storage().data_ptr(), obj.storage_offset(),
                tuple(obj.shape), tuple(obj.stride()), obj.dtype)
@@ -163,6 +175,8 @@ def _decode(node: Any, tensors: list[torch.Tensor], where: str) -> Any:
         try:
             if tag == "T":
                 return tensors[value]
+            if tag == "A":
+                return tensors[value].numpy()
             if tag == "d":
                 return {_decode(k, tensors, where): _decode(v, tensors, f"{where}[{k!r}]")
                         for k, v in value}

@@ -9,6 +9,7 @@ import hashlib
 import io
 import math
 
+import numpy
 import pytest
 import torch
 
@@ -32,12 +33,15 @@ def _state():
                       "param_groups": [{"lr": 1e-3, "betas": (0.9, 0.999), "params": [0],
                                         "foreach": None, "amsgrad": False}]},
         "cursor": [7, [1, 2, 3]], "nan": math.nan, "inf": -math.inf, "name": "lm",
+        "numpy": numpy.arange(6, dtype=numpy.float32).reshape(2, 3),
     }
 
 
 def _assert_same(got, want, where="state"):
     assert type(got) is type(want), where
-    if isinstance(want, torch.Tensor):
+    if isinstance(want, numpy.ndarray):
+        assert want.dtype == got.dtype and numpy.array_equal(got, want), where
+    elif isinstance(want, torch.Tensor):
         assert got.dtype == want.dtype and got.shape == want.shape, where
         assert torch.equal(got, want), where
     elif isinstance(want, dict):
@@ -58,6 +62,13 @@ def test_every_kind_of_value_round_trips_exactly():
     want = _state()
     got = checkpoint.deserialize(checkpoint.serialize(want), "x.pt")
     _assert_same(got, want)
+
+
+def test_numpy_scalars_become_the_numbers_they_hold():
+    got = checkpoint.deserialize(checkpoint.serialize(
+        {"best": numpy.float64(0.25), "epoch": numpy.int64(3), "flag": numpy.bool_(True)}))
+    assert got == {"best": 0.25, "epoch": 3, "flag": True}
+    assert type(got["epoch"]) is int and type(got["flag"]) is bool
 
 
 def test_tied_tensors_are_stored_once():
