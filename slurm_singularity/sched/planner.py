@@ -12,7 +12,8 @@ One pass, in order:
    running job held below its promised size. Within a tier, accounts take
    turns lowest weighted usage first (GPUs held / ``fair_share_weight``),
    jobs of one account in submission order; an account never goes above its
-   ``gpu_quota``.
+   ``gpu_quota`` (one at its quota makes room for its demand from its own
+   running jobs of the tiers the demand may preempt, when that is enough).
 2. **Making room.** A demand that free GPUs cannot cover takes, in order:
    (a) devices above MIN of elastic jobs of lower tiers that it may preempt
    (the victim tier's ``preemptible_by`` lists the demand's tier) -- shrink;
@@ -276,6 +277,8 @@ class _Pass:
         least = lad[0] if cur == 0 else next(d for d in lad if d > cur)
         room = self.quota_left(job.account) + cur
         if least > room:
+            room += self._displace_own(r, i, least - room, least - cur)
+        if least > room:
             self.waiting[i] = (f"account {job.account} is at its gpu_quota of "
                                f"{self.quota[job.account]} GPUs")
             return
@@ -375,12 +378,7 @@ class _Pass:
                 if kind != "whole":
                     size = max((d for d in self.lad(j) if floor <= d < cur and cur - d >= need),
                                default=floor)
-                if self.loan[v] >= 0:
-                    self.loan[v] -= max(0, cur - max(size, self.promise_floor(j)))
-                self.whole[v] -= cur - size
-                self.set_target(j, size)
-                self.victim_of.setdefault(j, (i, kind))
-                self.victim_count[j] = self.victim_count.get(j, 0) + 1
+                self._take(v, j, size, i, kind)
                 counts[kind] += 1
                 need -= cur - size
                 if size <= floor:
@@ -392,6 +390,48 @@ class _Pass:
         if counts["whole"]:
             parts.append(f"{counts['whole']} lower-tier job(s) preempted")
         return "free GPUs and " + ", ".join(parts)
+
+    def _take(self, v: int, j: int, size: int, i: int, kind: str) -> None:
+        """Set victim ``j`` (rank ``v``) to ``size`` for demand ``i``."""
+        cur = self.tgt[j]
+        if self.loan[v] >= 0:
+            self.loan[v] -= max(0, cur - max(size, self.promise_floor(j)))
+        self.whole[v] -= cur - size
+        self.set_target(j, size)
+        self.victim_of.setdefault(j, (i, kind))
+        self.victim_count[j] = self.victim_count.get(j, 0) + 1
+
+    def _displace_own(self, r: int, i: int, need: int, fill: int) -> int:
+        """An account at its ``gpu_quota`` makes room for its own demand
+        ``i`` (rank ``r``) from its own running jobs of the tiers ``r`` may
+        preempt: devices above MIN first, then whole jobs, newest first.
+        Only when ``need`` GPUs can be taken that way and free GPUs plus
+        those cover ``fill`` (what the demand needs to reach its MIN); it
+        takes enough that they do, so nothing is touched in vain. Returns
+        the GPUs taken."""
+        acct = self.jobs[i].account
+        own = sorted((j for v in self.victim_ranks[r] for j in self.running[v]
+                      if self.jobs[j].account == acct and self.tgt[j] > 0),
+                     key=lambda j: (-self.jobs[j].submit_time, -self.jobs[j].job_id))
+        total = sum(self.tgt[j] for j in own)
+        if total < need or self.free + total < fill:
+            return 0
+        need = max(need, fill - self.free)   # then free GPUs cover the demand's MIN
+        taken = 0
+        for kind in ("shrink", "whole"):
+            for j in own:
+                if taken >= need:
+                    return taken
+                cur, floor = self.tgt[j], (self.min_floor(j) if kind == "shrink" else 0)
+                if cur <= floor:
+                    continue
+                size = floor
+                if kind == "shrink":
+                    size = max((d for d in self.lad(j) if floor <= d < cur and
+                                cur - d >= need - taken), default=floor)
+                self._take(_rank(self.jobs[j].tier), j, size, i, "own")
+                taken += cur - size
+        return taken
 
     def _grow_idle(self) -> None:
         jobs = self.jobs
@@ -476,7 +516,11 @@ class _Pass:
         rj = self.jobs[req]
         more = self.victim_count[i] - 1
         tail = f" (and {more} more)" if more > 0 else ""
-        if kind == "loan":
+        if kind == "own":
+            why = (f"account {job.account} is at its gpu_quota of {self.quota[job.account]} "
+                   f"GPUs and its own job {rj.job_id} ({rj.tier.value}) needs them{tail}; "
+                   f"tiers.{job.tier.value}.preemptible_by includes {rj.tier.value}")
+        elif kind == "loan":
             why = (f"devices above its promised size were on loan from idle GPUs; job "
                    f"{rj.job_id} of the same tier {rj.tier.value} in account {rj.account} "
                    f"(usage per weight not above {job.account}'s) needs them{tail}")

@@ -118,6 +118,41 @@ def test_an_account_at_its_quota_waits_with_the_quota_as_the_reason():
     assert "gpu_quota" in actions[0].reason
 
 
+def test_an_account_at_its_quota_makes_room_for_its_standard_job_by_shrinking_its_basic_one():
+    """Quota is the account's running total; its own lower-tier work gives
+    way to its higher-tier job (the other account's job is not touched)."""
+    policy = reference_policy(quotas={"a": 16})
+    state = cluster([job(1, "basic", "a", world=16, elastic=(8, 16), devices=16),
+                     job(2, "basic", "b", world=16, devices=16),
+                     job(3, "standard", "a", world=8, submit=50.0)], nodes=4)
+    actions = plan(state, policy)
+    got = [(a.kind, a.job_id, a.devices_to) for a in actions]
+    assert got == [(ActionKind.SHRINK, 1, 8), (ActionKind.START, 3, 8)], got
+    assert "gpu_quota of 16" in actions[0].reason and actions[0].for_job == 3
+    held = sum(j.devices for j in apply_actions(state, actions).jobs if j.account == "a")
+    assert held <= 16
+
+
+def test_an_account_at_its_quota_preempts_its_own_rigid_basic_job_for_its_standard_job():
+    policy = reference_policy(quotas={"a": 8})
+    state = cluster([job(1, "basic", "a", world=8, devices=8),
+                     job(2, "standard", "a", world=8, submit=50.0)], nodes=1)
+    actions = plan(state, policy)
+    assert [(a.kind, a.job_id, a.devices_to) for a in actions] == [
+        (ActionKind.PREEMPT, 1, 0), (ActionKind.START, 2, 8)]
+
+
+def test_an_account_at_its_quota_does_not_displace_its_own_job_when_that_would_not_be_enough():
+    """Its basic job holds 4 of its quota of 8; the standard job needs 8 but
+    the cluster has no other free GPU: nothing is touched, the job waits."""
+    policy = reference_policy(quotas={"a": 8})
+    state = cluster([job(1, "basic", "a", world=4, devices=4),
+                     job(2, "premium", "b", world=4, devices=4),
+                     job(3, "standard", "a", world=8, submit=50.0)], nodes=1)
+    actions = plan(state, policy, explain_waiting=True)
+    assert [(a.kind, a.job_id) for a in actions] == [(ActionKind.LEAVE, 3)], actions
+
+
 def test_every_action_explains_itself_from_the_policy():
     state = cluster([job(1, "basic", world=32, elastic=(8, 32), devices=32),
                      job(2, "standard", world=8, submit=50.0),
