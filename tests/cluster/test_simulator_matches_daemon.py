@@ -4,7 +4,8 @@ singularity-schedd gives the same sequence of decisions.
 
 The trace (seconds; 4 nodes x 8 GPUs):
   t=0   job 1 basic, W=32, elastic 8:32, submitted asking for 8 GPUs
-  t=8   job 3 standard, rigid 8 GPUs, runs long
+  t=8   job 3 standard, rigid 8 GPUs, runs long (same account, at its
+        gpu_quota of 32 once job 1 has grown: job 1 is shrunk for it)
   t=25  job 2 premium, rigid 16 GPUs, runs 20 s
 Compared: every grow, shrink and preempt, and every start at another size
 than the job asked for (a start at the asked size is Slurm's own doing),
@@ -71,13 +72,14 @@ def simulated(policy: Path) -> list[tuple[str, int, int, int]]:
 
 
 def test_the_simulator_and_the_daemon_take_the_same_decisions(slurm_cluster, tmp_path):
-    # quota 64: account default's basic job may hold all 32 GPUs and still let
-    # its standard job in (the planner counts a job it would shrink as held)
-    want = simulated(daemon_policy(tmp_path, quota=64))
+    # the default quota of 32: account default's basic job grows to all 32
+    # GPUs, and its standard job gets in by shrinking it (the account's own
+    # lower-tier work makes room for it)
+    want = simulated(daemon_policy(tmp_path))
     assert want, "the simulator took no decision at all"
 
     ids: dict[int, int] = {}
-    with running_schedd(slurm_cluster, tmp_path, quota=64) as schedd:
+    with running_schedd(slurm_cluster, tmp_path) as schedd:
         script = tmp_path / "elastic.sh"
         script.write_text(ELASTIC_JOB.format(ckpt_s=0, code=75))
         t0 = time.monotonic()
