@@ -13,6 +13,14 @@ several repetitions:
   until it runs again (Slurm's own requeue cycle, with this project's
   slurm.conf, whose requeue delay is already cut from 120 s to ~11 s).
 
+Then, for the record (issue 6 asks to measure both), shrinking 2 nodes ->
+1 in place, as Slurm 22.05 allows for whole nodes only: the job's own
+``scontrol update JobId=$SLURM_JOB_ID NumNodes=1`` (only from inside the
+job does scontrol write the resize script that updates the job's
+environment), then a new srun step, vs the executor's shrink of a fresh
+elastic job of the same shape, alternating (inplace_shrink_median_s,
+requeue_shrink_median_s).
+
 Goal (issue 6): resize <= 0.5 x the plain requeue cycle + checkpoint time.
 The JSON's ratio is resize / requeue; goal 0.5 (checkpoint time excluded on
 both sides). Last line: the JSON verdict.
@@ -48,6 +56,22 @@ srun --ntasks-per-node=1 bash -c 'trap "exit {contract.REQUEUE_EXIT_CODE}" TERM;
 """
 
 
+#: A job that resizes in place: after its step ends it waits for the new
+#: node count in the file "go", shrinks its own allocation, and runs again.
+INPLACE_JOB = """#!/bin/bash
+cd {d}
+while true; do
+  python3 -c 'import time; print("start", time.time(), flush=True)'
+  srun -N$SLURM_JOB_NUM_NODES --ntasks-per-node=1 bash -c \
+      'trap "exit {code}" TERM; for i in $(seq 6000); do sleep 0.05; done'
+  while [ ! -f go ]; do sleep 0.01; done
+  n=$(cat go); rm -f go
+  scontrol update JobId=$SLURM_JOB_ID NumNodes=$n >/dev/null
+  . ./slurm_job_${{SLURM_JOB_ID}}_resize.sh
+done
+"""
+
+
 def starts(out: Path) -> list[float]:
     try:
         return [float(l.split()[1]) for l in out.read_text().splitlines() if l.startswith("start ")]
@@ -79,6 +103,68 @@ def resize(client, policy, executor, job_id: int, to: int) -> float:
             return t0
         executor.continue_resize(view)
         time.sleep(0.05)
+
+
+def running_steps(client_env: dict, job: int) -> list[str]:
+    r = subprocess.run(["squeue", "-h", "-s", "-j", str(job), "-o", "%i"], env=client_env,
+                       capture_output=True, text=True)
+    return [s for s in r.stdout.split() if "." in s and s.split(".")[1].isdigit()]
+
+
+def wait_step(env: dict, job: int, present: bool) -> None:
+    deadline = time.monotonic() + 60
+    while bool(running_steps(env, job)) != present:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"job {job}: step {'start' if present else 'end'} not seen")
+        time.sleep(0.005)
+
+
+def inplace_vs_requeue(state: Path, env: dict, client, policy, executor) -> tuple[list, list]:
+    """Shrink 2 nodes -> 1 in place vs by the executor, alternating; seconds
+    from the decision to the new step running."""
+    inplace, requeue = [], []
+    for rep in range(REPS):
+        d = state / f"inplace{rep}"
+        d.mkdir()
+        (d / "job.sh").write_text(INPLACE_JOB.format(d=d, code=contract.REQUEUE_EXIT_CODE))
+        out = d / "out"
+        job = int(subprocess.run(["sbatch", "--parsable", "--sla=basic", "-N2", "--gres=gpu:8",
+                                  "-o", str(out), str(d / "job.sh")], env=env, check=True,
+                                 capture_output=True, text=True).stdout)
+        wait_start(out, 1)
+        wait_step(env, job, True)
+        time.sleep(1.0)
+        t0 = time.time()
+        subprocess.run(["scancel", "--signal=TERM", running_steps(env, job)[0]], env=env,
+                       check=True)
+        wait_step(env, job, False)
+        (d / "go").write_text("1\n")
+        wait_start(out, 2)
+        wait_step(env, job, True)
+        inplace.append(time.time() - t0)
+        subprocess.run(["scancel", str(job)], env=env)
+        time.sleep(1.0)
+
+        d = state / f"requeue{rep}"
+        d.mkdir()
+        (d / "job.sh").write_text(JOB)
+        out = d / "out"
+        job = int(subprocess.run(["sbatch", "--parsable", "--sla=basic", "--elastic=8:16",
+                                  "--world-size=16", "-N2", "--gres=gpu:8", "--open-mode=append",
+                                  "-o", str(out), str(d / "job.sh")], env=env, check=True,
+                                 capture_output=True, text=True).stdout)
+        wait_start(out, 1)
+        wait_step(env, job, True)
+        time.sleep(1.0)
+        t0 = resize(client, policy, executor, job, 8)
+        wait_start(out, 2)
+        wait_step(env, job, True)
+        requeue.append(time.time() - t0)
+        subprocess.run(["scancel", str(job)], env=env)
+        print(f"rep {rep}: shrink in place {inplace[-1]:.2f} s, by requeue {requeue[-1]:.2f} s",
+              file=sys.stderr, flush=True)
+        time.sleep(1.0)
+    return inplace, requeue
 
 
 def main() -> int:
@@ -129,6 +215,9 @@ def main() -> int:
             n += 1
             (shrink if to < size else grow).append(wait_start(out, n) - t0)
             size = to
+        subprocess.run(["scancel", str(job)], env=env)
+        time.sleep(1.0)
+        inplace, requeue_shrink = inplace_vs_requeue(state, env, client, policy, executor)
     finally:
         local.down(state)
     value = statistics.median(shrink + grow)
@@ -140,6 +229,8 @@ def main() -> int:
         "shrink_median_s": round(statistics.median(shrink), 3),
         "grow_median_s": round(statistics.median(grow), 3),
         "plain_requeue_median_s": round(base, 3), "repetitions": REPS,
+        "inplace_shrink_median_s": round(statistics.median(inplace), 3),
+        "requeue_shrink_median_s": round(statistics.median(requeue_shrink), 3),
         "note": "checkpoint time excluded on both sides; see bench/checkpoint.py"}))
     return 0
 

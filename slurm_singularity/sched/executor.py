@@ -129,11 +129,20 @@ class Executor:
         return f"request set to {nodes} node(s) x {per_node} GPU(s)"
 
     def release(self, job_id: int) -> None:
-        """Let a pending job start now instead of after Slurm's requeue delay."""
+        """Let a requeued job start in a second instead of after Slurm's
+        requeue delay (cred_expire + 1 s).
+
+        Not ``now``: slurmctld revokes a requeued job's credential with the
+        time of the requeue in whole seconds, and a new start whose
+        credential is from that same second is refused ("Killing
+        non-startable batch JobId=N: Job credential revoked") and the job
+        ends FAILED instead of running. Seen on Slurm 22.05 when a release
+        came 0.7 s after the requeue (bench/resize.py); one second later is
+        always a later second."""
         try:
-            self.client.scontrol("update", f"JobId={job_id}", "StartTime=now")
+            self.client.scontrol("update", f"JobId={job_id}", "StartTime=now+1")
         except SlurmError as exc:   # already started: nothing to release
-            log.debug("[job %s] StartTime=now: %s", job_id, exc)
+            log.debug("[job %s] StartTime=now+1: %s", job_id, exc)
 
     def _signal(self, view: JobView) -> None:
         self.client.cancel(view.job.job_id, signal=self._signal_name(view))
