@@ -5,7 +5,9 @@ mark the job (``resize=D@t`` in AdminComment), send it the tier's
 preemption signal so that the runtime checkpoints at an agreed step boundary
 and exits with the requeue code, let Slurm requeue it (``RequeueExit``),
 then change the pending job's request to the new size and let it start at
-once. A preemption is the same without the size change. Every step is
+once. A preemption is the same without the size change. A job run under
+``singularity-job`` may instead shrink itself in place to whole nodes (no
+requeue); the executor then only clears the mark. Every step is
 idempotent and its progress is visible in Slurm, so a daemon killed half-way
 finishes the resize on restart instead of starting it again.
 """
@@ -79,12 +81,19 @@ class Executor:
     # -- resize in three idempotent steps -----------------------------------
 
     def _begin_resize(self, view: JobView, devices: int | None) -> str:
-        """Step 1 and 2: mark the job, then signal it to checkpoint."""
+        """Step 1 and 2: mark the job, then signal it to checkpoint. The
+        signal reaches the job's srun steps only (the runtime runs there;
+        the batch shell would die of it), so a job whose step has not
+        started yet is marked ``unsignalled`` and signalled by
+        ``continue_resize`` once its step runs."""
         job_id = view.job.job_id
         target = devices if devices is not None else 0
-        now = self.clock()
-        marks = Marks(view.marks.tag, target, now, self._work_after_run(view))
+        stepping = bool(self.client.running_steps(job_id))
+        marks = Marks(view.marks.tag, target, self.clock(), self._work_after_run(view),
+                      signalled=stepping)
         self.client.scontrol("update", f"JobId={job_id}", f"AdminComment={marks.render()}")
+        if not stepping:
+            return f"marked resize to {target}; its step has not started, signal it when it does"
         self._signal(view)
         return f"marked resize to {target} and sent SIG{self._signal_name(view)}"
 
@@ -108,10 +117,40 @@ class Executor:
             else:
                 done.append("left it pending (preempted)")
             return "requeued; " + "; ".join(done)
+        if view.job.state == "RUNNING" and marks.resize_to and view.devices == marks.resize_to:
+            return self._finish_in_place(view)
+        if view.job.state == "RUNNING" and not marks.signalled:
+            if self.client.running_steps(job_id):
+                signalled = Marks(marks.tag, marks.resize_to, self.clock(), marks.work_s)
+                self.client.scontrol("update", f"JobId={job_id}",
+                                     f"AdminComment={signalled.render()}")
+                self._signal(view)
+                return f"its step runs now; sent SIG{self._signal_name(view)}"
+            if self.clock() - marks.resize_at > self.settings.resize_retry_s:
+                # no step to warn (a script that runs no srun step): requeue it
+                # as Slurm's own preemption would, losing its run's work
+                self.client.scontrol("requeue", str(job_id))
+                return (f"no step to signal after {self.settings.resize_retry_s:g} s; "
+                        "requeued it")
+            return None
         if view.job.state == "RUNNING" and self.clock() - marks.resize_at > self.settings.resize_retry_s:
             self._signal(view)
             return f"still running {self.settings.resize_retry_s:g} s after the signal; signalled again"
         return None
+
+    def _finish_in_place(self, view: JobView) -> str:
+        """The job shrank itself in place (singularity-job): it runs at the
+        new size without a requeue, so only the mark is cleared. Its work
+        so far (in the mark) is kept; its start time is the old one, so the
+        work counted from it at the new rate is taken off."""
+        marks = view.marks
+        start = float(view.job.extra.get("start_time") or self.clock())
+        rate = view.devices / view.world_size if view.world_size else 0.0
+        work = max(0.0, marks.work_s - rate * max(0.0, self.clock() - start))
+        cleared = Marks(marks.tag, None, 0.0, work)
+        self.client.scontrol("update", f"JobId={view.job.job_id}",
+                             f"AdminComment={cleared.render()}")
+        return f"shrunk in place to {view.devices} GPUs by the job itself; mark cleared"
 
     def _set_request(self, view: JobView, devices: int) -> str:
         if devices == view.requested:

@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 _RESIZE = re.compile(r",resize=(\d+)@(\d+(?:\.\d+)?)")
 _WORK = re.compile(r",work=(\d+(?:\.\d+)?)")
+_UNSIGNALLED = re.compile(r",unsignalled\b")
 _IDX = re.compile(r"^gpu(?::[^:(]+)?:(\d+)")
 
 RUNNING_STATES = {"RUNNING", "COMPLETING", "CONFIGURING"}
@@ -39,6 +40,7 @@ class Marks:
     resize_to: int | None = None  # a resize to this size is in flight
     resize_at: float = 0.0        # when it was asked for (epoch seconds)
     work_s: float = 0.0           # work seconds done before the current run
+    signalled: bool = True        # False: the job had no step to signal yet
 
     def render(self) -> str:
         out = self.tag
@@ -46,6 +48,8 @@ class Marks:
             out += f",work={self.work_s:.1f}"
         if self.resize_to is not None:
             out += f",resize={self.resize_to}@{self.resize_at:.0f}"
+            if not self.signalled:
+                out += ",unsignalled"
         return out
 
 
@@ -53,11 +57,12 @@ def read_marks(admin_comment: str) -> Marks:
     text = admin_comment or ""
     resize = _RESIZE.search(text)
     work = _WORK.search(text)
-    tag = _WORK.sub("", _RESIZE.sub("", text))
+    tag = _UNSIGNALLED.sub("", _WORK.sub("", _RESIZE.sub("", text)))
     return Marks(tag=tag,
                  resize_to=int(resize.group(1)) if resize else None,
                  resize_at=float(resize.group(2)) if resize else 0.0,
-                 work_s=float(work.group(1)) if work else 0.0)
+                 work_s=float(work.group(1)) if work else 0.0,
+                 signalled=not _UNSIGNALLED.search(text))
 
 
 @dataclass(frozen=True)

@@ -89,6 +89,10 @@ class CliSlurmClient:
         self._run(cmd + [str(j) for j in job_ids])
 
 
+    def running_steps(self, job_id: int) -> list[str]:
+        out = self._run(["squeue", "-h", "-s", "-j", str(job_id), "-o", "%i"])
+        return [s for s in out.split() if s.partition(".")[2].isdigit()]
+
     def ensure_accounts(self, accounts: Sequence[str], users: Sequence[str]) -> list[str]:
         """Make the accounts exist in slurmdbd with ``users`` in each, so that
         ``--account=NAME`` sticks to the job (without an association Slurm

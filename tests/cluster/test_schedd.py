@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -174,6 +175,48 @@ def test_elastic_job_grows_is_shrunk_for_premium_and_grows_back(slurm_cluster, s
     log = schedd.text()
     assert f"[job {job}] shrink 32 -> 16" in log and f"job {premium} (premium)" in log
     assert f"[job {job}] preempt" not in log
+
+
+INPLACE_JOB = """#!/bin/bash
+echo "run restart=${{SLURM_RESTART_COUNT:-0}}"
+{bin}/singularity-job srun --ntasks-per-node=1 bash -c \\
+    'echo "step nodes=$SLURM_JOB_NUM_NODES"; trap "exit {code}" TERM; for i in $(seq 3000); do sleep 0.1; done'
+"""
+
+
+def test_a_job_under_singularity_job_is_shrunk_in_place_without_a_requeue(
+        slurm_cluster, schedd, tmp_path):
+    script = tmp_path / "inplace.sh"
+    script.write_text(INPLACE_JOB.format(bin=Path(sys.executable).parent,
+                                         code=contract.REQUEUE_EXIT_CODE))
+    out = tmp_path / "inplace.out"
+    job = int(slurm_cluster.run("sbatch", "--parsable", "--sla=basic", "--elastic=8:32",
+                                "--world-size=32", "-N1", "--gres=gpu:8", "--open-mode=append",
+                                "-o", str(out), str(script), check=True).stdout.strip())
+    _wait_gpus(slurm_cluster, job, 32)       # a grow: by requeue (Slurm cannot grow in place)
+    runs_before = out.read_text().count("run restart=")
+
+    premium = int(slurm_cluster.run("sbatch", "--parsable", "--sla=premium", "--account=research",
+                                    "-N2", "--gres=gpu:8", "-o", "/dev/null", "--wrap",
+                                    "sleep 30", check=True).stdout.strip())
+    _wait_gpus(slurm_cluster, job, 16)
+    deadline = time.monotonic() + 30
+    while slurm_cluster.client.show_job(premium)["JobState"] != "RUNNING":
+        assert time.monotonic() < deadline, slurm_cluster.client.show_job(premium)
+        time.sleep(0.2)
+    text = out.read_text()
+    assert text.count("run restart=") == runs_before, "the shrink requeued the job"
+    assert "shrunk in place to 2 node(s)" in text, text
+    # each task of a step prints its line: one line per node
+    steps = [int(n) for n in re.findall(r"^step nodes=(\d+)", text, flags=re.M)]
+    assert steps[-6:] == [4, 4, 4, 4, 2, 2], steps
+    deadline = time.monotonic() + 15         # the daemon's next pass clears its mark
+    while "shrunk in place to 16 GPUs by the job itself" not in schedd.text():
+        assert time.monotonic() < deadline, schedd.text()[-3000:]
+        time.sleep(0.2)
+    assert f"[job {job}] shrink 32 -> 16" in schedd.text()
+    assert slurm_cluster.client.show_job(job)["JobState"] == "RUNNING"
+    assert ",resize=" not in slurm_cluster.client.show_job(job)["AdminComment"]
 
 
 def test_killing_the_daemon_during_a_resize_repeats_nothing(slurm_cluster, schedd, tmp_path):

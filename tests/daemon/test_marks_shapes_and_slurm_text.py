@@ -21,6 +21,25 @@ def test_the_daemons_marks_survive_a_round_trip_through_admin_comment():
     assert read_marks(TAG) == Marks(TAG)
     # Slurm pads AdminComment with a space in scontrol's output
     assert read_marks(TAG + ",resize=0@5 ").resize_to == 0
+    waiting = Marks(TAG, resize_to=8, resize_at=5.0, signalled=False)
+    assert waiting.render() == TAG + ",resize=8@5,unsignalled"
+    assert read_marks(waiting.render()) == waiting
+
+
+def test_a_whole_node_shrink_is_done_in_place_and_anything_else_by_requeue():
+    from slurm_singularity.cli.job import apply_resize_script, inplace_nodes
+    rec = {"AdminComment": TAG + ",resize=16@5 ", "NumNodes": "4", "TresPerNode": "gres:gpu:8"}
+    assert inplace_nodes(rec) == 2
+    assert inplace_nodes({**rec, "AdminComment": TAG + ",resize=12@5"}) is None  # 6 per node
+    assert inplace_nodes({**rec, "AdminComment": TAG + ",resize=32@5"}) is None  # a grow
+    assert inplace_nodes({**rec, "AdminComment": TAG}) is None                   # no resize
+    assert inplace_nodes({**rec, "AdminComment": TAG + ",resize=0@5"}) is None   # preempted
+    # what scontrol update NumNodes=1 wrote from inside job 4 on the local cluster
+    env = {"SLURM_NTASKS": "2", "SLURM_NNODES": "2", "KEEP": "x"}
+    apply_resize_script('export SLURM_NODELIST="n1"\nexport SLURM_NNODES=1\n'
+                        'export SLURM_JOB_CPUS_PER_NODE="1"\nunset SLURM_NTASKS\n', env)
+    assert env == {"SLURM_NODELIST": "n1", "SLURM_NNODES": "1", "SLURM_JOB_CPUS_PER_NODE": "1",
+                   "KEEP": "x"}
 
 
 @pytest.mark.parametrize("devices, shape", [
