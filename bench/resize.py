@@ -49,6 +49,10 @@ from slurm_singularity.slurm.cli import CliSlurmClient
 REPS = int(os.environ.get("BENCH_RESIZE_REPS", "3"))
 CTLD_PORT = int(os.environ.get("BENCH_RESIZE_CTLD_PORT", "37817"))
 GOAL = 0.5
+#: the executor signals a step only once it ran this long (its signal
+#: handlers are in place); the bench waits as long before each decision so
+#: that it times the resize, not that wait
+SETTLE_S = ExecutorSettings().step_settle_s + 0.5
 
 JOB = f"""#!/bin/bash
 python3 -c 'import time; print("start", time.time(), flush=True)'
@@ -105,15 +109,9 @@ def resize(client, policy, executor, job_id: int, to: int) -> float:
         time.sleep(0.05)
 
 
-def running_steps(client_env: dict, job: int) -> list[str]:
-    r = subprocess.run(["squeue", "-h", "-s", "-j", str(job), "-o", "%i"], env=client_env,
-                       capture_output=True, text=True)
-    return [s for s in r.stdout.split() if "." in s and s.split(".")[1].isdigit()]
-
-
-def wait_step(env: dict, job: int, present: bool) -> None:
+def wait_step(client, job: int, present: bool) -> None:
     deadline = time.monotonic() + 60
-    while bool(running_steps(env, job)) != present:
+    while bool(client.running_steps(job)) != present:
         if time.monotonic() > deadline:
             raise RuntimeError(f"job {job}: step {'start' if present else 'end'} not seen")
         time.sleep(0.005)
@@ -132,15 +130,15 @@ def inplace_vs_requeue(state: Path, env: dict, client, policy, executor) -> tupl
                                   "-o", str(out), str(d / "job.sh")], env=env, check=True,
                                  capture_output=True, text=True).stdout)
         wait_start(out, 1)
-        wait_step(env, job, True)
-        time.sleep(1.0)
+        wait_step(client, job, True)
+        time.sleep(SETTLE_S)
         t0 = time.time()
-        subprocess.run(["scancel", "--signal=TERM", running_steps(env, job)[0]], env=env,
-                       check=True)
-        wait_step(env, job, False)
+        subprocess.run(["scancel", "--signal=TERM", client.running_steps(job)[0][0]],
+                       env=env, check=True)
+        wait_step(client, job, False)
         (d / "go").write_text("1\n")
         wait_start(out, 2)
-        wait_step(env, job, True)
+        wait_step(client, job, True)
         inplace.append(time.time() - t0)
         subprocess.run(["scancel", str(job)], env=env)
         time.sleep(1.0)
@@ -154,11 +152,11 @@ def inplace_vs_requeue(state: Path, env: dict, client, policy, executor) -> tupl
                                   "-o", str(out), str(d / "job.sh")], env=env, check=True,
                                  capture_output=True, text=True).stdout)
         wait_start(out, 1)
-        wait_step(env, job, True)
-        time.sleep(1.0)
+        wait_step(client, job, True)
+        time.sleep(SETTLE_S)
         t0 = resize(client, policy, executor, job, 8)
         wait_start(out, 2)
-        wait_step(env, job, True)
+        wait_step(client, job, True)
         requeue.append(time.time() - t0)
         subprocess.run(["scancel", str(job)], env=env)
         print(f"rep {rep}: shrink in place {inplace[-1]:.2f} s, by requeue {requeue[-1]:.2f} s",
@@ -191,7 +189,8 @@ def main() -> int:
         size = 16
         for rep in range(REPS):
             # resize: shrink or grow, alternating with the baseline
-            time.sleep(1.0)
+            wait_step(client, job, True)
+            time.sleep(SETTLE_S)
             to = 8 if size == 16 else 16
             t0 = resize(client, policy, executor, job, to)
             n += 1
@@ -209,7 +208,8 @@ def main() -> int:
             requeue.append(wait_start(out, n) - t0)
             print(f"rep {rep}: plain requeue {requeue[-1]:.2f} s", file=sys.stderr, flush=True)
             # undo the size for the next rep by the resize path (also measured)
-            time.sleep(1.0)
+            wait_step(client, job, True)
+            time.sleep(SETTLE_S)
             to = 8 if size == 16 else 16
             t0 = resize(client, policy, executor, job, to)
             n += 1

@@ -38,6 +38,10 @@ class ExecutorSettings:
     resize_retry_s: float = 120.0
     #: Log the actions without doing them.
     dry_run: bool = False
+    #: Seconds a step must have run before it is signalled: a younger one
+    #: may not have installed its signal handlers yet, and the preemption
+    #: signal would kill it instead of asking for a checkpoint.
+    step_settle_s: float = 3.0
 
 
 def request_shape(devices: int, gpus_per_node: int) -> tuple[int, int]:
@@ -83,12 +87,12 @@ class Executor:
     def _begin_resize(self, view: JobView, devices: int | None) -> str:
         """Step 1 and 2: mark the job, then signal it to checkpoint. The
         signal reaches the job's srun steps only (the runtime runs there;
-        the batch shell would die of it), so a job whose step has not
-        started yet is marked ``unsignalled`` and signalled by
-        ``continue_resize`` once its step runs."""
+        the batch shell would die of it), so a job whose step has not run
+        for ``step_settle_s`` yet is marked ``unsignalled`` and signalled by
+        ``continue_resize`` once it has."""
         job_id = view.job.job_id
         target = devices if devices is not None else 0
-        stepping = bool(self.client.running_steps(job_id))
+        stepping = self._step_ready(job_id)
         marks = Marks(view.marks.tag, target, self.clock(), self._work_after_run(view),
                       signalled=stepping)
         self.client.scontrol("update", f"JobId={job_id}", f"AdminComment={marks.render()}")
@@ -120,7 +124,7 @@ class Executor:
         if view.job.state == "RUNNING" and marks.resize_to and view.devices == marks.resize_to:
             return self._finish_in_place(view)
         if view.job.state == "RUNNING" and not marks.signalled:
-            if self.client.running_steps(job_id):
+            if self._step_ready(job_id):
                 signalled = Marks(marks.tag, marks.resize_to, self.clock(), marks.work_s)
                 self.client.scontrol("update", f"JobId={job_id}",
                                      f"AdminComment={signalled.render()}")
@@ -137,6 +141,10 @@ class Executor:
             self._signal(view)
             return f"still running {self.settings.resize_retry_s:g} s after the signal; signalled again"
         return None
+
+    def _step_ready(self, job_id: int) -> bool:
+        return any(age >= self.settings.step_settle_s
+                   for _, age in self.client.running_steps(job_id))
 
     def _finish_in_place(self, view: JobView) -> str:
         """The job shrank itself in place (singularity-job): it runs at the

@@ -93,10 +93,10 @@ class SlurmClient(Protocol):
     def cancel(self, *job_ids: int, signal: str | None = None) -> None:
         """scancel the jobs (or send them ``signal``). :raises SlurmError:"""
 
-    def running_steps(self, job_id: int) -> list[str]:
-        """Ids (``JOB.N``) of the job's srun steps running now, not the batch
-        or extern step: a signal (scancel --signal) reaches only these.
-        :raises SlurmError:"""
+    def running_steps(self, job_id: int) -> list[tuple[str, float]]:
+        """``(JOB.N, seconds running)`` of the job's srun steps running now,
+        not the batch or extern step: a signal (scancel --signal) reaches
+        only these. :raises SlurmError:"""
 
     def ensure_accounts(self, accounts: Sequence[str], users: Sequence[str]) -> list[str]:
         """Create the accounts (and the users' associations) in slurmdbd.

@@ -89,9 +89,14 @@ class CliSlurmClient:
         self._run(cmd + [str(j) for j in job_ids])
 
 
-    def running_steps(self, job_id: int) -> list[str]:
-        out = self._run(["squeue", "-h", "-s", "-j", str(job_id), "-o", "%i"])
-        return [s for s in out.split() if s.partition(".")[2].isdigit()]
+    def running_steps(self, job_id: int) -> list[tuple[str, float]]:
+        out = self._run(["squeue", "-h", "-s", "-j", str(job_id), "-o", "%i %M"])
+        steps = []
+        for line in out.splitlines():
+            step, _, used = line.strip().partition(" ")
+            if step.partition(".")[2].isdigit():
+                steps.append((step, parse_elapsed(used.strip())))
+        return steps
 
     def ensure_accounts(self, accounts: Sequence[str], users: Sequence[str]) -> list[str]:
         """Make the accounts exist in slurmdbd with ``users`` in each, so that
@@ -132,6 +137,19 @@ def parse_sacct_run(line: str) -> JobRun:
     return JobRun(int(jid.split("_")[0].split(".")[0]), start, end,
                   int(elapsed) if elapsed.isdigit() else 0, state.split()[0] if state else "",
                   code, nodes, gpus, part, workdir)
+
+
+def parse_elapsed(text: str) -> float:
+    """squeue's time used (``S``, ``M:SS``, ``H:MM:SS``, ``D-HH:MM:SS``) in
+    seconds; 0 for anything else (``INVALID``, empty)."""
+    days, _, clock = text.rpartition("-")
+    try:
+        seconds = 0
+        for part in clock.split(":"):
+            seconds = seconds * 60 + int(part)
+        return float(seconds + 86400 * (int(days) if days else 0))
+    except ValueError:
+        return 0.0
 
 
 def parse_scontrol_record(text: str) -> dict[str, str]:
