@@ -119,7 +119,7 @@ def scene_preemption(client: CliSlurmClient, work: Path) -> None:
 def scene_elastic(client: CliSlurmClient, work: Path) -> None:
     step("Elastic: the scheduler daemon grows a job into idle GPUs, shrinks it for premium, "
          "grows it back")
-    steps = 60
+    steps = 90
     want = reference(work, 16, steps)
     log = open(work / "schedd.log", "w")
     schedd = subprocess.Popen([str(BIN / "singularity-schedd"), "--period", "0.5"],
@@ -134,8 +134,8 @@ def scene_elastic(client: CliSlurmClient, work: Path) -> None:
         print(f"elastic basic job {job}: W=16 on 8..16 GPUs")
         time.sleep(20)
         prem = client.submit(["--sla=premium", "--account=research", "-N3", "--gres=gpu:8",
-                              "-o", "/dev/null", "--wrap", "sleep 20"])
-        print(f"premium job {prem} needs 24 of the 32 GPUs")
+                              "-o", "/dev/null", "--wrap", "sleep 10"])
+        print(f"premium job {prem} needs 24 of the 32 GPUs for 10 s")
         time.sleep(8)
         show([str(BIN / "singularity-admin"), "status"])
         wait(client, prem)
@@ -147,7 +147,7 @@ def scene_elastic(client: CliSlurmClient, work: Path) -> None:
         log.close()
     print("The daemon's decisions, each with its reason from the policy:")
     for line in (work / "schedd.log").read_text().splitlines():
-        if "] grow" in line or "] shrink" in line or "] preempt" in line:
+        if any(f"] {kind} " in line for kind in ("start", "grow", "shrink", "preempt")):
             print("  " + line.split("daemon: ", 1)[-1][:160])
     show([str(BIN / "singularity-admin"), "job", "show", str(job), "--ckpt-dir",
           str(work / "ckpt-elastic")])
