@@ -91,7 +91,13 @@ def main(argv: list[str] | None = None) -> int:
     for signum in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(signum, signal.SIG_IGN)
     while True:
-        rc = subprocess.call(cmd, preexec_fn=_default_signals)
+        try:
+            rc = subprocess.call(cmd, preexec_fn=_default_signals)
+        except OSError as exc:
+            print(f"singularity-job: cannot run {cmd[0]}: {exc.strerror}", file=sys.stderr)
+            return 127
+        if rc < 0:                     # killed by a signal: the shell's 128 + N
+            rc = 128 - rc
         if rc != contract.REQUEUE_EXIT_CODE or not job_id:
             return rc
         try:
