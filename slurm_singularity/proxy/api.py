@@ -132,10 +132,13 @@ def start_proxy(settings: ProxySettings, log_file: Path | None = None,
     return _wait_ready(_spawn(settings, log_file, log_level), time.monotonic() + timeout)
 
 
+@dataclass(frozen=True)
 class _Spawned:
-    def __init__(self, proc: subprocess.Popen, settings: ProxySettings,
-                 log_file: Path | None) -> None:
-        self.proc, self.settings, self.log_file = proc, settings, log_file
+    """A proxy process started and not yet known to serve."""
+
+    proc: subprocess.Popen
+    settings: ProxySettings
+    log_file: Path | None
 
 
 def _spawn(settings: ProxySettings, log_file: Path | None, log_level: str) -> _Spawned:

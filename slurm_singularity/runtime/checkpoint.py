@@ -75,6 +75,9 @@ FORMATS = {
 _CURRENT = FORMATS[MAGIC]
 
 
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+
+
 def _write_all(fd: int, buffers: list[Any]) -> None:
     """``os.writev`` of every buffer, in batches of at most IOV_MAX and
     again after a short write."""
@@ -88,9 +91,6 @@ def _write_all(fd: int, buffers: list[Any]) -> None:
             pending.pop(0)
         if done:
             pending[0] = pending[0][done:]
-
-
-_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 
 
 def _trailer(digest: str, length: int) -> bytes:

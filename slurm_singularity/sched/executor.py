@@ -97,7 +97,8 @@ class Executor:
                       signalled=stepping)
         self.client.scontrol("update", f"JobId={job_id}", f"AdminComment={marks.render()}")
         if not stepping:
-            return f"marked resize to {target}; its step has not started, signal it when it does"
+            return (f"marked resize to {target}; its step has not run "
+                    f"{self.settings.step_settle_s:g} s yet, signal it when it has")
         self._signal(view)
         return f"marked resize to {target} and sent SIG{self._signal_name(view)}"
 
@@ -152,10 +153,7 @@ class Executor:
         so far (in the mark) is kept; its start time is the old one, so the
         work counted from it at the new rate is taken off."""
         marks = view.marks
-        start = float(view.job.extra.get("start_time") or self.clock())
-        rate = view.devices / view.world_size if view.world_size else 0.0
-        work = max(0.0, marks.work_s - rate * max(0.0, self.clock() - start))
-        cleared = Marks(marks.tag, None, 0.0, work)
+        cleared = Marks(marks.tag, None, 0.0, max(0.0, marks.work_s - self._run_work(view)))
         self.client.scontrol("update", f"JobId={view.job.job_id}",
                              f"AdminComment={cleared.render()}")
         return f"shrunk in place to {view.devices} GPUs by the job itself; mark cleared"
@@ -199,6 +197,10 @@ class Executor:
 
     def _work_after_run(self, view: JobView) -> float:
         """Work seconds done up to now, kept in the job across requeues."""
+        return view.marks.work_s + self._run_work(view)
+
+    def _run_work(self, view: JobView) -> float:
+        """Work seconds of the current run at the job's current size."""
         start = float(view.job.extra.get("start_time") or self.clock())
         rate = view.devices / view.world_size if view.world_size else 0.0
-        return view.marks.work_s + rate * max(0.0, self.clock() - start)
+        return rate * max(0.0, self.clock() - start)
