@@ -32,7 +32,8 @@ from slurm_singularity.proxy import ring
 from slurm_singularity.proxy.api import ChannelClosed, ProxyError, RemoteError
 from slurm_singularity.proxy.local_ops import WorkerSideOps
 from slurm_singularity.proxy.wire import (
-    MsgKind, decode_message, encode_into, encode_message, encode_tensor, header,
+    MAX_TEMPLATE_BYTES, MAX_TEMPLATES, MsgKind, decode_message, encode_into, encode_message,
+    PROXY_DEVICE, Handle, encode_tensor, header,
 )
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,8 @@ aten = torch.ops.aten
 _META = torch.device("meta")
 _Q = struct.Struct("<q")
 _U32 = struct.Struct("<I")
+_F64 = struct.Struct("<d")
+_RUN_HEAD = header(MsgKind.RUN, 0)
 #: Frees are sent in groups of this many handles.
 FREE_BATCH = 256
 #: Asynchronous messages buffered before they are written to the ring.
@@ -47,17 +50,47 @@ COALESCE = 32
 #: Largest reply the worker accepts, bytes.
 MAX_REPLY_BYTES = 1 << 34
 _BATCHABLE = frozenset({MsgKind.OP, MsgKind.PUT, MsgKind.FREE, MsgKind.BIND,
-                        MsgKind.SET_META, MsgKind.SEED})
+                        MsgKind.SET_META, MsgKind.SEED, MsgKind.DEF, MsgKind.RUN,
+                        MsgKind.DRAW})
 
 
 class _Local(Exception):
     """Raised while encoding: this call must run in the worker."""
 
 
+class _Inline(Exception):
+    """Raised while keying a call: it carries a tensor's value (a CPU tensor),
+    so it is sent as a full OP rather than as a template run."""
+
+
+class _Template:
+    """The worker's record of a template it defined in the proxy."""
+
+    __slots__ = ("tid", "meta", "ids")
+
+    def __init__(self, tid: int, meta: Any, n: int, n_float: int) -> None:
+        self.tid = tid
+        self.meta = meta
+        self.ids = struct.Struct(f"<I{n}Q{n_float}d")
+
+
+#: Cached for a call signature whose constants are too large for a template.
+_NO_TEMPLATE = _Template(0, None, 0, 0)
+
+
+def _scalar_key(value: Any) -> Any:
+    """A cache-key part that tells 1, 1.0 and True, and 0.0 and -0.0, apart
+    (they are equal as dict keys but give different results)."""
+    t = type(value)
+    if t is float:
+        return _F64.pack(value)
+    return (t, value)
+
+
 class _OpInfo:
     """What the client needs to know about one operator overload."""
 
-    __slots__ = ("name", "name_wire", "writes", "tensor_returns", "has_generator")
+    __slots__ = ("name", "name_wire", "writes", "tensor_returns", "has_generator", "pointwise")
 
     def __init__(self, func: torch._ops.OpOverload) -> None:
         schema = func._schema
@@ -78,6 +111,9 @@ class _OpInfo:
             writes.append(target)
         self.writes = writes
         self.tensor_returns = all("Tensor" in str(r.type) for r in schema.returns)
+        #: its float arguments change no output shape: a template takes them
+        #: as values rather than as part of its signature
+        self.pointwise = torch.Tag.pointwise in func.tags
 
 
 _INFO: dict[Any, _OpInfo] = {}
@@ -95,6 +131,8 @@ class ProxyTensor(torch.Tensor):
 
     _pdev: "ProxyDevice"
     _hid: int
+    #: shape, stride, dtype, offset: this tensor's part of a call signature
+    _key: tuple
 
     @staticmethod
     def __new__(cls, dev: "ProxyDevice", hid: int, size, stride, dtype, offset: int = 0,
@@ -104,6 +142,7 @@ class ProxyTensor(torch.Tensor):
             requires_grad=requires_grad)
         r._pdev = dev
         r._hid = hid
+        r._key = (tuple(size), tuple(stride), dtype, offset)
         return r
 
     def __del__(self) -> None:
@@ -168,6 +207,8 @@ class ProxyDevice(WorkerSideOps):
         self._frees: list[int] = []
         self._batch: list[bytes] | None = None
         self._meta_cache: dict[Any, Any] = {}
+        self._templates: dict[tuple, _Template] = {}
+        self._next_tid = 1
         self.closed = False
         reply = self._request(MsgKind.ATTACH, [job])
         atexit.register(self.close)  # queued work reaches the proxy at exit
@@ -184,7 +225,11 @@ class ProxyDevice(WorkerSideOps):
         """Queue a message (``raw``: an already encoded body)."""
         if self.closed:
             raise ProxyError(f"job {self.job}: the connection to the proxy is closed")
-        msg = header(kind, 0) + raw if raw is not None else encode_message(kind, 0, body)
+        self._post(kind, header(kind, 0) + raw if raw is not None
+                   else encode_message(kind, 0, body))
+
+    def _post(self, kind: MsgKind, msg: bytes | bytearray) -> None:
+        """Queue an encoded message (into the atomic batch, if one is open)."""
         with self._lock:
             if self._batch is not None and kind in _BATCHABLE:
                 self._batch.append(msg)
@@ -379,8 +424,131 @@ class ProxyDevice(WorkerSideOps):
         elif isinstance(value, torch.Generator):
             raise _Local()
         else:
-            key.append(value)
+            key.append(_scalar_key(value))
             encode_into(value, out)
+
+    def _sig(self, value: Any, key: list, hids: list[int]) -> None:
+        """Append ``value``'s part of the call signature to ``key`` and its
+        proxy tensors' handles to ``hids`` (what a template run sends).
+
+        :raises _Inline: a CPU tensor among the arguments.
+        :raises _Local: the call must run in the worker.
+        """
+        if isinstance(value, ProxyTensor):
+            if value._pdev is not self:
+                raise ProxyError("tensors of two different proxies in one operator")
+            key.append(value._key)
+            hids.append(value._hid)
+        elif isinstance(value, torch.Tensor):
+            raise _Inline()
+        elif isinstance(value, (list, tuple)):
+            key.append(len(value))
+            for v in value:
+                self._sig(v, key, hids)
+        elif isinstance(value, torch.device):
+            if value.type != "meta":
+                raise _Local()
+            key.append(_META)
+        elif isinstance(value, torch.Generator):
+            raise _Local()
+        else:
+            key.append(_scalar_key(value))
+
+    @staticmethod
+    def _float_slot(info: "_OpInfo", value: Any) -> bool:
+        """A float argument of a pointwise operator: sent with each run."""
+        return type(value) is float and info.pointwise
+
+    @staticmethod
+    def _slotted(value: Any, slots: list[int]) -> Any:
+        """``value`` with its proxy tensors as numbered slots (a DEF body)."""
+        if isinstance(value, ProxyTensor):
+            slots[0] += 1
+            return Handle(slots[0])
+        if isinstance(value, torch.device):
+            return PROXY_DEVICE
+        if isinstance(value, (list, tuple)):
+            return type(value)(ProxyDevice._slotted(v, slots) for v in value)
+        return value
+
+    def _define(self, func: Any, info: "_OpInfo", args: tuple, kwargs: dict,
+                key: tuple) -> _Template:
+        """Work out the call's outputs and define it as a template in the
+        proxy (one DEF message, in order with everything else)."""
+        meta_out = self._meta_call(func, args, kwargs)
+        n_out = (1 if isinstance(meta_out, torch.Tensor) else
+                 sum(isinstance(m, torch.Tensor) for m in meta_out)
+                 if isinstance(meta_out, (tuple, list)) else 0)
+        with self._lock:
+            if self._next_tid > MAX_TEMPLATES:  # start over: a DEF replaces an id
+                self._templates.clear()
+                self._next_tid = 1
+            slots = [0]
+            floats: list[int | str] = []
+            targs = []
+            for i, a in enumerate(args):
+                if self._float_slot(info, a):
+                    floats.append(i)
+                    targs.append(None)
+                else:
+                    targs.append(self._slotted(a, slots))
+            tkwargs = {}
+            for k, v in kwargs.items():
+                if self._float_slot(info, v):
+                    floats.append(k)
+                    tkwargs[k] = None
+                else:
+                    tkwargs[k] = self._slotted(v, slots)
+            body = [self._next_tid, info.name, targs, tkwargs, slots[0], n_out, floats]
+            msg = encode_message(MsgKind.DEF, 0, body)
+            if len(msg) > MAX_TEMPLATE_BYTES:
+                tpl = _NO_TEMPLATE
+            else:
+                tpl = _Template(self._next_tid, meta_out, slots[0] + n_out, len(floats))
+                self._next_tid += 1
+                self._post(MsgKind.DEF, msg)
+            self._templates[key] = tpl
+        return tpl
+
+    def _templated(self, func: Any, info: "_OpInfo", args: tuple, kwargs: dict) -> Any:
+        """Send the call as a run of its template (defined on first use);
+        ``_NO_TEMPLATE`` if it must go as a full OP message.
+
+        :raises _Local: the call must run in the worker.
+        """
+        key: list = [func]
+        hids: list[int] = []
+        floats: list[float] = []
+        pointwise = info.pointwise
+        try:
+            for a in args:
+                if pointwise and type(a) is float:
+                    key.append(float)
+                    floats.append(a)
+                else:
+                    self._sig(a, key, hids)
+            for k, v in kwargs.items():
+                key.append(k)
+                if pointwise and type(v) is float:
+                    key.append(float)
+                    floats.append(v)
+                else:
+                    self._sig(v, key, hids)
+        except _Inline:
+            return _NO_TEMPLATE
+        tkey = tuple(key)
+        try:
+            tpl = self._templates.get(tkey)
+        except TypeError:  # an unhashable argument
+            return _NO_TEMPLATE
+        if tpl is None:
+            tpl = self._define(func, info, args, kwargs, tkey)
+        if tpl is _NO_TEMPLATE:
+            return _NO_TEMPLATE
+        outs: list[int] = []
+        result = self._results(tpl.meta, info, args, kwargs, outs)
+        self._post(MsgKind.RUN, _RUN_HEAD + tpl.ids.pack(tpl.tid, *hids, *outs, *floats))
+        return result
 
     @staticmethod
     def _to_meta(value: Any) -> Any:
@@ -393,14 +561,17 @@ class ProxyDevice(WorkerSideOps):
             return type(value)(ProxyDevice._to_meta(v) for v in value)
         return value
 
+    def _meta_call(self, func: Any, args: tuple, kwargs: dict) -> Any:
+        """The call's outputs as meta tensors (their shapes, strides, dtypes)."""
+        try:
+            return func(*self._to_meta(args), **{k: self._to_meta(v) for k, v in kwargs.items()})
+        except NotImplementedError as err:
+            raise ProxyError(f"{func} has no shape function for the proxy: {err}") from None
+
     def _infer(self, func: Any, args: tuple, kwargs: dict, key: tuple) -> Any:
         out = self._meta_cache.get(key)
         if out is None:
-            try:
-                out = func(*self._to_meta(args),
-                           **{k: self._to_meta(v) for k, v in kwargs.items()})
-            except NotImplementedError as err:
-                raise ProxyError(f"{func} has no shape function for the proxy: {err}") from None
+            out = self._meta_call(func, args, kwargs)
             if len(self._meta_cache) > 8192:
                 self._meta_cache.clear()
             self._meta_cache[key] = out
@@ -420,6 +591,13 @@ class ProxyDevice(WorkerSideOps):
         info = _info(func)
         if self.rng == "worker" and torch.Tag.nondeterministic_seeded in func.tags:
             return self._random_here(func, args, kwargs, info)
+        if info.tensor_returns:
+            try:
+                result = self._templated(func, info, args, kwargs)
+            except _Local:
+                return self._run_locally(func, args, kwargs, info)
+            if result is not _NO_TEMPLATE:
+                return result
         key: list = [func]
         body = bytearray(b"l\x04\x00\x00\x00")  # [name, args, kwargs, outs]
         body += info.name_wire
@@ -442,17 +620,9 @@ class ProxyDevice(WorkerSideOps):
         try:
             meta_out = self._infer(func, args, kwargs, tuple(key))
         except TypeError:  # an unhashable argument: no cache
-            meta_out = func(*self._to_meta(args),
-                            **{k: self._to_meta(v) for k, v in kwargs.items()})
+            meta_out = self._meta_call(func, args, kwargs)
         outs: list[int] = []
-        if isinstance(meta_out, torch.Tensor):
-            result = self._out(meta_out, 0, info, args, kwargs, outs)
-        elif isinstance(meta_out, (tuple, list)):
-            result = type(meta_out)(
-                self._out(m, i, info, args, kwargs, outs) if isinstance(m, torch.Tensor) else m
-                for i, m in enumerate(meta_out))
-        else:
-            result = meta_out
+        result = self._results(meta_out, info, args, kwargs, outs)
         body += b"l"
         body += _U32.pack(len(outs))
         for hid in outs:
@@ -460,6 +630,18 @@ class ProxyDevice(WorkerSideOps):
             body += _Q.pack(hid)
         self._send(MsgKind.OP, None, raw=body)
         return result
+
+    def _results(self, meta_out: Any, info: _OpInfo, args: tuple, kwargs: dict,
+                 outs: list[int]) -> Any:
+        """The call's results as proxy tensors shaped like ``meta_out``; their
+        handles (0: written in place) appended to ``outs``."""
+        if isinstance(meta_out, torch.Tensor):
+            return self._out(meta_out, 0, info, args, kwargs, outs)
+        if isinstance(meta_out, (tuple, list)):
+            return type(meta_out)(
+                self._out(m, i, info, args, kwargs, outs) if isinstance(m, torch.Tensor) else m
+                for i, m in enumerate(meta_out))
+        return meta_out
 
     def _out(self, meta: torch.Tensor, i: int, info: _OpInfo, args: tuple, kwargs: dict,
              outs: list[int]) -> Any:

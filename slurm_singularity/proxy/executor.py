@@ -23,8 +23,9 @@ from typing import Any, Callable
 import torch
 
 from slurm_singularity.proxy.api import WireError
+from slurm_singularity.proxy.template import Template, compile_template, run_tid
 from slurm_singularity.proxy.wire import (
-    PROXY_DEVICE, Handle, MsgKind, decode_message,
+    PROXY_DEVICE, Handle, MsgKind, decode_frame,
 )
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,8 @@ _DENIED = frozenset({"set_", "_set_from", "from_file", "_copy_from_and_resize",
                      "record_stream", "_foreach_set_"})
 #: Kinds allowed inside an atomic BATCH.
 _BATCHABLE = frozenset({MsgKind.OP, MsgKind.PUT, MsgKind.FREE, MsgKind.BIND,
-                        MsgKind.SET_META, MsgKind.SEED})
+                        MsgKind.SET_META, MsgKind.SEED, MsgKind.DEF, MsgKind.RUN,
+                        MsgKind.DRAW})
 _OPS: dict[str, Any] = {}
 
 
@@ -179,6 +181,8 @@ class Session:
         self.device = device
         self.peer = peer
         self.table: dict[int, torch.Tensor] = {}
+        self.templates: dict[int, Template] = {}
+        self._draw_gen: torch.Generator | None = None
         self.job: JobState | None = None
         self.deferred: str | None = None
         self.on_attach: Callable[[str], bool] | None = None
@@ -227,6 +231,10 @@ class Session:
             if isinstance(result, torch.Tensor):
                 raise WireError(f"CALL of aten.{name} returned a tensor; use OP")
             return result
+        self._store(name, result, outs)
+        return None
+
+    def _store(self, name: str, result: Any, outs: Any) -> None:
         produced = ([result] if isinstance(result, torch.Tensor) else
                     [r for r in result if isinstance(r, torch.Tensor)]
                     if isinstance(result, (tuple, list)) else [])
@@ -236,7 +244,63 @@ class Session:
         for hid, t in zip(outs, produced):
             if hid:
                 self.table[hid] = t
-        return None
+
+    def _draw(self, body: Any) -> None:
+        """Repeat a worker's random draw from its generator's state: on a CPU
+        generator, as the worker did, then onto the device."""
+        kind = MsgKind.DRAW
+        name, args, kwargs, out, state = _check(body, (str, list, dict, int, torch.Tensor), kind)
+        op = resolve_op(name)
+        if torch.Tag.nondeterministic_seeded not in op.tags or \
+                "generator" not in (a.name for a in op._schema.arguments):
+            raise WireError(f"DRAW of aten.{name}, which does not draw from a generator")
+        if not args or not isinstance(args[0], Handle):
+            raise WireError("DRAW's first argument must be a tensor handle")
+        if not 0 <= out < 1 << 63:
+            raise WireError(f"DRAW out handle {out} out of range")
+        if "generator" in kwargs:
+            raise WireError("DRAW kwargs may not name a generator")
+        target = self._tensor(args[0].id)
+        rest, kw = self._arg(args[1:]), self._arg(kwargs)
+        if self._draw_gen is None:
+            self._draw_gen = torch.Generator()
+        try:
+            self._draw_gen.set_state(state)
+        except (RuntimeError, TypeError) as err:
+            raise WireError(f"DRAW state is not a CPU generator's state: {err}") from None
+        local = torch.empty_strided(target.shape, target.stride(), dtype=target.dtype)
+        result = op(local, *rest, generator=self._draw_gen, **kw)
+        if out:
+            self.table[out] = result.to(self.device.device)
+        else:
+            target.copy_(result)
+
+    def _define(self, body: Any) -> None:
+        self._need_job(MsgKind.DEF)
+        tpl = compile_template(body, self.device.device, resolve_op)
+        self.templates[tpl.tid] = tpl
+
+    def _bound(self, raw: memoryview) -> tuple[Template, tuple]:
+        """A RUN body -> its template and values (checked, not run)."""
+        tid = run_tid(raw)
+        tpl = self.templates.get(tid)
+        if tpl is None:
+            raise WireError(f"RUN of template {tid}, which was never defined")
+        return tpl, tpl.parse(raw)
+
+    def _run(self, tpl: Template, values: tuple) -> None:
+        table = self.table
+        n_in, n_end = tpl.n_in, tpl.n_in + tpl.n_out
+        try:
+            ins = [table[hid] for hid in values[:n_in]]
+        except KeyError as err:
+            raise WireError(f"unknown tensor handle {err.args[0]}") from None
+        if tpl.n_float:
+            ins.extend(values[n_end:])
+        args, kwargs = tpl.bind(ins)
+        if tpl.seeded:
+            self.device.load_rng(self._need_job(MsgKind.RUN))
+        self._store(tpl.name, tpl.op(*args, **kwargs), values[n_in:n_end])
 
     # -- dispatch ------------------------------------------------------------
     def handle(self, kind_raw: int, body: Any) -> Any:
@@ -246,6 +310,9 @@ class Session:
         :raises Exception: an operator failed (the caller decides whether it
             is deferred or replied).
         """
+        if kind_raw == MsgKind.RUN:  # most messages: first
+            self._run(*self._bound(body))
+            return None
         try:
             kind = MsgKind(kind_raw)
         except ValueError:
@@ -264,6 +331,13 @@ class Session:
             return [str(dev.device), sorted(self.job.tensors)]
         if kind in (MsgKind.OP, MsgKind.CALL):
             return self._call(body, kind)
+        if kind is MsgKind.DEF:
+            self._define(body)
+            return None
+        if kind is MsgKind.DRAW:
+            self._need_job(kind)
+            self._draw(body)
+            return None
         if kind is MsgKind.PUT:
             hid, tensor = _check(body, (int, torch.Tensor), kind)
             self.table[hid] = tensor.to(dev.device)
@@ -328,18 +402,29 @@ class Session:
         for i, raw in enumerate(items):
             if not isinstance(raw, bytes):
                 raise WireError(f"BATCH item {i} is not bytes")
-            kind, _rid, sub = decode_message(raw, self.device.max_tensor_bytes)
+            kind, _rid, sub = decode_frame(raw, self.device.max_tensor_bytes)
             if kind not in _BATCHABLE:
                 raise WireError(f"BATCH item {i}: kind {kind} may not be batched")
-            decoded.append((kind, sub))
+            if kind == MsgKind.DEF:
+                # a definition changes no job state: it takes effect now, so
+                # that the RUNs after it in this batch find it
+                self._define(sub)
+            elif kind == MsgKind.RUN:
+                decoded.append((kind, self._bound(sub)))
+            else:
+                decoded.append((kind, sub))
         for kind, sub in decoded:
-            self.handle(kind, sub)
+            if kind == MsgKind.RUN:
+                self._run(*sub)
+            else:
+                self.handle(kind, sub)
         job.committed_rng = self.device.rng_of(job).clone()
         return None
 
     def stats(self) -> dict[str, Any]:
         dev = self.device.device
         out: dict[str, Any] = {"device": str(dev), "handles": len(self.table),
+                               "templates": len(self.templates),
                                "jobs": len(self.device.jobs)}
         if dev.type == "cuda":
             out["memory_allocated"] = int(torch.cuda.memory_allocated(dev))

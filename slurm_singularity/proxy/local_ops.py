@@ -18,7 +18,8 @@ from slurm_singularity.proxy.wire import Handle, MsgKind
 
 
 class WorkerSideOps:
-    """Mixed into ``ProxyDevice``: needs its ``fetch``, ``put`` and ``_send``."""
+    """Mixed into ``ProxyDevice``: needs its ``fetch``, ``put``, ``_send`` and
+    ``_new_id``."""
 
     def _collective(self, func: Any, args: tuple, kwargs: dict) -> Any:
         """A torch.distributed collective on proxy tensors: run it in the
@@ -67,11 +68,32 @@ class WorkerSideOps:
             return self._run_locally(func, args, kwargs, info)
         local = torch.empty_strided(first.shape, first.stride(), dtype=first.dtype)
         lkw = {k: v for k, v in kwargs.items() if k != "device"}
+        in_place = bool(info.writes and info.writes[0] is not None)
+        if not info.has_generator or any(isinstance(v, torch.Generator)
+                                         for v in (*rest, *lkw.values())):
+            # the proxy could not repeat this draw: upload its values
+            out = func(local, *rest, **lkw)
+            if in_place:
+                self._send(MsgKind.OP, ["copy_.default", [Handle(first._hid), out], {}, [0]])
+                return first
+            return self.put(out)
+        # the worker's generator must advance exactly as in a run without the
+        # proxy, so the draw is made here too
+        state = torch.default_generator.get_state()
         out = func(local, *rest, **lkw)
-        if info.writes and info.writes[0] is not None:
-            self._send(MsgKind.OP, ["copy_.default", [Handle(first._hid), out], {}, [0]])
+        if func is torch.ops.aten.bernoulli_.float and out.dtype.is_floating_point:
+            # dropout's mask: 0s and 1s, sent as one byte each (copy_ turns
+            # them back into exactly 0.0 and 1.0)
+            self._send(MsgKind.OP, ["copy_.default", [Handle(first._hid), out.to(torch.bool)],
+                                    {}, [0]])
             return first
-        return self.put(out)
+        # otherwise the proxy repeats the draw from the same state rather than
+        # receiving its values
+        hid = 0 if in_place else self._new_id()
+        self._send(MsgKind.DRAW, [info.name, [Handle(first._hid), *rest], lkw, hid, state])
+        if in_place:
+            return first
+        return _proxy_tensor()(self, hid, out.shape, out.stride(), out.dtype)
 
     def _run_locally(self, func: Any, args: tuple, kwargs: dict, info: Any) -> Any:
         """Run an operator in the worker on fetched values (a generator or an

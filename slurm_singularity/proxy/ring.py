@@ -39,6 +39,9 @@ SPIN = 200
 NAP_S = 0.002
 #: Longest sleep of an idle side (the doorbell wakes it sooner).
 MAX_NAP_S = 0.05
+#: Most bytes a reader takes from its ring at once: the frames in them are
+#: then cut from a local buffer, not read from the ring one by one.
+READ_AHEAD = 1 << 16
 HELLO_MAGIC = b"SGPX1"
 
 
@@ -102,6 +105,8 @@ class Channel:
         self.closed = False
         self._out = bytearray()
         self.queued = 0
+        self._in = bytearray()
+        self._in_pos = 0
 
     def _ring_bell(self) -> None:
         try:
@@ -146,17 +151,44 @@ class Channel:
                     self._ring_bell()
                 self._sleep(self.tx, _WWAIT, lambda: self.tx.writable() > 0)
 
-    def _read(self, want: int) -> bytearray:
-        buf = bytearray()
-        while want:
-            n = self.rx.read_some(buf, want)
+    def _read_into(self, buf: bytearray, want: int) -> None:
+        """Append at least ``want`` bytes from the ring to ``buf``; up to
+        READ_AHEAD more if they are there already."""
+        while want > 0:
+            n = self.rx.read_some(buf, max(want, READ_AHEAD))
             if n:
                 want -= n
                 if self.rx.flag(_WWAIT):
                     self._ring_bell()
             else:
                 self._sleep(self.rx, _RWAIT, lambda: self.rx.readable() > 0)
-        return buf
+
+    def _take(self, n: int) -> bytearray:
+        """The next ``n`` bytes of the stream (the read-ahead buffer first)."""
+        have = len(self._in) - self._in_pos
+        if have < n:
+            if n - have > READ_AHEAD:  # a large frame: read it straight through
+                out = self._in[self._in_pos:]
+                self._in.clear()
+                self._in_pos = 0
+                while len(out) < n:
+                    got = self.rx.read_some(out, n - len(out))
+                    if got:
+                        if self.rx.flag(_WWAIT):
+                            self._ring_bell()
+                    else:
+                        self._sleep(self.rx, _RWAIT, lambda: self.rx.readable() > 0)
+                return out
+            if self._in_pos:
+                del self._in[:self._in_pos]
+                self._in_pos = 0
+            self._read_into(self._in, n - have)
+        out = self._in[self._in_pos:self._in_pos + n]
+        self._in_pos += n
+        if self._in_pos == len(self._in):
+            self._in.clear()
+            self._in_pos = 0
+        return out
 
     def queue(self, payload: bytes) -> None:
         """Add one frame to the outgoing buffer; it reaches the ring at the
@@ -200,16 +232,16 @@ class Channel:
         :raises WireError: the frame is longer than ``max_bytes`` (skipped).
         :raises ChannelClosed: the peer went away.
         """
-        (length,) = _U32.unpack(self._read(4))
+        (length,) = _U32.unpack(self._take(4))
         if length > max_bytes:
             left = length
             while left:
                 step = min(left, 1 << 20)
-                self._read(step)
+                self._take(step)
                 left -= step
             raise WireError(f"message of {length} bytes is larger than the limit "
                             f"of {max_bytes} bytes")
-        return self._read(length)
+        return self._take(length)
 
     def close(self) -> None:
         self.closed = True

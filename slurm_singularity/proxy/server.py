@@ -28,7 +28,7 @@ from slurm_singularity.proxy.api import (
 )
 from slurm_singularity.proxy.executor import Device, Session
 from slurm_singularity.proxy.ring import Channel, serve_handshake
-from slurm_singularity.proxy.wire import REPLY_KINDS, MsgKind, decode_message, encode_message
+from slurm_singularity.proxy.wire import REPLY_KINDS, MsgKind, decode_frame, encode_message
 
 log = logging.getLogger(__name__)
 _CRED = struct.Struct("3i")
@@ -62,7 +62,7 @@ class _Conn:
                 rid, kind = 0, 0
                 try:
                     payload = self.channel.recv(limit)
-                    kind, rid, body = decode_message(payload, limit)
+                    kind, rid, body = decode_frame(payload, limit)
                     wants_reply = kind in REPLY_KINDS
                     earlier = None
                     with srv.device.lock:  # replies are sent outside the lock

@@ -29,6 +29,12 @@ MAX_DEPTH = 16
 MAX_ITEMS = 1 << 20
 #: Most dimensions of a tensor.
 MAX_NDIM = 16
+#: Template ids run from 1 to this; a DEF of a used id replaces that template.
+MAX_TEMPLATES = 8192
+#: Largest encoded DEF body (its constant arguments), bytes.
+MAX_TEMPLATE_BYTES = 16 << 10
+#: Most tensor arguments plus outputs of one template.
+MAX_TEMPLATE_SLOTS = 4096
 
 
 class MsgKind(enum.IntEnum):
@@ -51,6 +57,13 @@ class MsgKind(enum.IntEnum):
     RESTORE = 14    # [blob: bytes] -> OK None
     CALL = 15       # like OP, but the op returns a Python value -> OK value
     STATS = 16      # [] -> OK dict
+    DEF = 17        # [tid: int, op: str, args: list, kwargs: dict, n_in: int, n_out: int]
+    #                 no reply; an OP whose tensor arguments are slots Handle(1..n_in)
+    RUN = 18        # raw body, not an encoded value: tid:u32 | n_in + n_out handles:u64
+    #                 (an out handle 0: that output is written in place) no reply
+    DRAW = 19       # [op: str, args: list, kwargs: dict, out: int, state: uint8 tensor] no
+    #                 reply; a random op drawn from a CPU generator in ``state`` (the
+    #                 worker's, before its own draw): the same numbers, not uploaded
     OK = 100
     ERROR = 101
 
@@ -411,6 +424,17 @@ def decode_message(payload: bytes | memoryview, max_tensor_bytes: int = 1 << 34
     if reader.pos != len(reader.buf):
         raise WireError(f"{len(reader.buf) - reader.pos} trailing bytes after the body")
     return kind, request_id, body
+
+
+def decode_frame(payload: bytes | memoryview, max_tensor_bytes: int = 1 << 34
+                 ) -> tuple[int, int, Any]:
+    """Like :func:`decode_message`, but a RUN's body is returned as its raw
+    bytes (a memoryview): it is not an encoded value, and it is the message
+    sent most often, so its few fields are read by its handler."""
+    if len(payload) >= _HDR.size and payload[0] == MsgKind.RUN:
+        kind, request_id = _HDR.unpack_from(payload)
+        return kind, request_id, memoryview(payload)[_HDR.size:]
+    return decode_message(payload, max_tensor_bytes)
 
 
 def decode_value(payload: bytes, max_tensor_bytes: int = 1 << 34) -> Any:

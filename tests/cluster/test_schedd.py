@@ -204,11 +204,17 @@ def test_a_job_under_singularity_job_is_shrunk_in_place_without_a_requeue(
     while slurm_cluster.client.show_job(premium)["JobState"] != "RUNNING":
         assert time.monotonic() < deadline, slurm_cluster.client.show_job(premium)
         time.sleep(0.2)
-    text = out.read_text()
+    # the new step prints its lines a moment after the premium job starts
+    deadline = time.monotonic() + 30
+    while True:
+        text = out.read_text()
+        # each task of a step prints its line: one line per node
+        steps = [int(n) for n in re.findall(r"^step nodes=(\d+)", text, flags=re.M)]
+        if steps[-6:] == [4, 4, 4, 4, 2, 2] or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     assert text.count("run restart=") == runs_before, "the shrink requeued the job"
     assert "shrunk in place to 2 node(s)" in text, text
-    # each task of a step prints its line: one line per node
-    steps = [int(n) for n in re.findall(r"^step nodes=(\d+)", text, flags=re.M)]
     assert steps[-6:] == [4, 4, 4, 4, 2, 2], steps
     deadline = time.monotonic() + 15         # the daemon's next pass clears its mark
     while "shrunk in place to 16 GPUs by the job itself" not in schedd.text():

@@ -5,10 +5,8 @@ other workers."""
 from __future__ import annotations
 
 import os
-import shutil
 import stat
 import struct
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,14 +14,13 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from slurm_singularity.proxy import ring
-from slurm_singularity.proxy.api import (
-    ProxyRefused, ProxySettings, WireError, start_proxy, stop_proxies,
-)
+from slurm_singularity.proxy.api import ProxyRefused, WireError
 from slurm_singularity.proxy.client import attach
 from slurm_singularity.proxy.wire import MsgKind, decode_message, encode_message
 
+from tests.proxy.rawwire import LIMIT, RawWorker, errors as _errors
+
 NOBODY = 65534
-LIMIT = 1 << 20
 
 
 def _as_nobody(addr: str) -> int:
@@ -46,20 +43,6 @@ def _as_nobody(addr: str) -> int:
     return os.waitstatus_to_exitcode(status)
 
 
-@pytest.fixture(scope="module")
-def open_proxy():
-    """A proxy whose directory and socket a test opens to everyone, so that
-    only the peer-credential check stands between another user and it; it
-    also has a small message limit."""
-    base = Path(tempfile.mkdtemp(prefix="sgpx-", dir="/tmp"))
-    spec = ProxySettings(device="cpu", socket_path=base / "p" / "dev0.sock",
-                         max_message_bytes=LIMIT, ring_bytes=1 << 16)
-    handle = start_proxy(spec, log_file=base / "dev0.log")
-    yield handle
-    stop_proxies([handle])
-    shutil.rmtree(base, ignore_errors=True)
-
-
 def test_another_user_cannot_reach_the_proxy_socket(proxy):
     sock = Path(proxy.addr)
     assert stat.S_IMODE(sock.stat().st_mode) == 0o600
@@ -79,36 +62,6 @@ def test_another_user_is_refused_by_peer_credentials_and_logged(open_proxy):
     dev = attach(open_proxy.addr, "owner")  # its own user still gets in
     assert dev.fetch(dev.put(torch.ones(2)) * 3).tolist() == [3.0, 3.0]
     dev.close()
-
-
-class RawWorker:
-    """A worker that speaks the wire format by hand."""
-
-    def __init__(self, addr: str) -> None:
-        self.ch = ring.connect(addr)
-        self.rid = 1000
-        assert self.request(MsgKind.ATTACH, ["fuzz"])[-1][0] == MsgKind.OK
-
-    def request(self, kind: MsgKind, body) -> list[tuple[int, int, object]]:
-        """Send a request; return every reply up to and including its own."""
-        self.rid += 1
-        self.ch.send(encode_message(kind, self.rid, body))
-        return self.replies_until(self.rid)
-
-    def replies_until(self, rid: int) -> list[tuple[int, int, object]]:
-        got = []
-        while True:
-            got.append(decode_message(self.ch.recv(1 << 30)))
-            if got[-1][1] == rid:
-                return got
-
-    def sync_after(self, payload: bytes) -> list[tuple[int, int, object]]:
-        self.ch.send(payload)
-        return self.request(MsgKind.SYNC, [])
-
-
-def _errors(replies) -> list[str]:
-    return [v for k, _r, v in replies if k == MsgKind.ERROR]
 
 
 def test_malformed_truncated_and_oversized_messages_get_error_replies(open_proxy):

@@ -1,0 +1,166 @@
+"""Operator templates: an operator sent once (DEF) and then run many times
+by id with new tensor handles (RUN).
+
+Why: a training step sends the same few hundred operators with the same
+shapes and constants every step; only the handles change. Decoding a typed
+OP message costs the proxy more than many small kernels take to run, so the
+worker defines each distinct operator signature once and afterwards sends
+``tid | handles | floats`` (a few bytes, read with one ``struct.unpack``). A
+template keeps its constant arguments ready and knows where its tensor
+arguments go, and where the float arguments that change from call to call go
+(those of pointwise operators, like an optimizer's step size: they change no
+output shape, so one template serves every value).
+
+Pure: no socket, no lock; the session (``executor.py``) owns the table.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from operator import itemgetter
+from typing import Any, Callable
+
+import torch
+
+from slurm_singularity.proxy.api import WireError
+from slurm_singularity.proxy.wire import (
+    MAX_TEMPLATE_SLOTS, MAX_TEMPLATES, PROXY_DEVICE, Handle,
+)
+
+_TID = struct.Struct("<I")
+#: ``(ins) -> value`` for an argument that holds tensor slots.
+Getter = Callable[[list], Any]
+
+
+@dataclass(frozen=True)
+class Template:
+    """One operator with its constants bound; ``args``/``kwargs`` hold the
+    constants, ``dyn``/``kwdyn`` say where the slot values go."""
+
+    tid: int
+    name: str
+    op: Any
+    n_in: int
+    n_out: int
+    n_float: int
+    args: tuple
+    dyn: tuple[tuple[int, Getter], ...]
+    kwargs: dict
+    kwdyn: tuple[tuple[str, Getter], ...]
+    seeded: bool
+    ids: struct.Struct
+
+    def bind(self, ins: list) -> tuple[list, dict]:
+        """The operator's arguments with ``ins`` (the input tensors, then the
+        floats) in their slots."""
+        args = list(self.args)
+        for pos, get in self.dyn:
+            args[pos] = get(ins)
+        if not self.kwdyn:
+            return args, self.kwargs
+        kwargs = dict(self.kwargs)
+        for name, get in self.kwdyn:
+            kwargs[name] = get(ins)
+        return args, kwargs
+
+    def parse(self, raw: memoryview) -> tuple:
+        """A RUN body's handles, then its floats (after the template id).
+
+        :raises WireError: the wrong size; an out handle >= 2**63.
+        """
+        if len(raw) != self.ids.size + _TID.size:
+            raise WireError(f"RUN of template {self.tid} (aten.{self.name}) carries "
+                            f"{len(raw) - _TID.size} bytes after its id, expected "
+                            f"{self.ids.size} ({self.n_in} in, {self.n_out} out, "
+                            f"{self.n_float} floats)")
+        values = self.ids.unpack_from(raw, _TID.size)
+        if self.n_out and max(values[self.n_in:self.n_in + self.n_out]) >= 1 << 63:
+            raise WireError(f"RUN of template {self.tid}: an out handle is >= 2**63")
+        return values
+
+
+def run_tid(raw: memoryview) -> int:
+    """The template id at the head of a RUN body.
+
+    :raises WireError: the body is shorter than an id.
+    """
+    if len(raw) < _TID.size:
+        raise WireError(f"RUN body of {len(raw)} bytes is shorter than a template id")
+    return _TID.unpack_from(raw)[0]
+
+
+def _slot_getter(value: Any, n_in: int, device: torch.device) -> tuple[bool, Any]:
+    """``(True, getter)`` if ``value`` holds slots, else ``(False, constant)``."""
+    if isinstance(value, Handle):
+        if not 1 <= value.id <= n_in:
+            raise WireError(f"DEF slot {value.id} is outside 1..{n_in}")
+        return True, itemgetter(value.id - 1)
+    if value is PROXY_DEVICE:
+        return False, device
+    if isinstance(value, torch.Tensor):
+        raise WireError("DEF arguments may not hold tensor values (send an OP)")
+    if isinstance(value, (list, tuple)):
+        parts = [_slot_getter(v, n_in, device) for v in value]
+        if not any(dynamic for dynamic, _ in parts):
+            return False, type(value)(v for _, v in parts)
+        kind = type(value)
+        return True, (lambda ins: kind(v(ins) if dynamic else v for dynamic, v in parts))
+    if isinstance(value, dict):
+        raise WireError("DEF arguments may not hold dicts")
+    return False, value
+
+
+def compile_template(body: Any, device: torch.device, resolve: Callable[[Any], Any]
+                     ) -> Template:
+    """A DEF body -> a :class:`Template` (``resolve`` maps the op name to the
+    operator and refuses denied ones).
+
+    :raises WireError: a malformed body, an unknown or denied operator, a slot
+        out of range, a tensor value among the constants.
+    """
+    if not isinstance(body, list) or len(body) != 7:
+        raise WireError(f"DEF body must be a list of 7 items, got {type(body).__name__}")
+    tid, name, args, kwargs, n_in, n_out, floats = body
+    for what, value in (("tid", tid), ("n_in", n_in), ("n_out", n_out)):
+        if type(value) is not int:
+            raise WireError(f"DEF {what} must be an int, got {type(value).__name__}")
+    if not 1 <= tid <= MAX_TEMPLATES:
+        raise WireError(f"DEF tid {tid} is outside 1..{MAX_TEMPLATES}")
+    if not (0 <= n_in and 0 <= n_out and n_in + n_out <= MAX_TEMPLATE_SLOTS):
+        raise WireError(f"DEF n_in={n_in} n_out={n_out}: each >= 0, at most "
+                        f"{MAX_TEMPLATE_SLOTS} together")
+    if not isinstance(args, list) or not isinstance(kwargs, dict) \
+            or not isinstance(floats, list):
+        raise WireError("DEF args and floats must be lists and kwargs a dict")
+    if n_in + n_out + len(floats) > MAX_TEMPLATE_SLOTS:
+        raise WireError(f"DEF has {len(floats)} float slots, more than the "
+                        f"{MAX_TEMPLATE_SLOTS} slots of a template")
+    op = resolve(name)
+    consts, dyn = [], []
+    for pos, value in enumerate(args):
+        dynamic, v = _slot_getter(value, n_in, device)
+        consts.append(None if dynamic else v)
+        if dynamic:
+            dyn.append((pos, v))
+    kconsts, kwdyn = {}, []
+    for key, value in kwargs.items():
+        dynamic, v = _slot_getter(value, n_in, device)
+        if dynamic:
+            kwdyn.append((key, v))
+            kconsts[key] = None
+        else:
+            kconsts[key] = v
+    for j, where in enumerate(floats):
+        get = itemgetter(n_in + j)
+        if type(where) is int and 0 <= where < len(args) and args[where] is None:
+            dyn.append((where, get))
+        elif type(where) is str and where in kwargs and kwargs[where] is None:
+            kwdyn.append((where, get))
+        else:
+            raise WireError(f"DEF float slot {j} names {where!r}, not an argument "
+                            "left None for it")
+    return Template(tid=tid, name=name, op=op, n_in=n_in, n_out=n_out, n_float=len(floats),
+                    args=tuple(consts), dyn=tuple(dyn), kwargs=kconsts, kwdyn=tuple(kwdyn),
+                    seeded=torch.Tag.nondeterministic_seeded in op.tags,
+                    ids=struct.Struct(f"<{n_in + n_out}Q{len(floats)}d"))
