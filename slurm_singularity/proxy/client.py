@@ -66,12 +66,16 @@ class _Inline(Exception):
 class _Template:
     """The worker's record of a template it defined in the proxy."""
 
-    __slots__ = ("tid", "meta", "ids")
+    __slots__ = ("tid", "meta", "ids", "single")
 
-    def __init__(self, tid: int, meta: Any, n: int, n_float: int) -> None:
+    def __init__(self, tid: int, meta: Any, n: int, n_float: int,
+                 single: tuple | None = None) -> None:
         self.tid = tid
         self.meta = meta
         self.ids = struct.Struct(f"<I{n}Q{n_float}d")
+        #: (size, stride, dtype, offset) when the call returns one new tensor
+        #: (most do): its wrapper is made without looking at ``meta`` again
+        self.single = single
 
 
 #: Cached for a call signature whose constants are too large for a template.
@@ -136,13 +140,13 @@ class ProxyTensor(torch.Tensor):
 
     @staticmethod
     def __new__(cls, dev: "ProxyDevice", hid: int, size, stride, dtype, offset: int = 0,
-                requires_grad: bool = False) -> "ProxyTensor":
+                requires_grad: bool = False, key: tuple | None = None) -> "ProxyTensor":
         r = torch.Tensor._make_wrapper_subclass(
             cls, size, strides=stride, storage_offset=offset, dtype=dtype, device=_META,
             requires_grad=requires_grad)
         r._pdev = dev
         r._hid = hid
-        r._key = (tuple(size), tuple(stride), dtype, offset)
+        r._key = key if key is not None else (tuple(size), tuple(stride), dtype, offset)
         return r
 
     def __del__(self) -> None:
@@ -504,7 +508,12 @@ class ProxyDevice(WorkerSideOps):
             if len(msg) > MAX_TEMPLATE_BYTES:
                 tpl = _NO_TEMPLATE
             else:
-                tpl = _Template(self._next_tid, meta_out, slots[0] + n_out, len(floats))
+                single = None
+                if isinstance(meta_out, torch.Tensor) and not (info.writes and info.writes[0]):
+                    single = (tuple(meta_out.shape), meta_out.stride(), meta_out.dtype,
+                              meta_out.storage_offset())
+                tpl = _Template(self._next_tid, meta_out, slots[0] + n_out, len(floats),
+                                single)
                 self._next_tid += 1
                 self._post(MsgKind.DEF, msg)
             self._templates[key] = tpl
@@ -522,7 +531,10 @@ class ProxyDevice(WorkerSideOps):
         pointwise = info.pointwise
         try:
             for a in args:
-                if pointwise and type(a) is float:
+                if type(a) is ProxyTensor and a._pdev is self:  # the common case
+                    key.append(a._key)
+                    hids.append(a._hid)
+                elif pointwise and type(a) is float:
                     key.append(float)
                     floats.append(a)
                 else:
@@ -545,6 +557,14 @@ class ProxyDevice(WorkerSideOps):
             tpl = self._define(func, info, args, kwargs, tkey)
         if tpl is _NO_TEMPLATE:
             return _NO_TEMPLATE
+        single = tpl.single
+        if single is not None:
+            hid = self._next_id
+            self._next_id += 1
+            result = ProxyTensor(self, hid, single[0], single[1], single[2], single[3],
+                                 key=single)
+            self._post(MsgKind.RUN, _RUN_HEAD + tpl.ids.pack(tpl.tid, *hids, hid, *floats))
+            return result
         outs: list[int] = []
         result = self._results(tpl.meta, info, args, kwargs, outs)
         self._post(MsgKind.RUN, _RUN_HEAD + tpl.ids.pack(tpl.tid, *hids, *outs, *floats))

@@ -25,7 +25,7 @@ import torch
 from slurm_singularity.proxy.api import WireError
 from slurm_singularity.proxy.template import Template, compile_template, run_tid
 from slurm_singularity.proxy.wire import (
-    PROXY_DEVICE, Handle, MsgKind, decode_frame,
+    HEADER_BYTES, PROXY_DEVICE, Handle, MsgKind, decode_frame,
 )
 
 log = logging.getLogger(__name__)
@@ -288,11 +288,15 @@ class Session:
             raise WireError(f"RUN of template {tid}, which was never defined")
         return tpl, tpl.parse(raw)
 
+    def run_frame(self, payload: bytearray) -> None:
+        """Run one whole RUN message (header included): the hot path."""
+        self._run(*self._bound(memoryview(payload)[HEADER_BYTES:]))
+
     def _run(self, tpl: Template, values: tuple) -> None:
         table = self.table
         n_in, n_end = tpl.n_in, tpl.n_in + tpl.n_out
         try:
-            ins = [table[hid] for hid in values[:n_in]]
+            ins = [table[values[0]]] if n_in == 1 else [table[hid] for hid in values[:n_in]]
         except KeyError as err:
             raise WireError(f"unknown tensor handle {err.args[0]}") from None
         if tpl.n_float:
@@ -300,7 +304,12 @@ class Session:
         args, kwargs = tpl.bind(ins)
         if tpl.seeded:
             self.device.load_rng(self._need_job(MsgKind.RUN))
-        self._store(tpl.name, tpl.op(*args, **kwargs), values[n_in:n_end])
+        result = tpl.call(*args, **kwargs)
+        if tpl.n_out == 1 and isinstance(result, torch.Tensor):
+            if values[n_in]:
+                table[values[n_in]] = result
+        else:
+            self._store(tpl.name, result, values[n_in:n_end])
 
     # -- dispatch ------------------------------------------------------------
     def handle(self, kind_raw: int, body: Any) -> Any:

@@ -16,6 +16,10 @@ import torch
 
 from slurm_singularity.proxy.wire import Handle, MsgKind
 
+#: Draw buffers kept per worker (one per tensor layout, least recently used
+#: dropped first).
+SCRATCH_BUFFERS = 8
+
 
 class WorkerSideOps:
     """Mixed into ``ProxyDevice``: needs its ``fetch``, ``put``, ``_send`` and
@@ -66,9 +70,11 @@ class WorkerSideOps:
                       and not any(isinstance(v, torch.Tensor) for v in kwargs.values()))
         if not shape_only:
             return self._run_locally(func, args, kwargs, info)
-        local = torch.empty_strided(first.shape, first.stride(), dtype=first.dtype)
         lkw = {k: v for k, v in kwargs.items() if k != "device"}
         in_place = bool(info.writes and info.writes[0] is not None)
+        # a draw's values are copied into its message at once, so one buffer
+        # per shape serves every step (no fresh pages for each dropout)
+        local = self._scratch(first.shape, first.stride(), first.dtype)
         if not info.has_generator or any(isinstance(v, torch.Generator)
                                          for v in (*rest, *lkw.values())):
             # the proxy could not repeat this draw: upload its values
@@ -84,8 +90,9 @@ class WorkerSideOps:
         if func is torch.ops.aten.bernoulli_.float and out.dtype.is_floating_point:
             # dropout's mask: 0s and 1s, sent as one byte each (copy_ turns
             # them back into exactly 0.0 and 1.0)
-            self._send(MsgKind.OP, ["copy_.default", [Handle(first._hid), out.to(torch.bool)],
-                                    {}, [0]])
+            mask = self._scratch(out.shape, out.stride(), torch.bool)
+            mask.copy_(out)
+            self._send(MsgKind.OP, ["copy_.default", [Handle(first._hid), mask], {}, [0]])
             return first
         # otherwise the proxy repeats the draw from the same state rather than
         # receiving its values
@@ -94,6 +101,18 @@ class WorkerSideOps:
         if in_place:
             return first
         return _proxy_tensor()(self, hid, out.shape, out.stride(), out.dtype)
+
+    def _scratch(self, shape: Any, stride: Any, dtype: torch.dtype) -> torch.Tensor:
+        """A reusable CPU buffer of this layout (a few, the last ones used)."""
+        cache = self.__dict__.setdefault("_scratch_buffers", {})
+        key = (tuple(shape), tuple(stride), dtype)
+        buf = cache.pop(key, None)
+        if buf is None:
+            buf = torch.empty_strided(shape, stride, dtype=dtype)
+            if len(cache) >= SCRATCH_BUFFERS:
+                cache.pop(next(iter(cache)))
+        cache[key] = buf
+        return buf
 
     def _run_locally(self, func: Any, args: tuple, kwargs: dict, info: Any) -> Any:
         """Run an operator in the worker on fetched values (a generator or an

@@ -232,7 +232,11 @@ class Channel:
         :raises WireError: the frame is longer than ``max_bytes`` (skipped).
         :raises ChannelClosed: the peer went away.
         """
-        (length,) = _U32.unpack(self._take(4))
+        if len(self._in) - self._in_pos >= 4:  # the usual case: no copy of the length
+            (length,) = _U32.unpack_from(self._in, self._in_pos)
+            self._in_pos += 4
+        else:
+            (length,) = _U32.unpack(self._take(4))
         if length > max_bytes:
             left = length
             while left:

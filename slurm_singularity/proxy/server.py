@@ -30,6 +30,7 @@ from slurm_singularity.proxy.executor import Device, Session
 from slurm_singularity.proxy.ring import Channel, serve_handshake
 from slurm_singularity.proxy.wire import REPLY_KINDS, MsgKind, decode_frame, encode_message
 
+_RUN_KIND = int(MsgKind.RUN)
 log = logging.getLogger(__name__)
 _CRED = struct.Struct("3i")
 
@@ -62,6 +63,10 @@ class _Conn:
                 rid, kind = 0, 0
                 try:
                     payload = self.channel.recv(limit)
+                    if payload and payload[0] == _RUN_KIND:  # most messages: no reply, no decoding
+                        with srv.device.lock:
+                            self.session.run_frame(payload)
+                        continue
                     kind, rid, body = decode_frame(payload, limit)
                     wants_reply = kind in REPLY_KINDS
                     earlier = None

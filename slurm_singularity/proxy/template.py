@@ -50,11 +50,17 @@ class Template:
     kwdyn: tuple[tuple[str, Getter], ...]
     seeded: bool
     ids: struct.Struct
+    #: the operator's C++ entry (skips one Python frame per run)
+    call: Any
+    #: (position, slot) of the arguments that are a slot themselves
+    direct: tuple[tuple[int, int], ...]
 
     def bind(self, ins: list) -> tuple[list, dict]:
         """The operator's arguments with ``ins`` (the input tensors, then the
         floats) in their slots."""
         args = list(self.args)
+        for pos, k in self.direct:
+            args[pos] = ins[k]
         for pos, get in self.dyn:
             args[pos] = get(ins)
         if not self.kwdyn:
@@ -91,11 +97,12 @@ def run_tid(raw: memoryview) -> int:
 
 
 def _slot_getter(value: Any, n_in: int, device: torch.device) -> tuple[bool, Any]:
-    """``(True, getter)`` if ``value`` holds slots, else ``(False, constant)``."""
+    """``(True, getter)`` if ``value`` holds slots, else ``(False, constant)``;
+    a slot itself gets an ``int`` (its index) as getter."""
     if isinstance(value, Handle):
         if not 1 <= value.id <= n_in:
             raise WireError(f"DEF slot {value.id} is outside 1..{n_in}")
-        return True, itemgetter(value.id - 1)
+        return True, value.id - 1
     if value is PROXY_DEVICE:
         return False, device
     if isinstance(value, torch.Tensor):
@@ -105,6 +112,8 @@ def _slot_getter(value: Any, n_in: int, device: torch.device) -> tuple[bool, Any
         if not any(dynamic for dynamic, _ in parts):
             return False, type(value)(v for _, v in parts)
         kind = type(value)
+        parts = [(dynamic, itemgetter(v) if dynamic and type(v) is int else v)
+                 for dynamic, v in parts]
         return True, (lambda ins: kind(v(ins) if dynamic else v for dynamic, v in parts))
     if isinstance(value, dict):
         raise WireError("DEF arguments may not hold dicts")
@@ -137,30 +146,30 @@ def compile_template(body: Any, device: torch.device, resolve: Callable[[Any], A
         raise WireError(f"DEF has {len(floats)} float slots, more than the "
                         f"{MAX_TEMPLATE_SLOTS} slots of a template")
     op = resolve(name)
-    consts, dyn = [], []
+    consts, direct, dyn = [], [], []
     for pos, value in enumerate(args):
         dynamic, v = _slot_getter(value, n_in, device)
         consts.append(None if dynamic else v)
         if dynamic:
-            dyn.append((pos, v))
+            (direct if type(v) is int else dyn).append((pos, v))
     kconsts, kwdyn = {}, []
     for key, value in kwargs.items():
         dynamic, v = _slot_getter(value, n_in, device)
         if dynamic:
-            kwdyn.append((key, v))
+            kwdyn.append((key, itemgetter(v) if type(v) is int else v))
             kconsts[key] = None
         else:
             kconsts[key] = v
     for j, where in enumerate(floats):
-        get = itemgetter(n_in + j)
         if type(where) is int and 0 <= where < len(args) and args[where] is None:
-            dyn.append((where, get))
+            direct.append((where, n_in + j))
         elif type(where) is str and where in kwargs and kwargs[where] is None:
-            kwdyn.append((where, get))
+            kwdyn.append((where, itemgetter(n_in + j)))
         else:
             raise WireError(f"DEF float slot {j} names {where!r}, not an argument "
                             "left None for it")
     return Template(tid=tid, name=name, op=op, n_in=n_in, n_out=n_out, n_float=len(floats),
                     args=tuple(consts), dyn=tuple(dyn), kwargs=kconsts, kwdyn=tuple(kwdyn),
                     seeded=torch.Tag.nondeterministic_seeded in op.tags,
-                    ids=struct.Struct(f"<{n_in + n_out}Q{len(floats)}d"))
+                    ids=struct.Struct(f"<{n_in + n_out}Q{len(floats)}d"),
+                    call=getattr(op, "_op", op), direct=tuple(direct))

@@ -127,6 +127,8 @@ _Q = struct.Struct("<q")
 _D = struct.Struct("<d")
 _I = struct.Struct("<I")
 _HDR = struct.Struct("<BQ")
+#: Bytes of a message's header (kind, request id) before its body.
+HEADER_BYTES = _HDR.size
 
 
 def dtype_code(dtype: torch.dtype) -> int:
