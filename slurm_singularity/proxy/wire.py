@@ -436,6 +436,9 @@ def decode_frame(payload: bytes | memoryview, max_tensor_bytes: int = 1 << 34
     if len(payload) >= _HDR.size and payload[0] == MsgKind.RUN:
         kind, request_id = _HDR.unpack_from(payload)
         return kind, request_id, memoryview(payload)[_HDR.size:]
+    if payload[:1] == bytes([MsgKind.DEF]) and len(payload) > MAX_TEMPLATE_BYTES:
+        raise WireError(f"DEF message of {len(payload)} bytes is larger than "
+                        f"{MAX_TEMPLATE_BYTES} bytes")
     return decode_message(payload, max_tensor_bytes)
 
 

@@ -110,6 +110,7 @@ def test_malformed_templates_and_runs_get_error_replies(open_proxy):
         _def(6, "set_.source_Storage", [], {}, 0, 1): "not allowed",
         _def(6, "mul.Tensor", [], {}, 5000, 1): "at most 4096",
         _def(6, "mul.Tensor", [1], {}, "1", 1): "n_in must be an int",
+        _def(6, "mul.Tensor", [Handle(1), list(range(3000))], {}, 1, 1): "larger than 16384",
         header(MsgKind.RUN, 0) + b"\x05\x00": "shorter than a template id",
         _run(99, "QQ", 1, 2): "never defined",
         _run(5, "QQ", 1, 2): "expected 24",
