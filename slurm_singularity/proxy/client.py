@@ -213,6 +213,7 @@ class ProxyDevice(WorkerSideOps):
         self._meta_cache: dict[Any, Any] = {}
         self._templates: dict[tuple, _Template] = {}
         self._next_tid = 1
+        self._scratch_buffers: dict[tuple, torch.Tensor] = {}
         self.closed = False
         reply = self._request(MsgKind.ATTACH, [job])
         atexit.register(self.close)  # queued work reaches the proxy at exit

@@ -22,8 +22,10 @@ SCRATCH_BUFFERS = 8
 
 
 class WorkerSideOps:
-    """Mixed into ``ProxyDevice``: needs its ``fetch``, ``put``, ``_send`` and
-    ``_new_id``."""
+    """Mixed into ``ProxyDevice``: needs its ``fetch``, ``put``, ``_send``,
+    ``_new_id`` and a ``_scratch_buffers`` dict."""
+
+    _scratch_buffers: dict
 
     def _collective(self, func: Any, args: tuple, kwargs: dict) -> Any:
         """A torch.distributed collective on proxy tensors: run it in the
@@ -104,7 +106,7 @@ class WorkerSideOps:
 
     def _scratch(self, shape: Any, stride: Any, dtype: torch.dtype) -> torch.Tensor:
         """A reusable CPU buffer of this layout (a few, the last ones used)."""
-        cache = self.__dict__.setdefault("_scratch_buffers", {})
+        cache = self._scratch_buffers
         key = (tuple(shape), tuple(stride), dtype)
         buf = cache.pop(key, None)
         if buf is None:
