@@ -289,7 +289,9 @@ class Session:
         return tpl, tpl.parse(raw)
 
     def run_frame(self, payload: bytearray) -> None:
-        """Run one whole RUN message (header included): the hot path."""
+        """Run one whole RUN message (header included): the hot path, taken
+        by the connection loop before any decoding (``handle`` never sees a
+        RUN; a batch's RUNs go through ``_bound`` and ``_run``)."""
         self._run(*self._bound(memoryview(payload)[HEADER_BYTES:]))
 
     def _run(self, tpl: Template, values: tuple) -> None:
@@ -319,9 +321,6 @@ class Session:
         :raises Exception: an operator failed (the caller decides whether it
             is deferred or replied).
         """
-        if kind_raw == MsgKind.RUN:  # most messages: first
-            self._run(*self._bound(body))
-            return None
         try:
             kind = MsgKind(kind_raw)
         except ValueError:
