@@ -36,7 +36,7 @@ Getter = Callable[[list], Any]
 @dataclass(frozen=True)
 class Template:
     """One operator with its constants bound; ``args``/``kwargs`` hold the
-    constants, ``dyn``/``kwdyn`` say where the slot values go."""
+    constants, ``direct``/``dyn``/``kwdyn`` say where the slot values go."""
 
     tid: int
     name: str
