@@ -47,7 +47,7 @@ class WorkerSideOps:
             if hasattr(item, "wait") and not isinstance(item, torch.Tensor):
                 item.wait()
         for proxy_t, local_t in pairs:
-            self._send(MsgKind.OP, ["copy_.default", [Handle(proxy_t._hid), local_t], {}, [0]])
+            self._write_back(proxy_t, local_t)
         back = {id(t): p for p, t in pairs}
 
         def restore(v: Any) -> Any:
@@ -60,20 +60,21 @@ class WorkerSideOps:
         return restore(out)
 
     def _random_here(self, func: Any, args: tuple, kwargs: dict, info: Any) -> Any:
-        """A random operator drawn from the worker's CPU generator: when its
+        """A random operator drawn from the worker's CPU generator. When its
         result depends only on the shape of its tensor argument (in-place
-        fills, ``*_like``), draw into a local tensor and upload it, without
-        waiting; otherwise run it here on fetched values."""
+        fills, ``*_like``), draw here into a local buffer, then, without
+        waiting: send a dropout mask as bytes, let the proxy repeat a draw
+        that takes a generator from this generator's state (DRAW), or upload
+        the values. Otherwise run it here on fetched values."""
         first, rest = args[0], args[1:]
+        in_place = bool(info.writes and info.writes[0] is not None)
         shape_only = (isinstance(first, _proxy_tensor())
-                      and (info.writes and info.writes[0] is not None
-                           or func._schema.name.endswith("_like"))
+                      and (in_place or func._schema.name.endswith("_like"))
                       and not any(isinstance(v, torch.Tensor) for v in rest)
                       and not any(isinstance(v, torch.Tensor) for v in kwargs.values()))
         if not shape_only:
             return self._run_locally(func, args, kwargs, info)
         lkw = {k: v for k, v in kwargs.items() if k != "device"}
-        in_place = bool(info.writes and info.writes[0] is not None)
         # a draw's values are copied into its message at once, so one buffer
         # per shape serves every step (no fresh pages for each dropout)
         local = self._scratch(first.shape, first.stride(), first.dtype)
@@ -82,8 +83,7 @@ class WorkerSideOps:
             # the proxy could not repeat this draw: upload its values
             out = func(local, *rest, **lkw)
             if in_place:
-                self._send(MsgKind.OP, ["copy_.default", [Handle(first._hid), out], {}, [0]])
-                return first
+                return self._write_back(first, out)
             return self.put(out)
         # the worker's generator must advance exactly as in a run without the
         # proxy, so the draw is made here too
@@ -94,8 +94,7 @@ class WorkerSideOps:
             # them back into exactly 0.0 and 1.0)
             mask = self._scratch(out.shape, out.stride(), torch.bool)
             mask.copy_(out)
-            self._send(MsgKind.OP, ["copy_.default", [Handle(first._hid), mask], {}, [0]])
-            return first
+            return self._write_back(first, mask)
         # otherwise the proxy repeats the draw from the same state rather than
         # receiving its values
         hid = 0 if in_place else self._new_id()
@@ -103,6 +102,12 @@ class WorkerSideOps:
         if in_place:
             return first
         return _proxy_tensor()(self, hid, out.shape, out.stride(), out.dtype)
+
+    def _write_back(self, dst: Any, value: torch.Tensor) -> Any:
+        """Copy a local tensor's values into proxy tensor ``dst`` (no wait);
+        returns ``dst``."""
+        self._send(MsgKind.OP, ["copy_.default", [Handle(dst._hid), value], {}, [0]])
+        return dst
 
     def _scratch(self, shape: Any, stride: Any, dtype: torch.dtype) -> torch.Tensor:
         """A reusable CPU buffer of this layout (a few, the last ones used)."""
@@ -139,7 +144,7 @@ class WorkerSideOps:
                 pos, name, kwarg_only = target
                 dst = args[pos] if not kwarg_only and pos < len(args) else kwargs[name]
                 if isinstance(dst, _proxy_tensor()):
-                    self._send(MsgKind.OP, ["copy_.default", [Handle(dst._hid), value], {}, [0]])
+                    self._write_back(dst, value)
                 return dst
             return value if wants_here else self.put(value)
 

@@ -151,11 +151,11 @@ class Channel:
                     self._ring_bell()
                 self._sleep(self.tx, _WWAIT, lambda: self.tx.writable() > 0)
 
-    def _read_into(self, buf: bytearray, want: int) -> None:
+    def _read_into(self, buf: bytearray, want: int, ahead: int = READ_AHEAD) -> None:
         """Append at least ``want`` bytes from the ring to ``buf``; up to
-        READ_AHEAD more if they are there already."""
+        ``ahead`` in all if they are there already."""
         while want > 0:
-            n = self.rx.read_some(buf, max(want, READ_AHEAD))
+            n = self.rx.read_some(buf, max(want, ahead))
             if n:
                 want -= n
                 if self.rx.flag(_WWAIT):
@@ -171,13 +171,7 @@ class Channel:
                 out = self._in[self._in_pos:]
                 self._in.clear()
                 self._in_pos = 0
-                while len(out) < n:
-                    got = self.rx.read_some(out, n - len(out))
-                    if got:
-                        if self.rx.flag(_WWAIT):
-                            self._ring_bell()
-                    else:
-                        self._sleep(self.rx, _RWAIT, lambda: self.rx.readable() > 0)
+                self._read_into(out, n - len(out), ahead=0)
                 return out
             if self._in_pos:
                 del self._in[:self._in_pos]
