@@ -23,7 +23,9 @@ from typing import Any, Callable
 import torch
 
 from slurm_singularity.proxy.api import WireError
-from slurm_singularity.proxy.template import Template, compile_template, run_tid
+from slurm_singularity.proxy.template import (
+    TEMPLATE_ID, Template, compile_template, run_tid, store,
+)
 from slurm_singularity.proxy.wire import (
     HEADER_BYTES, PROXY_DEVICE, Handle, MsgKind, decode_frame,
 )
@@ -231,19 +233,8 @@ class Session:
             if isinstance(result, torch.Tensor):
                 raise WireError(f"CALL of aten.{name} returned a tensor; use OP")
             return result
-        self._store(name, result, outs)
+        store(name, result, outs, self.table)
         return None
-
-    def _store(self, name: str, result: Any, outs: Any) -> None:
-        produced = ([result] if isinstance(result, torch.Tensor) else
-                    [r for r in result if isinstance(r, torch.Tensor)]
-                    if isinstance(result, (tuple, list)) else [])
-        if len(produced) != len(outs):
-            raise WireError(f"aten.{name} produced {len(produced)} tensors, "
-                            f"message named {len(outs)} handles")
-        for hid, t in zip(outs, produced):
-            if hid:
-                self.table[hid] = t
 
     def _draw(self, body: Any) -> None:
         """Repeat a worker's random draw from its generator's state: on a CPU
@@ -280,38 +271,40 @@ class Session:
         tpl = compile_template(body, self.device.device, resolve_op)
         self.templates[tpl.tid] = tpl
 
-    def _bound(self, raw: memoryview) -> tuple[Template, tuple]:
-        """A RUN body -> its template and values (checked, not run)."""
-        tid = run_tid(raw)
+    def _bound(self, buf: Any, off: int, n: int) -> tuple[Template, tuple]:
+        """The RUN body at ``buf[off:off+n]`` -> its template and values
+        (checked, not run).
+
+        :raises WireError: an undefined template, a malformed body.
+        """
+        tid = run_tid(buf, off, n)
         tpl = self.templates.get(tid)
         if tpl is None:
             raise WireError(f"RUN of template {tid}, which was never defined")
-        return tpl, tpl.parse(raw)
+        return tpl, tpl.parse(buf, off, n)
 
-    def run_frame(self, payload: bytearray) -> None:
-        """Run one whole RUN message (header included): the hot path, taken
-        by the connection loop before any decoding (``handle`` never sees a
-        RUN; a batch's RUNs go through ``_bound`` and ``_run``)."""
-        self._run(*self._bound(memoryview(payload)[HEADER_BYTES:]))
+    def run_at(self, buf: Any, off: int, n: int) -> None:
+        """Run the whole RUN message (header included) at ``buf[off:off+n]``:
+        the hot path, taken by the connection loop before any decoding
+        (``handle`` never sees a RUN; a batch's RUNs go through ``_bound``
+        and ``_run``).
 
-    def _run(self, tpl: Template, values: tuple) -> None:
-        table = self.table
-        n_in, n_end = tpl.n_in, tpl.n_in + tpl.n_out
-        try:
-            ins = [table[values[0]]] if n_in == 1 else [table[hid] for hid in values[:n_in]]
-        except KeyError as err:
-            raise WireError(f"unknown tensor handle {err.args[0]}") from None
-        if tpl.n_float:
-            ins.extend(values[n_end:])
-        args, kwargs = tpl.bind(ins)
+        :raises WireError: a malformed message, an unknown handle.
+        """
+        body, size = off + HEADER_BYTES, n - HEADER_BYTES
+        tpl = (self.templates.get(TEMPLATE_ID.unpack_from(buf, body)[0])
+               if size >= TEMPLATE_ID.size else None)
+        if tpl is None:  # _bound raises, saying why
+            return self._run(*self._bound(buf, body, size))
         if tpl.seeded:
             self.device.load_rng(self._need_job(MsgKind.RUN))
-        result = tpl.call(*args, **kwargs)
-        if tpl.n_out == 1 and isinstance(result, torch.Tensor):
-            if values[n_in]:
-                table[values[n_in]] = result
-        else:
-            self._store(tpl.name, result, values[n_in:n_end])
+        tpl.run(self.table, tpl.parse(buf, body, size))
+        return None
+
+    def _run(self, tpl: Template, values: tuple) -> None:
+        if tpl.seeded:
+            self.device.load_rng(self._need_job(MsgKind.RUN))
+        tpl.run(self.table, values)
 
     # -- dispatch ------------------------------------------------------------
     def handle(self, kind_raw: int, body: Any) -> Any:
@@ -418,7 +411,7 @@ class Session:
                 # that the RUNs after it in this batch find it
                 self._define(sub)
             elif kind == MsgKind.RUN:
-                decoded.append((kind, self._bound(sub)))
+                decoded.append((kind, self._bound(sub, 0, len(sub))))
             else:
                 decoded.append((kind, sub))
         for kind, sub in decoded:

@@ -26,6 +26,7 @@ import select
 import socket
 import struct
 from pathlib import Path
+from typing import Callable
 
 from slurm_singularity.proxy.api import ChannelClosed, ProxyRefused, WireError
 
@@ -42,6 +43,9 @@ MAX_NAP_S = 0.05
 #: Most bytes a reader takes from its ring at once: the frames in them are
 #: then cut from a local buffer, not read from the ring one by one.
 READ_AHEAD = 1 << 16
+#: Most frames :meth:`Channel.drain` runs at once (the proxy holds the device
+#: lock meanwhile; other workers of the device wait that long at most).
+DRAIN_FRAMES = 256
 HELLO_MAGIC = b"SGPX1"
 
 
@@ -198,6 +202,12 @@ class Channel:
         self._out += payload
         self.queued += 1
 
+    def queue_frame(self, frame: bytes) -> None:
+        """Add one message that carries its length prefix already (under
+        64 KiB: the caller checks)."""
+        self._out += frame
+        self.queued += 1
+
     def flush(self) -> None:
         """Write the buffered frames; blocks while the ring is full.
 
@@ -240,6 +250,30 @@ class Channel:
             raise WireError(f"message of {length} bytes is larger than the limit "
                             f"of {max_bytes} bytes")
         return self._take(length)
+
+    def drain(self, kind: int, handler: Callable[[bytearray, int, int], None],
+              max_bytes: int, most: int = DRAIN_FRAMES) -> None:
+        """Hand the frames of ``kind`` at the head of the read-ahead buffer,
+        up to ``most``, to ``handler(buf, offset, length)`` (their payloads,
+        not copied); stop at another kind, a frame not yet whole, or one over
+        ``max_bytes`` (``recv`` deals with those). A frame is consumed before
+        its handler runs, so an exception leaves the stream in step.
+        """
+        buf = self._in
+        pos, end = self._in_pos, len(buf)
+        try:
+            while most > 0 and end - pos > 4:
+                (length,) = _U32.unpack_from(buf, pos)
+                if length > end - pos - 4 or length > max_bytes or buf[pos + 4] != kind:
+                    break
+                pos += 4 + length
+                self._in_pos = pos
+                most -= 1
+                handler(buf, pos - length, length)
+        finally:
+            if self._in_pos == end:
+                buf.clear()
+                self._in_pos = 0
 
     def close(self) -> None:
         self.closed = True

@@ -65,7 +65,9 @@ class _Conn:
                     payload = self.channel.recv(limit)
                     if payload and payload[0] == _RUN_KIND:  # most messages: no reply, no decoding
                         with srv.device.lock:
-                            self.session.run_frame(payload)
+                            self.session.run_at(payload, 0, len(payload))
+                            # and the RUNs right behind it, without a trip round this loop
+                            self.channel.drain(_RUN_KIND, self.session.run_at, limit)
                         continue
                     kind, rid, body = decode_frame(payload, limit)
                     wants_reply = kind in REPLY_KINDS

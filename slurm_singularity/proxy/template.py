@@ -28,7 +28,8 @@ from slurm_singularity.proxy.wire import (
     MAX_TEMPLATE_SLOTS, MAX_TEMPLATES, PROXY_DEVICE, Handle,
 )
 
-_TID = struct.Struct("<I")
+#: The template id at the head of a RUN body.
+TEMPLATE_ID = struct.Struct("<I")
 #: ``(ins) -> value`` for an argument that holds tensor slots.
 Getter = Callable[[list], Any]
 
@@ -36,7 +37,13 @@ Getter = Callable[[list], Any]
 @dataclass(frozen=True)
 class Template:
     """One operator with its constants bound; ``args``/``kwargs`` hold the
-    constants, ``direct``/``dyn``/``kwdyn`` say where the slot values go."""
+    constants, the other fields say where a run's values go.
+
+    A RUN's values are its input handles, its output handles, then its
+    floats; ``tensor_at``/``float_at`` map argument positions straight to
+    those values (the common case: no per-run lists); ``dyn``/``kwdyn`` build
+    the other arguments (lists holding slots, keyword slots) from ``ins``,
+    the input tensors followed by the floats."""
 
     tid: int
     name: str
@@ -52,48 +59,86 @@ class Template:
     ids: struct.Struct
     #: the operator's C++ entry (skips one Python frame per run)
     call: Any
-    #: (position, slot) of the arguments that are a slot themselves
-    direct: tuple[tuple[int, int], ...]
+    #: (position, index into a RUN's values) of the tensor and float slots
+    #: among ``direct``
+    tensor_at: tuple[tuple[int, int], ...]
+    float_at: tuple[tuple[int, int], ...]
 
-    def bind(self, ins: list) -> tuple[list, dict]:
-        """The operator's arguments with ``ins`` (the input tensors, then the
-        floats) in their slots."""
-        args = list(self.args)
-        for pos, k in self.direct:
-            args[pos] = ins[k]
-        for pos, get in self.dyn:
-            args[pos] = get(ins)
-        if not self.kwdyn:
-            return args, self.kwargs
-        kwargs = dict(self.kwargs)
-        for name, get in self.kwdyn:
-            kwargs[name] = get(ins)
-        return args, kwargs
-
-    def parse(self, raw: memoryview) -> tuple:
-        """A RUN body's handles, then its floats (after the template id).
+    def parse(self, buf: Any, off: int, n: int) -> tuple:
+        """The handles, then the floats, of the RUN body at ``buf[off:off+n]``
+        (its template id included).
 
         :raises WireError: the wrong size; an out handle >= 2**63.
         """
-        if len(raw) != self.ids.size + _TID.size:
+        if n != self.ids.size + TEMPLATE_ID.size:
             raise WireError(f"RUN of template {self.tid} (aten.{self.name}) carries "
-                            f"{len(raw) - _TID.size} bytes after its id, expected "
+                            f"{n - TEMPLATE_ID.size} bytes after its id, expected "
                             f"{self.ids.size} ({self.n_in} in, {self.n_out} out, "
                             f"{self.n_float} floats)")
-        values = self.ids.unpack_from(raw, _TID.size)
+        values = self.ids.unpack_from(buf, off + TEMPLATE_ID.size)
         if self.n_out and max(values[self.n_in:self.n_in + self.n_out]) >= 1 << 63:
             raise WireError(f"RUN of template {self.tid}: an out handle is >= 2**63")
         return values
 
+    def run(self, table: dict, values: tuple) -> None:
+        """Run the operator on the tensors of ``table`` that ``values`` name
+        and put its outputs in ``table``.
 
-def run_tid(raw: memoryview) -> int:
-    """The template id at the head of a RUN body.
+        :raises WireError: an unknown handle; a result that does not match
+            the template's outputs.
+        """
+        args = list(self.args)
+        try:
+            for pos, i in self.tensor_at:
+                args[pos] = table[values[i]]
+            if self.dyn or self.kwdyn:
+                ins = [table[hid] for hid in values[:self.n_in]]
+                ins.extend(values[self.n_in + self.n_out:])
+                for pos, get in self.dyn:
+                    args[pos] = get(ins)
+        except KeyError as err:
+            raise WireError(f"unknown tensor handle {err.args[0]}") from None
+        for pos, i in self.float_at:
+            args[pos] = values[i]
+        kwargs = self.kwargs
+        if self.kwdyn:
+            kwargs = dict(kwargs)
+            for name, get in self.kwdyn:
+                kwargs[name] = get(ins)
+        result = self.call(*args, **kwargs)
+        n_in = self.n_in
+        if self.n_out == 1 and isinstance(result, torch.Tensor):
+            if values[n_in]:
+                table[values[n_in]] = result
+        else:
+            store(self.name, result, values[n_in:n_in + self.n_out], table)
+
+
+def store(name: str, result: Any, outs: Any, table: dict) -> None:
+    """Put an operator's tensor results in ``table`` under ``outs`` (0: an
+    in-place result, already there).
+
+    :raises WireError: the operator made another number of tensors.
+    """
+    produced = ([result] if isinstance(result, torch.Tensor) else
+                [r for r in result if isinstance(r, torch.Tensor)]
+                if isinstance(result, (tuple, list)) else [])
+    if len(produced) != len(outs):
+        raise WireError(f"aten.{name} produced {len(produced)} tensors, "
+                        f"message named {len(outs)} handles")
+    for hid, t in zip(outs, produced):
+        if hid:
+            table[hid] = t
+
+
+def run_tid(buf: Any, off: int, n: int) -> int:
+    """The template id at the head of the RUN body at ``buf[off:off+n]``.
 
     :raises WireError: the body is shorter than an id.
     """
-    if len(raw) < _TID.size:
-        raise WireError(f"RUN body of {len(raw)} bytes is shorter than a template id")
-    return _TID.unpack_from(raw)[0]
+    if n < TEMPLATE_ID.size:
+        raise WireError(f"RUN body of {n} bytes is shorter than a template id")
+    return TEMPLATE_ID.unpack_from(buf, off)[0]
 
 
 def _slot_getter(value: Any, n_in: int, device: torch.device) -> tuple[bool, Any]:
@@ -168,8 +213,11 @@ def compile_template(body: Any, device: torch.device, resolve: Callable[[Any], A
         else:
             raise WireError(f"DEF float slot {j} names {where!r}, not an argument "
                             "left None for it")
+    # a RUN's values: n_in input handles, n_out output handles, the floats
+    tensor_at = tuple((pos, k) for pos, k in direct if k < n_in)
+    float_at = tuple((pos, k + n_out) for pos, k in direct if k >= n_in)
     return Template(tid=tid, name=name, op=op, n_in=n_in, n_out=n_out, n_float=len(floats),
                     args=tuple(consts), dyn=tuple(dyn), kwargs=kconsts, kwdyn=tuple(kwdyn),
                     seeded=torch.Tag.nondeterministic_seeded in op.tags,
                     ids=struct.Struct(f"<{n_in + n_out}Q{len(floats)}d"),
-                    call=getattr(op, "_op", op), direct=tuple(direct))
+                    call=getattr(op, "_op", op), tensor_at=tensor_at, float_at=float_at)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from slurm_singularity.proxy import client as C
+from slurm_singularity.proxy import dispatch as C
 from slurm_singularity.proxy.client import attach
 from slurm_singularity.proxy.wire import Handle, MsgKind, encode_message, header
 
