@@ -10,6 +10,11 @@ take longer than the proxy's work). The last line is one JSON object: value,
 baseline and ratio (proxy / direct step time) of the first width, every
 width under "widths"; ok when every width meets the goal: ratio <= 1.15 on
 the CPU, 1.03 on a GPU.
+
+The proxy runs on a CPU of its own and this process (worker and direct
+runs) on the others, as a GPU's proxy would be placed (``--no-pin``: both
+where the scheduler puts them; on a 2-CPU machine it often keeps the two
+processes of a pipeline on one CPU).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import argparse
 import contextlib
 import importlib.util
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -105,12 +111,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--steps", type=int, default=4, help="steps per timed repetition")
-    p.add_argument("--reps", type=int, default=7, help="alternating repetitions")
+    p.add_argument("--reps", type=int, default=11, help="alternating repetitions")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--model", choices=["example", "reference"], default="example",
                    help="examples/train_lm.py's CharLM (default) or the proxy's reference LM")
     p.add_argument("--rng", choices=["worker", "proxy"], default="worker",
                    help="where dropout draws (worker: what singularity-run uses)")
+    p.add_argument("--no-pin", dest="pin", action="store_false",
+                   help="leave the proxy and this process where the scheduler puts them")
     args = p.parse_args(argv)
     try:
         dims = [int(d) for d in args.dim.split(",")]
@@ -122,8 +130,14 @@ def main(argv: list[str] | None = None) -> int:
     goal = 1.15 if args.device == "cpu" else 1.03
     direct_dev = torch.device("cuda" if args.device == "cuda" else "cpu")
     state = tempfile.mkdtemp(prefix="sgpx-bench-")
+    mine = sorted(os.sched_getaffinity(0))
+    pinned = {"proxy": mine[-1:], "bench": mine[:-1]} if args.pin and len(mine) > 1 else None
+    if pinned:
+        os.sched_setaffinity(0, pinned["bench"])
     handles = start_proxies(1, state, device="cpu" if args.device == "cpu" else None,
-                            threads=args.threads)
+                            threads=args.threads,
+                            cpus=tuple(pinned["proxy"]) if pinned else None)
+    print(f"CPUs: {pinned or 'not pinned'}", file=sys.stderr)
     widths = []
     try:
         dev = attach(handles[0].addr, "bench", rng=args.rng)
@@ -168,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         "small_op_roundtrip_us": round(statistics.median(rtts) * 1e6, 1),
         "small_op_direct_us": round(statistics.median(local_rtts) * 1e6, 1),
         "reps": args.reps, "steps_per_rep": args.steps, "threads": args.threads,
+        "pinned": pinned,
     }))
     return 0
 

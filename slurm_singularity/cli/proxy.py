@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="size of each shared ring in bytes, a power of two (default 4 MiB)")
     p.add_argument("--max-message-bytes", type=int, default=1 << 30,
                    help="largest message a worker may send, bytes (default 1 GiB)")
+    p.add_argument("--cpus", default=None,
+                   help="CPUs to run on, comma-separated (default: those inherited)")
     p.add_argument("--log-level", default="INFO",
                    choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
@@ -43,10 +45,17 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level,
                         format="%(asctime)s singularity-proxy %(levelname)s %(message)s")
     try:
+        cpus = None
+        if args.cpus is not None:
+            try:
+                cpus = tuple(int(c) for c in args.cpus.split(","))
+            except ValueError:
+                raise ProxySpecError(f"--cpus {args.cpus!r}: comma-separated CPU numbers "
+                                     "expected") from None
         settings = ProxySettings(device=args.device, socket_path=args.socket,
                                  pid_file=args.pid_file, threads=args.threads,
                                  ring_bytes=args.ring_bytes,
-                                 max_message_bytes=args.max_message_bytes)
+                                 max_message_bytes=args.max_message_bytes, cpus=cpus)
     except ProxySpecError as err:
         print(f"singularity-proxy: {err}", file=sys.stderr)
         return 2
@@ -55,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         server = ProxyServer(settings)
         server.bind()
-    except (OSError, RuntimeError) as err:
+    except (OSError, RuntimeError, ProxySpecError) as err:
         print(f"singularity-proxy: cannot serve device {args.device} on {args.socket}: {err}",
               file=sys.stderr)
         return 1

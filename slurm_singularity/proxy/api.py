@@ -80,6 +80,10 @@ class ProxySettings:
     threads: int = 1
     #: uid allowed to attach; default: the proxy's own uid.
     allowed_uid: int | None = None
+    #: CPUs the proxy runs on (``sched_setaffinity``), e.g. ``(3,)``; default:
+    #: those it inherits. A proxy on a core of its own is not moved onto its
+    #: workers' core by the scheduler (see docs/proxy.md).
+    cpus: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.device != "cpu" and not (self.device.isdigit()):
@@ -90,6 +94,9 @@ class ProxySettings:
             raise ProxySpecError(f"max_message_bytes={self.max_message_bytes}: at least 64")
         if self.threads < 0:
             raise ProxySpecError(f"threads={self.threads}: must be >= 0")
+        if self.cpus is not None and (
+                not self.cpus or not all(type(c) is int and c >= 0 for c in self.cpus)):
+            raise ProxySpecError(f"cpus={self.cpus!r}: a non-empty list of CPU numbers >= 0")
         if len(os.fsencode(self.socket_path)) >= 108:
             raise ProxySpecError(f"socket_path={self.socket_path}: longer than a Unix "
                                  "socket path may be (107 bytes)")
@@ -120,7 +127,8 @@ def _proxy_argv(settings: ProxySettings, log_level: str) -> list[str]:
             "--socket", str(settings.socket_path), "--pid-file", str(settings.pid_path),
             "--threads", str(settings.threads), "--log-level", log_level,
             "--ring-bytes", str(settings.ring_bytes),
-            "--max-message-bytes", str(settings.max_message_bytes)]
+            "--max-message-bytes", str(settings.max_message_bytes),
+            *(["--cpus", ",".join(map(str, settings.cpus))] if settings.cpus else [])]
 
 
 def start_proxy(settings: ProxySettings, log_file: Path | None = None,

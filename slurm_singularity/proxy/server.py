@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from slurm_singularity.proxy.api import (
-    ChannelClosed, ProxySettings, ProxyState, WireError, _alive,
+    ChannelClosed, ProxySettings, ProxySpecError, ProxyState, WireError, _alive,
 )
 from slurm_singularity.proxy.executor import Device, Session
 from slurm_singularity.proxy.ring import Channel, serve_handshake
@@ -113,6 +113,13 @@ class ProxyServer:
         self.state = ProxyState.STARTING
         self.stopping = threading.Event()
         self.allowed_uid = settings.allowed_uid if settings.allowed_uid is not None else os.getuid()
+        if settings.cpus is not None:
+            try:
+                os.sched_setaffinity(0, settings.cpus)
+            except OSError as err:
+                raise ProxySpecError(
+                    f"cpus={','.join(map(str, settings.cpus))}: this process may not run "
+                    f"there (it may use {sorted(os.sched_getaffinity(0))}): {err}") from None
         if settings.threads:
             torch.set_num_threads(settings.threads)
         dev = torch.device("cpu") if settings.device == "cpu" else torch.device(

@@ -4,6 +4,7 @@ refused with a message naming them."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -30,9 +31,32 @@ def test_sigterm_stops_the_proxy_cleanly_and_removes_socket_and_pid_file(tmp_pat
     (["--device", "gpu0", "--socket", "/tmp/x.sock"], "device='gpu0'"),
     (["--device", "cpu", "--socket", "/tmp/x.sock", "--ring-bytes", "1000"], "ring_bytes=1000"),
     (["--device", "cpu"], "--socket"),
+    (["--device", "cpu", "--socket", "/tmp/x.sock", "--cpus", "one"], "--cpus 'one'"),
+    (["--device", "cpu", "--socket", "/tmp/x.sock", "--cpus", "-1"], "cpus=(-1,)"),
 ])
 def test_bad_options_are_refused_with_a_message_naming_them(argv, words):
     r = subprocess.run([sys.executable, "-m", "slurm_singularity.cli.proxy", *argv],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2
     assert words in r.stderr
+
+
+def test_a_proxy_given_cpus_runs_on_those_alone(tmp_path):
+    last = max(os.sched_getaffinity(0))
+    (h,) = start_proxies(1, tmp_path, device="cpu", cpus=(last,))
+    try:
+        assert os.sched_getaffinity(h.pid) == {last}
+        dev = attach(h.addr, "pinned")
+        assert dev.fetch(dev.put(torch.ones(2)) * 3).tolist() == [3.0, 3.0]
+        dev.close()
+    finally:
+        stop_proxies([h])
+
+
+def test_a_proxy_refuses_cpus_it_may_not_use(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "slurm_singularity.cli.proxy", "--device", "cpu",
+                        "--socket", str(tmp_path / "p.sock"), "--cpus", "4095"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1
+    assert "cpus=4095: this process may not run there" in r.stderr
+    assert not (tmp_path / "p.sock").exists()

@@ -128,6 +128,47 @@ def test_malformed_templates_and_runs_get_error_replies(open_proxy):
     bystander.close()
 
 
+def test_a_bad_run_among_buffered_runs_fails_alone_and_order_is_kept(open_proxy):
+    # the proxy runs the RUN frames already in its read buffer in one go;
+    # one bad frame among them is reported and the others still run, in order
+    w = RawWorker(open_proxy.addr)
+    w.ch.send(encode_message(MsgKind.PUT, 0, [1, torch.ones(2)]))
+    w.ch.send(_def(5, "mul.Tensor", [Handle(1)], {"other": None}, 1, 1, ["other"]))
+    for frame in (_run(5, "QQd", 1, 2, 1.5),                      # 2 = 1 * 1.5
+                  _run(5, "QQd", 77, 4, 1.5),                     # unknown handle
+                  _run(5, "QQd", 2, 3, 2.0),                      # 3 = 2 * 2
+                  encode_message(MsgKind.PUT, 0, [2, torch.full((2,), 7.0)]),
+                  _run(5, "QQd", 2, 5, 0.5)):                     # 5 = 7 * 0.5
+        w.ch.queue(frame)
+    w.ch.flush()
+    replies = w.request(MsgKind.GET, [3])
+    assert _errors(replies) == ["bad message: unknown tensor handle 77"]
+    assert replies[-1][2].tolist() == [3.0, 3.0]
+    assert w.request(MsgKind.GET, [5])[-1][2].tolist() == [3.5, 3.5]
+    w.ch.close()
+
+
+def test_in_place_operators_return_their_argument(proxy):
+    dev = attach(proxy.addr, "tpl-inplace")
+    x, y = dev.put(torch.arange(4.0)), dev.put(torch.ones(4))
+    for _ in range(3):  # the first call defines the template, the others run it
+        assert x.add_(y, alpha=2.0) is x
+    assert dev.fetch(x).tolist() == [6.0, 7.0, 8.0, 9.0]
+    dev.close()
+
+
+def test_call_signatures_still_match_after_the_layout_table_starts_over(proxy, monkeypatch):
+    monkeypatch.setattr(C, "MAX_LAYOUTS", 4)
+    dev = attach(proxy.addr, "tpl-layouts")
+    local = torch.arange(24.0)
+    x = dev.put(local)
+    for _ in range(2):
+        for shape in ((24,), (2, 12), (3, 8), (4, 6), (6, 4), (8, 3), (12, 2)):
+            got = dev.fetch((x.reshape(shape) * 2).sum(0))
+            assert torch.equal(got, (local.reshape(shape) * 2).sum(0)), shape
+    dev.close()
+
+
 def test_malformed_draws_get_error_replies(open_proxy):
     w = RawWorker(open_proxy.addr)
     w.ch.send(encode_message(MsgKind.PUT, 0, [1, torch.ones(8)]))
