@@ -56,6 +56,12 @@ class _Conn:
         self.channel.send(encode_message(kind, rid, value))
 
     def run(self) -> None:
+        # no autograd in the proxy (the worker does it): inference mode skips
+        # the autograd and version-counter work of every operator
+        with torch.inference_mode():
+            self._serve()
+
+    def _serve(self) -> None:
         srv = self.server
         limit = srv.settings.max_message_bytes
         try:
