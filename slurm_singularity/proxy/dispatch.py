@@ -226,6 +226,30 @@ def _find_device(args: Any, kwargs: dict) -> "ProxyDevice":
     raise ProxyError("no proxy tensor among the arguments")
 
 
+def _keeps_layout(info: OpInfo, meta_out: Any, args: tuple, kwargs: dict) -> None:
+    """Refuse an in-place operator that would change its proxy tensor's
+    shape, strides or offset (``t_``, ``unsqueeze_``, ``resize_``, an ``out=``
+    of the wrong shape): the worker's wrapper keeps the layout it was made
+    with, so its view of the tensor and the proxy's would part.
+
+    :raises ProxyError: naming the operator.
+    """
+    outs = meta_out if isinstance(meta_out, (tuple, list)) else (meta_out,)
+    for m, target in zip(outs, info.writes):
+        if target is None or not isinstance(m, torch.Tensor):
+            continue
+        pos, name, kwarg_only = target
+        arg = args[pos] if not kwarg_only and pos < len(args) else kwargs.get(name)
+        if isinstance(arg, ProxyTensor) and (
+                m.shape != arg.shape or m.stride() != arg.stride()
+                or m.storage_offset() != arg.storage_offset()):
+            raise ProxyError(
+                f"aten.{info.name} would change a proxy tensor's shape or strides in place "
+                f"({tuple(arg.shape)} -> {tuple(m.shape)}), which the proxy does not support; "
+                "use the out-of-place form (t() for t_(), unsqueeze() for unsqueeze_(), "
+                "a new tensor for resize_ or out=)")
+
+
 class OperatorCalls:
     """Mixed into ``ProxyDevice``: turns operator calls into messages. Needs
     its ``channel``, ``_lock``, ``_batch``, ``_templates``, ``_next_tid``,
@@ -317,6 +341,7 @@ class OperatorCalls:
         """Work out the call's outputs and define it as a template in the
         proxy (one DEF message, in order with everything else)."""
         meta_out = self._meta_call(info.func, args, kwargs)
+        _keeps_layout(info, meta_out, args, kwargs)
         n_out = (1 if isinstance(meta_out, torch.Tensor) else
                  sum(isinstance(m, torch.Tensor) for m in meta_out)
                  if isinstance(meta_out, (tuple, list)) else 0)
@@ -519,6 +544,7 @@ class OperatorCalls:
             meta_out = self._infer(func, args, kwargs, tuple(key))
         except TypeError:  # an unhashable argument: no cache
             meta_out = self._meta_call(func, args, kwargs)
+        _keeps_layout(info, meta_out, args, kwargs)
         outs: list[int] = []
         result = self._results(meta_out, info, args, kwargs, outs)
         body += b"l"

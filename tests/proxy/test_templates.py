@@ -15,6 +15,7 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from slurm_singularity.proxy import dispatch as C
+from slurm_singularity.proxy.api import ProxyError
 from slurm_singularity.proxy.client import attach
 from slurm_singularity.proxy.wire import Handle, MsgKind, encode_message, header
 
@@ -154,6 +155,24 @@ def test_in_place_operators_return_their_argument(proxy):
     for _ in range(3):  # the first call defines the template, the others run it
         assert x.add_(y, alpha=2.0) is x
     assert dev.fetch(x).tolist() == [6.0, 7.0, 8.0, 9.0]
+    dev.close()
+
+
+def test_in_place_operators_that_change_a_layout_are_refused_by_name(proxy):
+    # the worker's wrapper keeps its layout: t_() on it would leave the
+    # worker and the proxy disagreeing about the tensor's shape
+    dev = attach(proxy.addr, "tpl-layout-change")
+    x = dev.put(torch.arange(6.0).reshape(2, 3))
+    for call, name in ((lambda: x.t_(), "aten.t_"), (lambda: x.unsqueeze_(0), "aten.unsqueeze_"),
+                       (lambda: x.resize_(3, 2), "aten.resize_"),
+                       (lambda: torch.add(x, x, out=dev.put(torch.zeros(6))), "aten.add.out")):
+        with pytest.raises(ProxyError, match=name):
+            call()
+    assert tuple(x.shape) == (2, 3)
+    assert dev.fetch(x.t()).tolist() == [[0.0, 3.0], [1.0, 4.0], [2.0, 5.0]]
+    out = dev.put(torch.zeros(2, 3))
+    assert torch.add(x, x, out=out) is out  # an out= of the right shape is fine
+    assert dev.fetch(out).tolist() == [[0.0, 2.0, 4.0], [6.0, 8.0, 10.0]]
     dev.close()
 
 
