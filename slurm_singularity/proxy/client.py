@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import itertools
 import logging
 import os
 import threading
@@ -60,7 +61,9 @@ class ProxyDevice(WorkerSideOps, OperatorCalls):
         #: streams and checkpoints) governs them and results equal a CPU run.
         self.rng = rng
         self._lock = threading.RLock()
-        self._next_id = 1
+        #: the handles this worker gives out (``next`` of a count is atomic:
+        #: tensors made on two threads never share one)
+        self._ids = itertools.count(1)
         self._rid = 0
         self._frees: list[int] = []
         self._batch: list[bytes] | None = None
@@ -76,9 +79,7 @@ class ProxyDevice(WorkerSideOps, OperatorCalls):
 
     # -- transport ---------------------------------------------------------------
     def _new_id(self) -> int:
-        hid = self._next_id
-        self._next_id += 1
-        return hid
+        return next(self._ids)
 
     def _send(self, kind: MsgKind, body: Any, raw: bytes | bytearray | None = None) -> None:
         """Queue a message (``raw``: an already encoded body)."""

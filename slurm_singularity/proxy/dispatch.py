@@ -19,6 +19,7 @@ sends the operator to the proxy without waiting.
 
 from __future__ import annotations
 
+import itertools
 import struct
 from typing import Any
 
@@ -74,7 +75,8 @@ _NO_TEMPLATE = SentTemplate(0, None, 0, 0)
 #: Tensor layouts (size, stride, dtype, offset) -> small ints: a call
 #: signature holds its tensors' layout ids, which hash faster than the tuples.
 _LAYOUTS: dict[tuple, int] = {}
-_next_layout = [1]
+#: ``next()`` of a count is atomic: two threads never get one id
+_layout_ids = itertools.count(1)
 #: The table starts over beyond this many layouts (ids are never reused, so a
 #: stale id only misses the template cache).
 MAX_LAYOUTS = 1 << 16
@@ -86,8 +88,7 @@ def _layout_id(size: Any, stride: Any, dtype: torch.dtype, offset: int) -> int:
     if lid is None:
         if len(_LAYOUTS) >= MAX_LAYOUTS:
             _LAYOUTS.clear()
-        lid = _LAYOUTS[key] = _next_layout[0]
-        _next_layout[0] += 1
+        lid = _LAYOUTS[key] = next(_layout_ids)
     return lid
 
 
@@ -253,7 +254,7 @@ def _keeps_layout(info: OpInfo, meta_out: Any, args: tuple, kwargs: dict) -> Non
 class OperatorCalls:
     """Mixed into ``ProxyDevice``: turns operator calls into messages. Needs
     its ``channel``, ``_lock``, ``_batch``, ``_templates``, ``_next_tid``,
-    ``_next_id``, ``_meta_cache``, ``rng``, ``_send``, ``_request``,
+    ``_ids``, ``_meta_cache``, ``rng``, ``_send``, ``_request``,
     ``fetch``, ``_new_id``, ``_wrap`` and the ``local_ops`` methods."""
 
     def _enc(self, value: Any, key: list, out: bytearray) -> None:
@@ -434,8 +435,7 @@ class OperatorCalls:
                 return _NO_TEMPLATE
         single = tpl.single
         if single is not None:
-            hid = self._next_id
-            self._next_id = hid + 1
+            hid = next(self._ids)
             result = _make_wrapper(ProxyTensor, single[0], strides=single[1],
                                    storage_offset=single[3], dtype=single[2], device=_META)
             result._pdev = self

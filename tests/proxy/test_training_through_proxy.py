@@ -3,6 +3,8 @@ same parameters as the same training without it (emulated CPU device)."""
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from slurm_singularity.proxy import reference as R
@@ -178,3 +180,24 @@ def test_sgd_with_momentum_through_the_proxy_matches_direct_training(proxy):
         dev.close()
     want = train(None)
     assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_two_threads_of_one_worker_get_their_own_results(proxy):
+    # handles and layout ids are given out atomically: tensors made on two
+    # threads at once never share a handle
+    dev = attach(proxy.addr, "threads")
+    results: dict[int, list[float]] = {}
+
+    def work(k: int) -> None:
+        x = dev.put(torch.full((3,), float(k)))
+        for i in range(300):
+            x = x * 1.0 + (k if i % 2 else -k)  # ends where it started
+        results[k] = dev.fetch(x).tolist()
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in (1, 2, 3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == {k: [float(k)] * 3 for k in (1, 2, 3)}
+    dev.close()
