@@ -25,6 +25,7 @@ import secrets
 import select
 import socket
 import struct
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -34,8 +35,10 @@ _HEADER = 64
 _U64 = struct.Struct("<Q")
 _U32 = struct.Struct("<I")
 _WPOS, _RPOS, _RWAIT, _WWAIT = 0, 8, 16, 20
-#: Busy-poll iterations before sleeping on the doorbell.
-SPIN = 200
+#: Seconds a side busy-polls its ring before it sleeps on the doorbell: a
+#: peer that answers or sends again within it wakes nobody (a wake-up of a
+#: sleeping process costs 100-200 us on a VM).
+SPIN_S = 0.0005
 #: Longest sleep between re-checks of a ring (bounds a lost wake-up).
 NAP_S = 0.002
 #: Longest sleep of an idle side (the doorbell wakes it sooner).
@@ -121,7 +124,8 @@ class Channel:
             raise ChannelClosed(f"peer gone: {err}") from None
 
     def _sleep(self, ring: ShmRing, flag_off: int, ready) -> None:
-        for _ in range(SPIN):
+        until = time.perf_counter() + SPIN_S
+        while time.perf_counter() < until:
             if ready():
                 return
         ring.set_flag(flag_off, 1)
