@@ -126,8 +126,10 @@ class Channel:
     def _sleep(self, ring: ShmRing, flag_off: int, ready) -> None:
         until = time.perf_counter() + SPIN_S
         while time.perf_counter() < until:
-            if ready():
-                return
+            for _ in range(16):
+                if ready():
+                    return
+            os.sched_yield()  # lets the process's other threads (connections) have the GIL
         ring.set_flag(flag_off, 1)
         nap = NAP_S
         try:
