@@ -259,7 +259,7 @@ class OperatorCalls:
 
     def _enc(self, value: Any, key: list, out: bytearray) -> None:
         """Append ``value``'s wire encoding to ``out`` and its cache-key part
-        to ``key`` in one pass (the hot path of every operator)."""
+        to ``key`` in one pass (a full OP message's arguments)."""
         if isinstance(value, ProxyTensor):
             if value._pdev is not self:
                 raise ProxyError("tensors of two different proxies in one operator")

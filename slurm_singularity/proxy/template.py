@@ -59,8 +59,8 @@ class Template:
     ids: struct.Struct
     #: the operator's C++ entry (skips one Python frame per run)
     call: Any
-    #: (position, index into a RUN's values) of the tensor and float slots
-    #: among ``direct``
+    #: (position, index into a RUN's values) of the arguments that are a
+    #: tensor slot, and of those that are a float slot
     tensor_at: tuple[tuple[int, int], ...]
     float_at: tuple[tuple[int, int], ...]
 
