@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+import users
+
 from slurm_singularity import paths
 from slurm_singularity.cluster import local
 from slurm_singularity.cluster.api import ClusterSpec
@@ -55,6 +57,15 @@ class RunningCluster:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"job {job_id} still {rec.get('JobState')} after {timeout} s")
             time.sleep(0.5)
+
+
+@pytest.fixture(scope="session")
+def unprivileged_users() -> tuple[users.User, ...]:
+    """Two real logins without privilege (tests/users.py), made once."""
+    try:
+        return users.ensure_users()
+    except users.UsersUnavailable as exc:
+        pytest.skip(f"security tests need real unprivileged users: {exc}")
 
 
 @pytest.fixture(scope="session")
