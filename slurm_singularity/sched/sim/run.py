@@ -22,9 +22,14 @@ from .engine import Engine
 from .metrics import summarize
 from .report import write_plots, write_report
 from .schedulers import SCHEDULERS, SingularityScheduler, SlurmScheduler, TiresiasScheduler
-from .trace import DEFAULT_TIER_RULE, TraceError, TraceJob, assign_tiers, describe_rule, read_trace
+from .trace import DEFAULT_TIER_RULE, MAX_GPUS, TraceError, TraceJob, assign_tiers, describe_rule, read_trace
 
 log = logging.getLogger(__name__)
+
+
+#: Most GPUs per simulated node (the largest nodes built have 8 to 16; 72 in
+#: one NVLink domain).
+MAX_GPUS_PER_NODE = 128
 
 
 class SimError(ValueError):
@@ -50,10 +55,10 @@ class SimSpec:
         if self.scheduler not in SCHEDULERS:
             raise SimError(f"--scheduler: unknown {self.scheduler!r} (expected one of "
                            f"{', '.join(SCHEDULERS)})")
-        if self.gpus < 1:
-            raise SimError(f"--gpus: must be >= 1, got {self.gpus}")
-        if self.gpus_per_node < 1:
-            raise SimError(f"--gpus-per-node: must be >= 1, got {self.gpus_per_node}")
+        for option, value, hi in (("--gpus", self.gpus, MAX_GPUS),
+                                  ("--gpus-per-node", self.gpus_per_node, MAX_GPUS_PER_NODE)):
+            if not isinstance(value, int) or not 1 <= value <= hi:
+                raise SimError(f"{option}: must be a whole number in [1, {hi}], got {value!r}")
         for d in self.compare:
             if not (d / "summary.json").is_file():
                 raise SimError(f"--compare: {d} has no summary.json (not a simulation output)")
