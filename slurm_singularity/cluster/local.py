@@ -32,6 +32,7 @@ from ..policy.api import Policy
 from ..slurm.api import SlurmError
 from ..slurm.cli import CliSlurmClient
 from .api import ClusterError, ClusterSpec, ClusterStatus, DaemonKind, NodeStatus
+from . import wait
 from .render import render_cluster_files
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,10 @@ log = logging.getLogger(__name__)
 SPEC_FILE = "cluster.json"
 DAEMONS_FILE = "run/daemons.json"
 STOP_WAIT_S = 10.0
+#: Seconds each daemon gets to come up on an idle machine; ``wait.wait_for``
+#: stretches them by the load and while the daemon's log grows.
+START_WAIT_S = {DaemonKind.MUNGED: 10.0, DaemonKind.MARIADBD: 30.0, DaemonKind.SLURMDBD: 30.0,
+                DaemonKind.SLURMCTLD: 30.0}
 
 
 # -- spec and daemon records ------------------------------------------------
@@ -234,13 +239,22 @@ def _start(name: str, argv: list[str], spec: ClusterSpec) -> dict:
     return {"pid": proc.pid, "argv": argv, "kind": name}
 
 
-def _wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.25)
-    raise ClusterError(f"timed out after {timeout_s:g} s waiting for {what}")
+def _wait_for(predicate: Callable[[], bool], timeout_s: float, what: str, *,
+              spec: ClusterSpec | None = None, daemons: dict[str, dict] | None = None,
+              progress: Callable[[str], None] = lambda msg: None) -> None:
+    """``wait.wait_for`` (a limit scaled by the load), watching ``daemons``
+    (name -> record) of ``spec``: one that dies ends the wait at once."""
+    watched = [_watched(spec, name, rec) for name, rec in (daemons or {}).items()] if spec else []
+    waited = wait.wait_for(predicate, timeout_s, what, watched=watched, progress=progress)
+    log.debug("waited %.1f s for %s", waited, what)
+
+
+def _watched(spec: ClusterSpec, name: str, record: dict) -> wait.Watched:
+    logs = [spec.state_dir / "log" / f"{name}.log", spec.state_dir / "log" / f"{name}.out"]
+
+    def size() -> int:
+        return sum(p.stat().st_size for p in logs if p.exists())
+    return wait.Watched(name, lambda: _alive(record), size, lambda: _log_tail(spec, name))
 
 
 def _log_tail(spec: ClusterSpec, name: str, lines: int = 5) -> str:
@@ -284,19 +298,27 @@ def up(spec: ClusterSpec, policy: Policy,
             progress(f"starting {name}")
             started[name] = _start(name, argv, spec)
             _write_daemons(spec.state_dir, started)
-            if kind is DaemonKind.MUNGED:
-                _wait_for(spec.munge_socket.exists, 10, "munged's socket")
-            if kind is DaemonKind.MARIADBD:
-                _wait_for(lambda: _listening(spec.mysql_port), 30, "mariadbd to listen")
-            if kind is DaemonKind.SLURMDBD:
-                _wait_for(lambda: _listening(spec.dbd_port), 30, "slurmdbd to listen")
-            if kind is DaemonKind.SLURMCTLD:
-                _wait_for(lambda: _controller_answers(spec), 20, "slurmctld to answer")
+            waits = {
+                DaemonKind.MUNGED: (spec.munge_socket.exists, "munged's socket"),
+                DaemonKind.MARIADBD: (lambda: _listening(spec.mysql_port),
+                                      f"mariadbd to listen on port {spec.mysql_port}"),
+                DaemonKind.SLURMDBD: (lambda: _listening(spec.dbd_port),
+                                      f"slurmdbd to listen on port {spec.dbd_port}"),
+                DaemonKind.SLURMCTLD: (lambda: _controller_answers(spec),
+                                       f"slurmctld to answer on port {spec.ctld_port}"),
+            }
+            if kind in waits:
+                predicate, what = waits[kind]
+                progress(f"waiting for {what}")
+                _wait_for(predicate, START_WAIT_S[kind], what, spec=spec, daemons=started,
+                          progress=progress)
             time.sleep(0.05)
             if not _alive(started[name]):
                 raise ClusterError(f"{name} exited at start:\n  {_log_tail(spec, name)}")
         progress(f"waiting for {spec.nodes} nodes to be idle")
-        _wait_for(lambda: _all_idle(spec), spec.ready_timeout_s, "every node to be idle")
+        _wait_for(lambda: _all_idle(spec), spec.ready_timeout_s,
+                  f"every one of the {spec.nodes} nodes to be idle", spec=spec, daemons=started,
+                  progress=progress)
         if spec.accounting:
             # without an association, --account=NAME falls back to the user's
             # default account; make the policy's accounts real
@@ -428,5 +450,7 @@ def restart(state_dir: Path, name: str) -> int:
                            next(a for n, _, a in _daemon_argv(spec) if n == name), spec)
     _write_daemons(state_dir, records)
     if name == "slurmctld":
-        _wait_for(lambda: _controller_answers(spec), 30, "slurmctld to answer")
+        _wait_for(lambda: _controller_answers(spec), START_WAIT_S[DaemonKind.SLURMCTLD],
+                  f"slurmctld to answer on port {spec.ctld_port}", spec=spec,
+                  daemons={name: records[name]})
     return records[name]["pid"]

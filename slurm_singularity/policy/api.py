@@ -51,7 +51,8 @@ class PolicyError(ValueError):
         return f"{where}{key}{self.message}"
 
 
-def check_bounds(value: int | float, key: str, lo: float, hi: float, *, whole: bool = False) -> None:
+def check_bounds(value: int | float, key: str, lo: float, hi: float, *,
+                 whole: bool = False) -> None:
     """Refuse a policy number outside [lo, hi], not finite, or subnormal.
 
     :raises PolicyError: naming ``key`` and the allowed range.

@@ -92,7 +92,8 @@ def test_policy_check_exits_nonzero_and_names_file_key_and_line(tmp_path: Path, 
     assert admin.main(["policy", "check", str(bad)]) != 0
     err = capsys.readouterr().err
     line = _line_containing(bad.read_text(), "grace_time_s = -3")
-    assert f"{bad}:{line}: tiers.basic.grace_time_s: must be a whole number in [0, 86400], got -3" in err
+    assert (f"{bad}:{line}: tiers.basic.grace_time_s: must be a whole number in [0, 86400], "
+            "got -3") in err
 
 
 def test_policy_check_of_a_missing_file_fails_with_its_name(tmp_path: Path, capsys):
@@ -114,7 +115,8 @@ NUMERIC_FIELDS = [
     ("gpu_fraction = 0.70", "tiers.standard.gpu_fraction", "a number in [0, 1]"),
     ("gpu_quota = 32\nfair_share_weight = 1.0", "accounts.default.gpu_quota",
      "a whole number in [1, 1000000]"),
-    ("fair_share_weight = 2.0", "accounts.research.fair_share_weight", "a number in [1e-06, 1e+06]"),
+    ("fair_share_weight = 2.0", "accounts.research.fair_share_weight",
+     "a number in [1e-06, 1e+06]"),
 ]
 ABSURD = ["nan", "inf", "-inf", "1e-320", "1e300", "-1", "-1.5", "99999999999",
           "9223372036854775807", "-9223372036854775808"]

@@ -153,7 +153,8 @@ def test_an_unknown_format_and_an_invalid_policy_are_refused(tmp_path):
 PHILLY_HEAD = "timestamp,duration,num_gpus,gpu_time,cluster\n"
 ALIBABA_HEAD = ("name,cpu_milli,memory_mib,num_gpu,gpu_milli,gpu_spec,qos,pod_phase,creation_time,"
                 "deletion_time,scheduled_time\n")
-NOT_UTF8 = PHILLY_HEAD.encode() + b"2017-10-01 00:00:00,10,1,10,a\n2017-10-01 00:00:00,10,1,10,caf\xe9\n"
+NOT_UTF8 = (PHILLY_HEAD.encode() + b"2017-10-01 00:00:00,10,1,10,a\n"
+            b"2017-10-01 00:00:00,10,1,10,caf\xe9\n")
 
 
 @pytest.mark.parametrize("fmt, body, options, message", [

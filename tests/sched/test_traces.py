@@ -95,7 +95,8 @@ NUMERIC = [("philly", PHILLY_GOOD, c) for c in ("duration", "num_gpus", "gpu_tim
 
 
 def write_rows(path, good: dict[str, str], rows: list[dict[str, str]]) -> None:
-    path.write_text(",".join(good) + "\n" + "".join(",".join(r[c] for c in good) + "\n" for r in rows))
+    lines = [",".join(good)] + [",".join(r[c] for c in good) for r in rows]
+    path.write_text("\n".join(lines) + "\n")
 
 
 @pytest.mark.parametrize("fmt, good, column", NUMERIC)
@@ -120,7 +121,8 @@ def test_a_value_at_its_bound_is_accepted_and_one_past_it_is_refused(tmp_path):
     assert (job.world_size, job.duration_s) == (MAX_GPUS, MAX_DURATION_S)
     for gpus in (str(MAX_GPUS + 1), "1e-320", "0.5"):
         write_rows(path, PHILLY_GOOD, [{**PHILLY_GOOD, "num_gpus": gpus}])
-        with pytest.raises(TraceError, match=rf"t.csv:2: column num_gpus: must be a whole number in \[1, {MAX_GPUS}\]"):
+        with pytest.raises(TraceError, match=rf"t.csv:2: column num_gpus: must be a whole "
+                                             rf"number in \[1, {MAX_GPUS}\]"):
             read_trace(path, "philly")
     write_rows(path, ALIBABA_GOOD, [{**ALIBABA_GOOD, "scheduled_time": "0",
                                      "deletion_time": repr(MAX_DURATION_S * 2)}])

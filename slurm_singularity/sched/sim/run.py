@@ -22,7 +22,8 @@ from .engine import Engine
 from .metrics import summarize
 from .report import write_plots, write_report
 from .schedulers import SCHEDULERS, SingularityScheduler, SlurmScheduler, TiresiasScheduler
-from .trace import DEFAULT_TIER_RULE, MAX_GPUS, TraceError, TraceJob, assign_tiers, describe_rule, read_trace
+from .trace import (DEFAULT_TIER_RULE, MAX_GPUS, TraceError, TraceJob, assign_tiers, describe_rule,
+                    read_trace)
 
 log = logging.getLogger(__name__)
 
