@@ -202,3 +202,20 @@ def test_a_long_idle_stretch_between_jobs_costs_two_samples_not_one_an_hour(tmp_
     assert s["jobs"] == 2
     assert len(engine.samples) < 10
     assert engine.samples[-1][0] == max(j.end for j in engine.done)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"{}", "summary.json: scheduler: missing or not a str"),
+    (b"\xff{", "summary.json: not a readable summary"),
+    (b"[1, 2]", "summary.json: not a summary (a JSON object)"),
+])
+def test_a_broken_summary_to_compare_with_is_refused_naming_it(tmp_path, content, message):
+    trace = philly(tmp_path, PREEMPTION)
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / "summary.json").write_bytes(content)
+    r = cli("--trace", str(trace), "--scheduler", "slurm", "--gpus", "8",
+            "--out", str(tmp_path / "o"), "--compare", str(earlier))
+    assert r.returncode == 2, r.stderr
+    assert f"--compare: {earlier}/{message}" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "o").exists()
