@@ -90,9 +90,7 @@ def _bounded(lo: float, hi: float, *, whole: bool = False) -> Callable[[Any, str
 
 
 _STR = _typed(str, "a string")
-_INT = _typed(int, "an integer")
 _BOOL = _typed(bool, "true or false")
-_NUM = _typed((int, float), "a number")
 
 
 def _tier_value(value: Any, key: str) -> Tier:
