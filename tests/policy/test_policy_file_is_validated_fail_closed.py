@@ -3,9 +3,12 @@ file, the dotted key and the line, and `policy check` exits non-zero."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from slurm_singularity.cli import admin
 from slurm_singularity.policy import default_policy_path
@@ -147,3 +150,23 @@ def test_policy_check_refuses_a_nan_fair_share_weight_and_a_huge_grace_time(tmp_
         assert admin.main(["policy", "check", str(bad)]) != 0
         err = capsys.readouterr().err
         assert f"{bad}:{_line_containing(bad.read_text(), new)}: {key}: must be" in err, err
+
+
+FLOAT_FIELDS = [("gpu_fraction = 0.70", "tiers.standard.gpu_fraction", 0.0, 1.0),
+                ("fair_share_weight = 2.0", "accounts.research.fair_share_weight", 1e-6, 1e6)]
+
+
+@settings(max_examples=150, deadline=None)
+@given(field=st.sampled_from(FLOAT_FIELDS), x=st.floats(allow_nan=True, allow_infinity=True))
+def test_a_float_field_holds_only_finite_normal_numbers_in_its_range(field, x):
+    line, key, lo, hi = field
+    text = DEFAULT.replace(line, f"{line.split(' = ')[0]} = {x!r}", 1)
+    try:
+        policy = parse_policy(text, "site.toml")
+    except PolicyError as err:
+        assert err.key == key and "must be a number in [" in err.message
+        assert not (lo <= x <= hi and (x == 0 or abs(x) >= sys.float_info.min))
+        return
+    spec = (policy.tiers[Tier.STANDARD].gpu_fraction if key.startswith("tiers")
+            else policy.accounts["research"].fair_share_weight)
+    assert spec == x and lo <= x <= hi
