@@ -134,10 +134,14 @@ def ensure_private(ckpt_dir: str | os.PathLike[str]) -> Path:
     :raises CheckpointDirError: a level cannot be created, or is unsafe.
     """
     path = Path(os.path.abspath(ckpt_dir))
-    created = _create_missing(path)
     uid = os.geteuid()
-    for level in judged_levels(path):
-        if level not in created:
+    levels = judged_levels(path)
+    before = [level for level in levels if os.path.lexists(level)]
+    for level in before:               # before creating anything inside them
+        _judge(level, uid)
+    created = _create_missing(path)
+    for level in levels:               # made meanwhile by another process
+        if level not in created and level not in before:
             _judge(level, uid)
     return path
 
