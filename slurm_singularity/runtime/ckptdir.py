@@ -148,7 +148,10 @@ def ensure_private(ckpt_dir: str | os.PathLike[str]) -> Path:
 
 def open_private(path: str | os.PathLike[str], *, truncate: bool = True) -> int:
     """A file descriptor of ``path`` opened for writing, created 0600 (an
-    existing file, such as a recycled checkpoint, is made 0600 too)."""
+    existing file, such as a recycled checkpoint, is made 0600 too).
+
+    :raises OSError: as ``os.open``; a symbolic link is not followed.
+    """
     fd = os.open(path, _FLAGS | (os.O_TRUNC if truncate else 0), FILE_MODE)
     try:
         if stat.S_IMODE(os.fstat(fd).st_mode) != FILE_MODE:

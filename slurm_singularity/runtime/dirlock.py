@@ -11,7 +11,6 @@ Kept apart from ``checkpoint`` (which needs torch) so that the launcher and
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import filelock
 
