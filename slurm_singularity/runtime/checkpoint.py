@@ -29,10 +29,11 @@ The payload is ``stateformat``'s: a JSON header, then the tensors' bytes,
 written from the tensors' own memory with a few ``os.writev`` calls. The
 checksum is a trailer, so a file cut short lacks it and is refused.
 xxh3-128 rather than sha256: the checksum guards against torn writes and
-damaged media, not against an attacker (the MAC is for that), and at about 30 GB/s it costs 1 ms on a 40 MB checkpoint where sha256
-cost 23 ms, more than half of what writing the bytes costs
-(``bench/checkpoint.py``). Files of format 02 (a ``torch.save`` payload,
-sha256 of 64 hex digits) can still be read. Beside it ``ckpt-<step:08d>.json``
+damaged media, not against an attacker (the MAC is for that), and at about
+30 GB/s it costs 1 ms on a 40 MB checkpoint where sha256 cost 23 ms, more
+than half of what writing the bytes costs (``bench/checkpoint.py``). Files
+of format 02 (a ``torch.save`` payload, sha256 of 64 hex digits) can still
+be read, with the same option. Beside it ``ckpt-<step:08d>.json``
 holds a ``CheckpointMeta`` for tools such as ``singularity-admin job show``.
 """
 

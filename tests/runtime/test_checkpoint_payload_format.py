@@ -116,7 +116,8 @@ def test_unsigned_checkpoints_of_an_older_format_are_read_only_when_the_user_say
     data = (b"SSCKPT02\n" + payload + hashlib.sha256(payload).hexdigest().encode()
             + f"{len(payload):016d}".encode() + b"\n" + checkpoint.END)
     (tmp_path / checkpoint.ckpt_name(5)).write_bytes(data)
-    with pytest.raises(CheckpointError, match="unsigned .format 02.*SINGULARITY_CKPT_ACCEPT_UNSIGNED=1"):
+    with pytest.raises(CheckpointError,
+                       match="unsigned .format 02.*SINGULARITY_CKPT_ACCEPT_UNSIGNED=1"):
         checkpoint.load_latest(tmp_path)
     monkeypatch.setenv("SINGULARITY_CKPT_ACCEPT_UNSIGNED", "1")
     step, got = checkpoint.load_latest(tmp_path)

@@ -149,7 +149,7 @@ def test_a_checkpoint_path_pre_created_by_u2_in_a_shared_directory_is_refused_be
     assert (refused.stat().st_uid, _mode(refused)) == (u2.uid, 0o777)   # not chmod-ed
 
 
-def test_u1s_own_directory_is_refused_when_others_may_write_it_and_made_private_when_they_may_read_it(
+def test_u1s_own_directory_is_refused_when_others_may_write_it_and_made_private_if_readable(
         users, shared):
     u1, _, python = users
     writable, readable = shared / "writable", shared / "readable"
