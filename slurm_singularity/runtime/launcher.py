@@ -40,6 +40,7 @@ from slurm_singularity import contract
 from slurm_singularity.runtime.api import (
     CheckpointError, JobShape, RuntimeSetupError, StopReason,
 )
+from slurm_singularity.runtime import ckptdir
 from slurm_singularity.runtime.history import RunProgress, append_record
 
 log = logging.getLogger(__name__)
@@ -93,7 +94,7 @@ def default_ckpt_dir(environ: Mapping[str, str] | None = None) -> Path | None:
     if job_id is None:
         return None
     base = contract.slurm_submit_dir(environ) or str(Path.home())
-    return Path(base) / ".singularity" / "ckpt" / f"job-{job_id}"
+    return Path(base).joinpath(*ckptdir.DEFAULT_LEVELS, f"job-{job_id}")
 
 
 def free_port() -> int:
@@ -239,7 +240,7 @@ def launch(spec: LaunchSpec) -> int:
     procs: list[multiprocessing.process.BaseProcess] = []
     pending: list[int] = []       # signals that came before the workers
     forwarded = _forward_signals(procs, pending)
-    spec.ckpt_dir.mkdir(parents=True, exist_ok=True)
+    ckptdir.ensure_private(spec.ckpt_dir)   # cli/run.py ran ckptdir.prepare at start
     main_node = spec.node_rank == 0
     progress = RunProgress(spec.devices, spec.world_size)
     ctx = _context()
