@@ -15,7 +15,7 @@ docs/admin-guide.md)::
     [partitions.NAME]   nodes, max_time
     [tiers.TIER]        partition, priority_tier, preempt_mode, grace_time_s,
                         signal, gpu_fraction, preemptible_by
-    [accounts.NAME]     tiers, gpu_quota, fair_share_weight
+    [accounts.NAME]     tiers, gpu_quota, fair_share_weight, members
 """
 
 from __future__ import annotations
@@ -107,6 +107,12 @@ def _preempt_mode(value: Any, key: str) -> PreemptMode:
                           key=key) from None
 
 
+def _string_list(value: Any, key: str) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise PolicyError(f"must be a list of login names, not {type(value).__name__}", key=key)
+    return tuple(_STR(v, key) for v in value)
+
+
 def _optional_account(value: Any, key: str) -> str | None:
     text = _STR(value, key)
     return text or None
@@ -120,7 +126,8 @@ _SCHEMA: dict[str, dict[str, Callable[[Any, str], Any]]] = {
     "tiers": {"partition": _STR, "priority_tier": _INT, "preempt_mode": _preempt_mode,
               "grace_time_s": _INT, "signal": _STR, "gpu_fraction": _NUM,
               "preemptible_by": _tier_list},
-    "accounts": {"tiers": _tier_list, "gpu_quota": _INT, "fair_share_weight": _NUM},
+    "accounts": {"tiers": _tier_list, "gpu_quota": _INT, "fair_share_weight": _NUM,
+                 "members": _string_list},
 }
 _REQUIRED = {
     "tiers": ("partition", "priority_tier", "preempt_mode", "grace_time_s", "signal",

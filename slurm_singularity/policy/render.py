@@ -76,7 +76,8 @@ def policy_table(policy: Policy) -> dict[str, object]:
         "partition_tier": {s.partition: t.value for t, s in policy.tiers.items()},
         "accounts": {name: {"tiers": {t.value: True for t in a.tiers},
                             "allowed": ", ".join(t.value for t in a.tiers),
-                            "quota": a.gpu_quota}
+                            "quota": a.gpu_quota,
+                            "members": ({u: True for u in a.members} if a.members else None)}
                      for name, a in policy.accounts.items()},
         "known_accounts": ", ".join(sorted(policy.accounts)),
         "multiple": policy.elastic.world_size_multiple_of_devices,
