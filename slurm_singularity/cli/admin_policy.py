@@ -24,7 +24,7 @@ from .. import contract
 from ..policy import default_policy_path
 from ..policy.api import Policy, PolicyError
 from ..policy.load import load_policy
-from ..policy.render import render_policy_files
+from ..policy.render import associations, render_policy_files
 from ..policy.rules import Decision, decide
 from ..policy.sbatch_args import SbatchArgsError, parse_sbatch_args
 
@@ -256,13 +256,14 @@ def _apply(args: argparse.Namespace) -> int:
     print("scontrol reconfigure: done")
     try:
         if client.accounting_enabled():
-            added = client.ensure_accounts(sorted(policy.accounts), [getpass.getuser()])
-            print(f"slurmdbd accounts {', '.join(sorted(policy.accounts))}: "
-                  + ("created" if added else "already there"))
+            changed = client.ensure_accounts(*associations(policy, [getpass.getuser()]))
+            print(f"slurmdbd accounts {', '.join(sorted(policy.accounts))} "
+                  f"(associations, GrpTRES gres/gpu = gpu_quota): "
+                  + (f"updated {', '.join(changed)}" if changed else "already there"))
     except SlurmError as exc:
-        print(f"policy apply: warning: could not create the policy's accounts in slurmdbd "
-              f"({exc}); jobs of an account without an association run under the user's "
-              f"default account", file=sys.stderr)
+        print(f"policy apply: warning: could not create the policy's accounts, members and "
+              f"GPU limits in slurmdbd ({exc}); with AccountingStorageEnforce a user without "
+              f"an association cannot use the account", file=sys.stderr)
     return 0
 
 
