@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from .. import contract
@@ -138,7 +139,8 @@ def summary(policy: Policy) -> str:
     for name, acc in sorted(policy.accounts.items()):
         quota = acc.gpu_quota if acc.gpu_quota is not None else "none"
         lines.append(f"  {name:<12} tiers={','.join(t.value for t in acc.tiers)} "
-                     f"gpu_quota={quota} fair_share_weight={acc.fair_share_weight:g}")
+                     f"gpu_quota={quota} fair_share_weight={acc.fair_share_weight:g} "
+                     f"members={','.join(acc.members) or '(associations)'}")
     lines.append(f"defaults: tier={policy.defaults.tier.value} "
                  f"account={policy.defaults.account or '(none: --account required)'}")
     lines.append(f"elastic: world_size_multiple_of_devices="
@@ -326,7 +328,8 @@ def _explain(args: argparse.Namespace) -> int:
     if ignored:
         print(f"job explain: ignored (not looked at by the policy): {' '.join(ignored)}",
               file=sys.stderr)
-    result = decide(policy, sub)
+    # the caller's own login: an account's members bind it as in sbatch
+    result = decide(policy, replace(sub, user=getpass.getuser()))
     if isinstance(result, Decision):
         warnings = unprotected_warning(result, argv, script)
         if args.json:
