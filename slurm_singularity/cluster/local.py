@@ -199,12 +199,17 @@ def _init_database(spec: ClusterSpec) -> None:
 
 def _grant_slurmdbd(spec: ClusterSpec) -> None:
     """The MariaDB user slurmdbd connects as: its password, rights on its own
-    database only; no anonymous users. Idempotent (run at every ``up``).
+    database only; root by the unix socket only (also in a data directory
+    made by an older version, whose root had no password); no anonymous
+    users. Idempotent (run at every ``up``).
 
     :raises ClusterError: the client failed (its message)."""
     password = _db_password(spec)
     db = f"slurm_acct_{spec.cluster_name}"
-    sql = (f"DROP USER IF EXISTS ''@'localhost', ''@'{socket.gethostname()}'; "
+    host = socket.gethostname()
+    sql = (f"DROP USER IF EXISTS ''@'localhost', ''@'{host}', 'root'@'{host}', "
+           "'root'@'127.0.0.1', 'root'@'::1'; "
+           "ALTER USER 'root'@'localhost' IDENTIFIED VIA unix_socket; "
            f"CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1' IDENTIFIED BY '{password}'; "
            f"ALTER USER 'slurm'@'127.0.0.1' IDENTIFIED BY '{password}'; "
            f"GRANT ALL PRIVILEGES ON `{db}`.* TO 'slurm'@'127.0.0.1'; FLUSH PRIVILEGES;")

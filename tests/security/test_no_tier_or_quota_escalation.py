@@ -63,6 +63,9 @@ def test_a_held_job_cannot_be_reshaped_by_its_user(security_cluster, unprivilege
         r = u1.run("scontrol", "update", f"JobId={job}", "Partition=premium",
                    env=security_cluster.env)
         assert r.returncode != 0 and "Access/permission denied" in r.stderr, r.stderr
+        r = u1.run("scontrol", "update", f"JobId={job}", "Account=research",
+                   env=security_cluster.env)
+        assert r.returncode != 0 and "Invalid account" in r.stderr, r.stderr
         # a change within the rules still goes through
         r = u1.run("scontrol", "update", f"JobId={job}", "TimeLimit=30",
                    env=security_cluster.env)
