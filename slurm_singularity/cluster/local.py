@@ -29,6 +29,7 @@ from typing import Callable
 
 from .. import paths
 from ..policy.api import Policy
+from ..policy.render import associations
 from ..slurm.api import SlurmError
 from ..slurm.cli import CliSlurmClient
 from .api import ClusterError, ClusterSpec, ClusterStatus, DaemonKind, NodeStatus
@@ -150,6 +151,9 @@ def _prepare(spec: ClusterSpec, policy: Policy) -> None:
     munge_dir = sd / "munge"
     munge_dir.mkdir(mode=0o700, exist_ok=True)
     os.chmod(munge_dir, 0o700)
+    # every user authenticates through the socket; only root reads the key
+    spec.munge_socket.parent.mkdir(mode=0o755, exist_ok=True)
+    os.chmod(spec.munge_socket.parent, 0o755)
     key = munge_dir / "munge.key"
     if not key.exists():
         fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o400)
@@ -159,26 +163,67 @@ def _prepare(spec: ClusterSpec, policy: Policy) -> None:
     plugin = paths.SPANK_PLUGIN if paths.SPANK_PLUGIN.exists() else None
     if plugin is None:
         log.warning("SPANK plugin %s is not built; sbatch will lack --sla etc.", paths.SPANK_PLUGIN)
-    for name, text in render_cluster_files(spec, policy, plugin).items():
+    password = _db_password(spec) if spec.accounting else ""
+    for name, text in render_cluster_files(spec, policy, plugin, password).items():
         _write_atomic(spec.conf_dir / name, text)
     if spec.accounting:
-        os.chmod(spec.conf_dir / "slurmdbd.conf", 0o600)   # slurmdbd insists
+        os.chmod(spec.conf_dir / "slurmdbd.conf", 0o600)   # holds the password
         _init_database(spec)
 
 
+def _db_password(spec: ClusterSpec) -> str:
+    """slurmdbd's MariaDB password: made once, readable by root only."""
+    try:
+        return spec.db_secret.read_text().strip()
+    except FileNotFoundError:
+        pass
+    password = os.urandom(24).hex()
+    fd = os.open(spec.db_secret, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(password + "\n")
+    return password
+
+
 def _init_database(spec: ClusterSpec) -> None:
-    """A private MariaDB data directory for slurmdbd, made once."""
+    """A private MariaDB data directory for slurmdbd, made once, 0700: its
+    root logs in through the unix socket inside it only (socket
+    authentication), so no other local user can read or rewrite accounting."""
     datadir = spec.state_dir / "mysql"
+    datadir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(datadir, 0o700)
     if (datadir / "mysql").is_dir():
         return
-    datadir.mkdir(parents=True, exist_ok=True)
     proc = subprocess.run(
         [shutil.which("mariadb-install-db") or "mariadb-install-db", "--no-defaults",
-         f"--datadir={datadir}", "--user=root", "--auth-root-authentication-method=normal",
+         f"--datadir={datadir}", "--user=root", "--auth-root-authentication-method=socket",
          "--skip-test-db"], capture_output=True, text=True, timeout=120)
     if proc.returncode != 0:
         raise ClusterError(f"mariadb-install-db failed for {datadir}: "
                            f"{(proc.stderr or proc.stdout).strip()[-500:]}")
+
+
+def _grant_slurmdbd(spec: ClusterSpec) -> None:
+    """The MariaDB user slurmdbd connects as: its password, rights on its own
+    database only; root by the unix socket only (also in a data directory
+    made by an older version, whose root had no password); no anonymous
+    users. Idempotent (run at every ``up``).
+
+    :raises ClusterError: the client failed (its message)."""
+    password = _db_password(spec)
+    db = f"slurm_acct_{spec.cluster_name}"
+    host = socket.gethostname()
+    sql = (f"DROP USER IF EXISTS ''@'localhost', ''@'{host}', 'root'@'{host}', "
+           "'root'@'127.0.0.1', 'root'@'::1'; "
+           "ALTER USER 'root'@'localhost' IDENTIFIED VIA unix_socket; "
+           f"CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1' IDENTIFIED BY '{password}'; "
+           f"ALTER USER 'slurm'@'127.0.0.1' IDENTIFIED BY '{password}'; "
+           f"GRANT ALL PRIVILEGES ON `{db}`.* TO 'slurm'@'127.0.0.1'; FLUSH PRIVILEGES;")
+    proc = subprocess.run(
+        [shutil.which("mariadb") or "mariadb", "--no-defaults",
+         f"--socket={spec.state_dir / 'mysql' / 'mysqld.sock'}", "-u", "root", "-e", sql],
+        capture_output=True, text=True, timeout=60)
+    if proc.returncode != 0:
+        raise ClusterError(f"cannot create slurmdbd's MariaDB user: {proc.stderr.strip()[-500:]}")
 
 
 def _make_devices(spec: ClusterSpec) -> None:
@@ -215,8 +260,9 @@ def _daemon_argv(spec: ClusterSpec) -> list[tuple[str, DaemonKind, list[str]]]:
             shutil.which("mariadbd") or "mariadbd", "--no-defaults", f"--datadir={mysql}",
             f"--socket={mysql}/mysqld.sock", f"--port={spec.mysql_port}",
             "--bind-address=127.0.0.1", f"--pid-file={mysql}/mariadbd.pid", "--user=root",
-            # private to this cluster: loopback only, on its own port
-            "--skip-grant-tables", "--skip-name-resolve",
+            # private to this cluster: loopback only, on its own port, with
+            # grant tables (slurmdbd logs in with a password)
+            "--skip-name-resolve",
             f"--log-error={spec.state_dir / 'log' / 'mariadbd.log'}"]))
         out.append(("slurmdbd", DaemonKind.SLURMDBD, [
             shutil.which("slurmdbd") or "slurmdbd", "-D"]))
@@ -312,6 +358,8 @@ def up(spec: ClusterSpec, policy: Policy,
                 progress(f"waiting for {what}")
                 _wait_for(predicate, START_WAIT_S[kind], what, spec=spec, daemons=started,
                           progress=progress)
+            if kind is DaemonKind.MARIADBD:
+                _grant_slurmdbd(spec)
             time.sleep(0.05)
             if not _alive(started[name]):
                 raise ClusterError(f"{name} exited at start:\n  {_log_tail(spec, name)}")
@@ -323,7 +371,7 @@ def up(spec: ClusterSpec, policy: Policy,
             # without an association, --account=NAME falls back to the user's
             # default account; make the policy's accounts real
             CliSlurmClient(spec.env(), timeout_s=30).ensure_accounts(
-                sorted(policy.accounts), sorted({"root", getpass.getuser()}))
+                *associations(policy, sorted({"root", getpass.getuser()})))
     except BaseException:
         _stop_all(spec.state_dir, started)
         raise

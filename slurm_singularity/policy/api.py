@@ -18,6 +18,8 @@ from typing import Mapping
 
 #: Partition and account names: what Slurm accepts and a Lua string needs no escaping for.
 _SLURM_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+#: Login names of account members (useradd's default rule; "root" included).
+_USER_NAME = re.compile(r"[a-z_][a-z0-9_.-]{0,31}")
 
 
 #: Bounds of the policy's numbers (inclusive). Each keeps a value meaningful
@@ -150,11 +152,24 @@ class AccountSpec:
     gpu_quota: int | None = None
     #: Relative share of the cluster in fair sharing, 1e-6 to 1e6.
     fair_share_weight: float = 1.0
+    #: Login names of the users who may charge jobs to the account. Empty:
+    #: membership is Slurm's associations alone (the local cluster gives
+    #: root and the user who runs it one in every such account). Non-empty:
+    #: job_submit.lua also refuses any other user, and ``policy apply`` and
+    #: the local cluster make exactly these associations. A member's default
+    #: account is the first account of the policy that lists them.
+    members: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not _SLURM_NAME.fullmatch(self.name) or self.name != self.name.lower():
             raise PolicyError("account names are lower-case letters, digits, '-' and '_' "
                               "(Slurm lower-cases --account)", key=f"accounts.{self.name}")
+        for user in self.members:
+            if not isinstance(user, str) or not _USER_NAME.fullmatch(user):
+                raise PolicyError(f"{user!r} is not a login name (lower-case letters, digits, "
+                                  "'_', '.', '-'; at most 32)", key=f"accounts.{self.name}.members")
+        if len(set(self.members)) != len(self.members):
+            raise PolicyError("lists a user twice", key=f"accounts.{self.name}.members")
         if not self.tiers:
             raise PolicyError("needs at least one tier", key=f"accounts.{self.name}.tiers")
         if self.gpu_quota is not None:

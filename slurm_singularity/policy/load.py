@@ -17,7 +17,7 @@ docs/admin-guide.md)::
     [partitions.NAME]   nodes, max_time
     [tiers.TIER]        partition, priority_tier, preempt_mode, grace_time_s,
                         signal, gpu_fraction, preemptible_by
-    [accounts.NAME]     tiers, gpu_quota, fair_share_weight
+    [accounts.NAME]     tiers, gpu_quota, fair_share_weight, members
 """
 
 from __future__ import annotations
@@ -116,6 +116,12 @@ def _preempt_mode(value: Any, key: str) -> PreemptMode:
                           key=key) from None
 
 
+def _string_list(value: Any, key: str) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise PolicyError(f"must be a list of login names, not {type(value).__name__}", key=key)
+    return tuple(_STR(v, key) for v in value)
+
+
 def _optional_account(value: Any, key: str) -> str | None:
     text = _STR(value, key)
     return text or None
@@ -133,7 +139,8 @@ _SCHEMA: dict[str, dict[str, Callable[[Any, str], Any]]] = {
               "gpu_fraction": _bounded(0, 1),
               "preemptible_by": _tier_list},
     "accounts": {"tiers": _tier_list, "gpu_quota": _bounded(1, GPU_QUOTA_MAX, whole=True),
-                 "fair_share_weight": _bounded(*FAIR_SHARE_WEIGHT_RANGE)},
+                 "fair_share_weight": _bounded(*FAIR_SHARE_WEIGHT_RANGE),
+                 "members": _string_list},
 }
 _REQUIRED = {
     "tiers": ("partition", "priority_tier", "preempt_mode", "grace_time_s", "signal",
