@@ -42,9 +42,9 @@ class ClusterSpec:
     nodes: int = 4
     #: Emulated GPUs per node; 0..64.
     gpus_per_node: int = 8
-    #: CPUs each node claims (may exceed the machine's; config_overrides).
+    #: CPUs each node claims (may exceed the machine's; config_overrides); 1..4096.
     cpus_per_node: int = 16
-    #: Memory each node claims, MiB.
+    #: Memory each node claims, MiB; 1..2**30.
     memory_mb_per_node: int = 64000
     #: slurmctld's port; slurmd of node i listens on slurmd_base_port + i - 1.
     ctld_port: int = 16817
@@ -52,7 +52,7 @@ class ClusterSpec:
     slurmd_base_port: int = 17001
     #: Slurm ClusterName; letters and digits.
     cluster_name: str = "singularity"
-    #: Seconds to wait for every node to be idle.
+    #: Seconds to wait for every node to be idle (stretched by the load); 1..3600.
     ready_timeout_s: float = 60.0
     #: Run slurmdbd (and a private MariaDB for it) so that sacct works.
     accounting: bool = True
@@ -71,8 +71,15 @@ class ClusterSpec:
         if not 0 <= self.gpus_per_node <= 64:
             raise ValueError(
                 f"--gpus-per-node must be between 0 and 64, not {self.gpus_per_node}")
-        if self.cpus_per_node < 1:
-            raise ValueError(f"--cpus-per-node must be at least 1, not {self.cpus_per_node}")
+        if not 1 <= self.cpus_per_node <= 4096:
+            raise ValueError(
+                f"--cpus-per-node must be between 1 and 4096, not {self.cpus_per_node}")
+        if not 1 <= self.memory_mb_per_node <= 1 << 30:
+            raise ValueError(f"memory_mb_per_node must be between 1 and {1 << 30} MiB, "
+                             f"not {self.memory_mb_per_node}")
+        if not 1 <= self.ready_timeout_s <= 3600:     # also refuses nan
+            raise ValueError(f"ready_timeout_s must be between 1 and 3600 s, "
+                             f"not {self.ready_timeout_s}")
         for field, port in (("--ctld-port", self.ctld_port),
                             ("--slurmd-port", self.slurmd_base_port),
                             ("--dbd-port", self.dbd_port), ("--mysql-port", self.mysql_port)):

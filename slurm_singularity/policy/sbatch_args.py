@@ -34,18 +34,38 @@ _SHORT = {"-A": "--account", "-p": "--partition", "-G": "--gpus", "-N": "--nodes
 _SBATCH_LINE = re.compile(r"^#SBATCH\s+(.*)$")
 
 
+#: The largest count (nodes, tasks, GPUs) an option may give; sbatch's own
+#: limits are lower still.
+MAX_COUNT = 1_000_000
+#: A GPU request: ``gpu``, ``gpu:N``, ``gpu:TYPE:N`` (a type starts with a letter,
+#: so ``gpu:-3`` is a bad count, not a type).
+_GPU_SPEC = re.compile(r"^gpu(?::[A-Za-z][A-Za-z0-9_.-]*)?(?::(\d+))?$")
+
+
 def _gpu_tres(option: str, value: str) -> str:
     """``--gpus=4`` / ``--gpus=a100:4`` -> ``gres:gpu:4`` / ``gres:gpu:a100:4``;
-    ``--gres=gpu:4,foo:1`` -> ``gres:gpu:4,gres:foo:1`` (what sbatch sends)."""
-    if option == "--gres":
-        return ",".join("gres:" + part.strip() for part in value.split(",") if part.strip())
-    return "gres:gpu:" + value
+    ``--gres=gpu:4,foo:1`` -> ``gres:gpu:4,gres:foo:1`` (what sbatch sends).
+
+    :raises SbatchArgsError: a GPU count that is not a whole number in
+        0..MAX_COUNT (``gpu:-3``, ``gpu:nan``: sbatch refuses those too).
+    """
+    parts = ([part.strip() for part in value.split(",") if part.strip()] if option == "--gres"
+             else ["gpu:" + value])
+    for part in parts:
+        if part.split(":", 1)[0] != "gpu":
+            continue
+        m = _GPU_SPEC.match(part)
+        if not m or (m.group(1) is not None and int(m.group(1)) > MAX_COUNT):
+            raise SbatchArgsError(f"{option}={value}: a GPU count must be a whole number "
+                                  f"between 0 and {MAX_COUNT} (gpu:N or gpu:TYPE:N)")
+    return ",".join("gres:" + part for part in parts)
 
 
 def _count(option: str, value: str) -> int:
     head = value.split("-", 1)[0]     # --nodes=2-4: the minimum
-    if not head.isascii() or not head.isdigit() or int(head) < 1:
-        raise SbatchArgsError(f"{option}={value}: expected a positive whole number")
+    if (not head.isascii() or not head.isdigit() or not 1 <= int(head) <= MAX_COUNT):
+        raise SbatchArgsError(f"{option}={value}: expected a whole number between 1 and "
+                              f"{MAX_COUNT}")
     return int(head)
 
 

@@ -132,6 +132,7 @@ def test_cluster_env_prints_an_export_line_for_slurm_conf(slurm_cluster):
     (["--nodes", "0"], "--nodes must be between 1 and 64"),
     (["--gpus-per-node", "-1"], "--gpus-per-node must be between 0 and 64"),
     (["--ctld-port", "80"], "--ctld-port must be between 1024 and 65535"),
+    (["--cpus-per-node", "100000"], "--cpus-per-node must be between 1 and 4096"),
     (["--bogus"], "unrecognized arguments: --bogus"),
 ])
 def test_bad_options_are_refused_with_a_message_naming_them(tmp_path, args, message):
