@@ -12,9 +12,11 @@ variables into a ``LaunchSpec`` (pure, raises ``RuntimeSetupError``);
 
 Multi-node under ``srun`` (one launcher per node): node rank and node count
 come from ``SLURM_NODEID``/``SLURM_NNODES``, ``D = nodes x devices per
-node``, device 0's host is ``MASTER_ADDR`` or the first host of the job's
-node list, the port is derived from the job id. Not tested on a real
-multi-node cluster.
+node``, device 0's host is ``MASTER_ADDR`` or the ``NodeAddr`` Slurm gives
+for the first node of the step (``device0_address``), the port is derived
+from the job id. The devices' rendezvous is bounded
+(``contract.rendezvous_timeout_s``) and gives way to a preemption signal:
+see ``runtime.job``.
 """
 
 from __future__ import annotations
@@ -27,20 +29,22 @@ import os
 import runpy
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from multiprocessing.connection import Connection
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 from slurm_singularity import contract
 from slurm_singularity.runtime.api import (
     CheckpointError, JobShape, RuntimeSetupError, StopReason,
 )
 from slurm_singularity.runtime.history import RunProgress, record_run
+
+if TYPE_CHECKING:
+    from slurm_singularity.slurm.api import SlurmClient
 
 log = logging.getLogger(__name__)
 
@@ -102,12 +106,33 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _first_host(nodelist: str) -> str:
-    out = subprocess.run(["scontrol", "show", "hostnames", nodelist], check=True,
-                         capture_output=True, text=True, timeout=30).stdout.split()
-    if not out:
-        raise RuntimeSetupError(f"SLURM_JOB_NODELIST={nodelist!r} names no host")
-    return out[0]
+def device0_address(environ: Mapping[str, str] | None = None,
+                    slurm: "SlurmClient | None" = None) -> str:
+    """The address of device 0's node, from Slurm: the first node of the
+    step's node list (``SLURM_STEP_NODELIST``, else the job's), whose
+    ``SLURM_NODEID`` is 0, looked up as its ``NodeAddr``. Node names need not
+    resolve (the local cluster's do not; Slurm itself reaches nodes through
+    NodeAddr). ``SLURM_LAUNCH_NODE_IPADDR`` is not used: it is the address
+    of the node that ran srun (the batch host), which need not be node 0 of
+    the step.
+
+    :raises RuntimeSetupError: no node list, or Slurm cannot say the address.
+    """
+    from slurm_singularity.slurm.api import SlurmError
+    from slurm_singularity.slurm.cli import CliSlurmClient
+
+    nodelist = contract.slurm_step_nodelist(environ) or contract.slurm_job_nodelist(environ)
+    if not nodelist:
+        raise RuntimeSetupError(
+            "a multi-node run needs SLURM_STEP_NODELIST or SLURM_JOB_NODELIST (run it "
+            "under srun) or MASTER_ADDR to find device 0's node")
+    client = slurm or CliSlurmClient()
+    try:
+        return client.node_address(client.hostnames(nodelist)[0])
+    except SlurmError as exc:
+        raise RuntimeSetupError(
+            f"cannot find the address of device 0's node ({nodelist}) in Slurm: {exc}; "
+            f"set MASTER_ADDR") from None
 
 
 def resolve(script: str, args: list[str], *, devices: int | None, world_size: int | None,
@@ -147,9 +172,9 @@ def resolve(script: str, args: list[str], *, devices: int | None, world_size: in
     if ckpt is None:
         raise RuntimeSetupError(
             "--ckpt-dir is required outside Slurm (or set SINGULARITY_CKPT_DIR)")
+    contract.rendezvous_timeout_s(environ)   # a bad value fails here, not in every worker
     if nnodes > 1:
-        addr = contract.master_addr(environ) or _first_host(
-            contract.slurm_job_nodelist(environ) or "")
+        addr = contract.master_addr(environ) or device0_address(environ)
         port = 20000 + int(contract.slurm_job_id(environ) or "0") % 20000
     else:
         addr, port = contract.master_addr(environ) or "127.0.0.1", free_port()
