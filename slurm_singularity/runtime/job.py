@@ -122,6 +122,15 @@ class RendezvousError(RuntimeError):
 #: How often the waiting main thread looks at the preemption flag (seconds).
 RENDEZVOUS_POLL_S = 0.1
 
+#: After a preemption signal, how long a rendezvous may still complete
+#: (seconds): one that completes goes on to the first step boundary, where
+#: the devices agree and checkpoint as usual; one that does not is given up.
+#: The devices get the signal together and complete the rendezvous
+#: together, so they decide alike; a rendezvous that completes within a
+#: poll of this deadline on one device and not on another is the one window
+#: where they could differ.
+RENDEZVOUS_PREEMPT_GRACE_S = 1.0
+
 
 def rendezvous(job: Job, backend: str) -> None:
     """Join the job's process group within ``contract.rendezvous_timeout_s``.
@@ -129,9 +138,10 @@ def rendezvous(job: Job, backend: str) -> None:
     Why a thread: the store's connect and the process group's set-up are C++
     calls that retry through EINTR, so a signal handler would not run until
     they return. The main thread waits for the rendezvous thread and looks
-    at the preemption flag every ``RENDEZVOUS_POLL_S``: a preemption during
-    the rendezvous ends the worker at once with the requeue code (no step
-    was done, nothing to save); a rendezvous that fails or outlasts its
+    at the preemption flag every ``RENDEZVOUS_POLL_S``: after a preemption
+    the rendezvous has ``RENDEZVOUS_PREEMPT_GRACE_S`` to complete (then the
+    first step boundary checkpoints), else the worker ends with the requeue
+    code (no step was done, nothing to save); a rendezvous that fails or outlasts its
     timeout ends it with the requeue code too, after a message that names
     the address and the timeout (so the job does not hang holding its
     GPUs), and tells singularity-run that the run failed.
@@ -153,9 +163,12 @@ def rendezvous(job: Job, backend: str) -> None:
     thread = threading.Thread(target=meet, name="rendezvous", daemon=True)
     thread.start()
     deadline = time.monotonic() + timeout_s + 1.0   # torch's own timeout comes first
+    give_up: float | None = None
     while thread.is_alive():
         thread.join(RENDEZVOUS_POLL_S)
-        if job.preempt.requested:
+        if job.preempt.requested and give_up is None:
+            give_up = time.monotonic() + RENDEZVOUS_PREEMPT_GRACE_S
+        if give_up is not None and thread.is_alive() and time.monotonic() > give_up:
             log.warning("%s: preempted during the rendezvous at %s; no step done, exiting %d",
                         job, addr, contract.REQUEUE_EXIT_CODE)
             _exit_now(contract.REQUEUE_EXIT_CODE)
