@@ -27,14 +27,22 @@ if ((${#missing[@]})); then
   done
 fi
 
-PYTHON=${PYTHON:-python3}
+# Jobs run as their users, so the venv's interpreter must be one every user
+# can run: Debian's /usr/bin/python3, not one under root's 0700 home (pyenv).
+PYTHON=${PYTHON:-$(command -v /usr/bin/python3 || command -v python3)}
+PYTHON=$(readlink -f "$PYTHON")
 if ! "$PYTHON" -c 'import venv, ensurepip' 2>/dev/null; then
   echo "setup: installing python3-venv"
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3-venv
 fi
+if [ -x .venv/bin/python ] && [ "$(cat .venv/.interpreter 2>/dev/null)" != "$PYTHON" ]; then
+  echo "setup: .venv was made with another interpreter than $PYTHON; making it again"
+  rm -rf .venv
+fi
 if [ ! -x .venv/bin/python ]; then
-  echo "setup: creating .venv"
+  echo "setup: creating .venv with $PYTHON"
   "$PYTHON" -m venv .venv
+  echo "$PYTHON" > .venv/.interpreter
 fi
 stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
 if [ ! -f "$stamp" ]; then

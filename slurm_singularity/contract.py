@@ -44,13 +44,15 @@ DEVICE_RANK = "SINGULARITY_DEVICE_RANK"    # this worker's device index (runtime
 CKPT_EVERY_S = "SINGULARITY_CKPT_EVERY_S"  # periodic checkpoint every T seconds
 CKPT_DELAY_S = "SINGULARITY_CKPT_DELAY_S"  # TESTING KNOB: slow checkpoint writes
 PROGRESS_FD = "SINGULARITY_PROGRESS_FD"    # launcher pipe for worker progress
+CKPT_KEY = "SINGULARITY_CKPT_KEY"          # file of the key that signs checkpoints
+CKPT_ACCEPT_UNSIGNED = "SINGULARITY_CKPT_ACCEPT_UNSIGNED"  # "1": restore unsigned ones
 RENDEZVOUS_TIMEOUT_S = "SINGULARITY_RENDEZVOUS_TIMEOUT_S"  # bound of the devices' rendezvous
 
 ALL_VARIABLES: tuple[str, ...] = (
     SLA, ELASTIC, WORLD_SIZE, CKPT_DIR, PREEMPT_SIGNAL, DETERMINISTIC,
     PROXY, PROXY_ADDRS, DEVICES, STATE_DIR, DEVICE_RANK, CKPT_EVERY_S,
     CKPT_DELAY_S, PROGRESS_FD, PROXY_JOB, WORKER_DEVICE, PROXY_RING_BYTES, PROXY_STATE,
-    RENDEZVOUS_TIMEOUT_S,
+    CKPT_KEY, CKPT_ACCEPT_UNSIGNED, RENDEZVOUS_TIMEOUT_S,
 )
 
 #: Module a launcher runs a worker under (``python -m PROXY_WORKER_MODULE
@@ -323,6 +325,31 @@ def ckpt_delay_s(environ: Mapping[str, str] | None = None) -> float:
     :raises ContractError: not a number >= 0.
     """
     return _nonneg_float(CKPT_DELAY_S, environ) or 0.0
+
+
+def ckpt_key_file(environ: Mapping[str, str] | None = None) -> str | None:
+    """File holding the key that signs and verifies this user's checkpoints
+    (32 random bytes, mode 0600, owned by the user; created on first use).
+    Set by a user whose home is not shared by every node. Default: none
+    (``~/.config/slurm-singularity/ckpt.key``)."""
+    return _get(CKPT_KEY, environ)
+
+
+def ckpt_accept_unsigned(environ: Mapping[str, str] | None = None) -> bool:
+    """Restore checkpoints written before checkpoints were signed (formats
+    02 and 03), which cannot be told apart from planted ones. Set by a user,
+    once, to resume a job across the upgrade. Default: off (refused).
+
+    :raises ContractError: not one of 1/0, on/off, true/false, yes/no.
+    """
+    raw = _get(CKPT_ACCEPT_UNSIGNED, environ)
+    if raw is None:
+        return False
+    if raw.lower() in ("1", "on", "true", "yes"):
+        return True
+    if raw.lower() in ("0", "off", "false", "no"):
+        return False
+    raise ContractError(f"{CKPT_ACCEPT_UNSIGNED}={raw!r}: expected 1 or 0")
 
 
 def progress_fd(environ: Mapping[str, str] | None = None) -> int | None:

@@ -75,6 +75,9 @@ def slurm_cluster(tmp_path_factory) -> RunningCluster:
     # Not under pytest's basetemp: a second pytest run on the machine prunes
     # old basetemps, which would pull the spool from under a running cluster.
     state_dir = Path(tempfile.mkdtemp(prefix="singularity-test-cluster-"))
+    # mkdtemp makes it 0700; the unprivileged users of tests/security/ must
+    # reach slurm.conf and munged's socket (the key and the database stay private)
+    os.chmod(state_dir, 0o755)
     spec = ClusterSpec(state_dir=state_dir, nodes=4, gpus_per_node=8,
                        ctld_port=TEST_CTLD_PORT, slurmd_base_port=TEST_SLURMD_PORT,
                        cluster_name="singtest")

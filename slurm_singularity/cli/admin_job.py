@@ -129,6 +129,9 @@ def _show(args: argparse.Namespace) -> int:
         except FileNotFoundError:
             notes.append(f"no runtime history in {ckpt_dir} (not run with singularity-run, "
                          f"or give --ckpt-dir)")
+        except PermissionError:     # checkpoint directories are private (0700)
+            notes.append(f"the runtime history in {ckpt_dir} is private to the job's user "
+                         f"(run this as that user or as root)")
         except ValueError as exc:
             notes.append(f"history in {ckpt_dir} is damaged: {exc}")
     if not runs and not history:

@@ -18,13 +18,14 @@ import logging
 import os
 import re
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from .. import contract
 from ..policy import default_policy_path
 from ..policy.api import Policy, PolicyError
 from ..policy.load import load_policy
-from ..policy.render import render_policy_files
+from ..policy.render import associations, render_policy_files
 from ..policy.rules import Decision, decide
 from ..policy.sbatch_args import SbatchArgsError, parse_sbatch_args
 
@@ -138,7 +139,8 @@ def summary(policy: Policy) -> str:
     for name, acc in sorted(policy.accounts.items()):
         quota = acc.gpu_quota if acc.gpu_quota is not None else "none"
         lines.append(f"  {name:<12} tiers={','.join(t.value for t in acc.tiers)} "
-                     f"gpu_quota={quota} fair_share_weight={acc.fair_share_weight:g}")
+                     f"gpu_quota={quota} fair_share_weight={acc.fair_share_weight:g} "
+                     f"members={','.join(acc.members) or '(associations)'}")
     lines.append(f"defaults: tier={policy.defaults.tier.value} "
                  f"account={policy.defaults.account or '(none: --account required)'}")
     lines.append(f"elastic: world_size_multiple_of_devices="
@@ -256,13 +258,14 @@ def _apply(args: argparse.Namespace) -> int:
     print("scontrol reconfigure: done")
     try:
         if client.accounting_enabled():
-            added = client.ensure_accounts(sorted(policy.accounts), [getpass.getuser()])
-            print(f"slurmdbd accounts {', '.join(sorted(policy.accounts))}: "
-                  + ("created" if added else "already there"))
+            changed = client.ensure_accounts(*associations(policy, [getpass.getuser()]))
+            print(f"slurmdbd accounts {', '.join(sorted(policy.accounts))} "
+                  f"(associations, GrpTRES gres/gpu = gpu_quota): "
+                  + (f"updated {', '.join(changed)}" if changed else "already there"))
     except SlurmError as exc:
-        print(f"policy apply: warning: could not create the policy's accounts in slurmdbd "
-              f"({exc}); jobs of an account without an association run under the user's "
-              f"default account", file=sys.stderr)
+        print(f"policy apply: warning: could not create the policy's accounts, members and "
+              f"GPU limits in slurmdbd ({exc}); with AccountingStorageEnforce a user without "
+              f"an association cannot use the account", file=sys.stderr)
     return 0
 
 
@@ -325,7 +328,8 @@ def _explain(args: argparse.Namespace) -> int:
     if ignored:
         print(f"job explain: ignored (not looked at by the policy): {' '.join(ignored)}",
               file=sys.stderr)
-    result = decide(policy, sub)
+    # the caller's own login: an account's members bind it as in sbatch
+    result = decide(policy, replace(sub, user=getpass.getuser()))
     if isinstance(result, Decision):
         warnings = unprotected_warning(result, argv, script)
         if args.json:

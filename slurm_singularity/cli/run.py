@@ -1,7 +1,8 @@
 """singularity-run: start a training script on this node's devices.
 
 A thin layer over ``slurm_singularity.runtime.launcher``: parse, resolve
-(which raises a clear error for bad input, exit 2), launch, and return the
+(which raises a clear error for bad input, exit 2), check the checkpoint
+directory and key before any work (exit 2 with the reason), launch, and return the
 workers' verdict as the exit code (0 finished, 75 = checkpointed for
 preemption: requeue me, anything else: failed).
 """
@@ -13,7 +14,7 @@ import logging
 import sys
 
 from slurm_singularity import contract
-from slurm_singularity.runtime.api import RuntimeSetupError
+from slurm_singularity.runtime.api import CheckpointError, RuntimeSetupError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,13 +60,27 @@ def main(argv: list[str] | None = None) -> int:
                                 world_size=args.world_size, ckpt_dir=args.ckpt_dir,
                                 deterministic=args.deterministic,
                                 ckpt_every_s=args.ckpt_every_s)
-    except (RuntimeSetupError, contract.ContractError) as exc:
+        check_checkpoints(spec.ckpt_dir)
+    except (RuntimeSetupError, contract.ContractError, CheckpointError) as exc:
         print(f"singularity-run: error: {exc}", file=sys.stderr)
         return 2
     use_proxy = args.proxy == "on" if args.proxy else contract.proxy_enabled()
     if not use_proxy:
         return launcher.launch(spec)
     return _launch_with_proxies(launcher, spec)
+
+
+def check_checkpoints(ckpt_dir) -> None:
+    """Before any work: the checkpoint directory is private and writable,
+    and the key that signs checkpoints can be had (made on first use).
+
+    :raises CheckpointError: names the path and the rule.
+    """
+    from slurm_singularity.runtime import ckptdir, signing
+
+    ckptdir.prepare(ckpt_dir)
+    signing.load_key()
+    contract.ckpt_accept_unsigned()     # a malformed value fails here, not at restore
 
 
 def _launch_with_proxies(launcher, spec) -> int:

@@ -114,7 +114,14 @@ class ClusterSpec:
 
     @property
     def munge_socket(self) -> Path:
-        return self.state_dir / "munge" / "munge.socket"
+        """munged's socket, in a directory of its own (0755) so that every
+        local user can authenticate; the key's directory stays 0700."""
+        return self.state_dir / "munge-socket" / "munge.socket"
+
+    @property
+    def db_secret(self) -> Path:
+        """Password of slurmdbd's MariaDB user (0600, made once)."""
+        return self.state_dir / "db.secret"
 
     def env(self) -> dict[str, str]:
         """Variables that point Slurm's commands at this cluster."""

@@ -29,9 +29,11 @@ from typing import Callable
 
 from .. import paths
 from ..policy.api import Policy
+from ..policy.render import associations
 from ..slurm.api import SlurmError
 from ..slurm.cli import CliSlurmClient
 from .api import ClusterError, ClusterSpec, ClusterStatus, DaemonKind, NodeStatus
+from . import wait
 from .render import render_cluster_files
 
 log = logging.getLogger(__name__)
@@ -39,6 +41,10 @@ log = logging.getLogger(__name__)
 SPEC_FILE = "cluster.json"
 DAEMONS_FILE = "run/daemons.json"
 STOP_WAIT_S = 10.0
+#: Seconds each daemon gets to come up on an idle machine; ``wait.wait_for``
+#: stretches them by the load and while the daemon's log grows.
+START_WAIT_S = {DaemonKind.MUNGED: 10.0, DaemonKind.MARIADBD: 30.0, DaemonKind.SLURMDBD: 30.0,
+                DaemonKind.SLURMCTLD: 30.0}
 
 
 # -- spec and daemon records ------------------------------------------------
@@ -145,6 +151,9 @@ def _prepare(spec: ClusterSpec, policy: Policy) -> None:
     munge_dir = sd / "munge"
     munge_dir.mkdir(mode=0o700, exist_ok=True)
     os.chmod(munge_dir, 0o700)
+    # every user authenticates through the socket; only root reads the key
+    spec.munge_socket.parent.mkdir(mode=0o755, exist_ok=True)
+    os.chmod(spec.munge_socket.parent, 0o755)
     key = munge_dir / "munge.key"
     if not key.exists():
         fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o400)
@@ -154,26 +163,67 @@ def _prepare(spec: ClusterSpec, policy: Policy) -> None:
     plugin = paths.SPANK_PLUGIN if paths.SPANK_PLUGIN.exists() else None
     if plugin is None:
         log.warning("SPANK plugin %s is not built; sbatch will lack --sla etc.", paths.SPANK_PLUGIN)
-    for name, text in render_cluster_files(spec, policy, plugin).items():
+    password = _db_password(spec) if spec.accounting else ""
+    for name, text in render_cluster_files(spec, policy, plugin, password).items():
         _write_atomic(spec.conf_dir / name, text)
     if spec.accounting:
-        os.chmod(spec.conf_dir / "slurmdbd.conf", 0o600)   # slurmdbd insists
+        os.chmod(spec.conf_dir / "slurmdbd.conf", 0o600)   # holds the password
         _init_database(spec)
 
 
+def _db_password(spec: ClusterSpec) -> str:
+    """slurmdbd's MariaDB password: made once, readable by root only."""
+    try:
+        return spec.db_secret.read_text().strip()
+    except FileNotFoundError:
+        pass
+    password = os.urandom(24).hex()
+    fd = os.open(spec.db_secret, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(password + "\n")
+    return password
+
+
 def _init_database(spec: ClusterSpec) -> None:
-    """A private MariaDB data directory for slurmdbd, made once."""
+    """A private MariaDB data directory for slurmdbd, made once, 0700: its
+    root logs in through the unix socket inside it only (socket
+    authentication), so no other local user can read or rewrite accounting."""
     datadir = spec.state_dir / "mysql"
+    datadir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(datadir, 0o700)
     if (datadir / "mysql").is_dir():
         return
-    datadir.mkdir(parents=True, exist_ok=True)
     proc = subprocess.run(
         [shutil.which("mariadb-install-db") or "mariadb-install-db", "--no-defaults",
-         f"--datadir={datadir}", "--user=root", "--auth-root-authentication-method=normal",
+         f"--datadir={datadir}", "--user=root", "--auth-root-authentication-method=socket",
          "--skip-test-db"], capture_output=True, text=True, timeout=120)
     if proc.returncode != 0:
         raise ClusterError(f"mariadb-install-db failed for {datadir}: "
                            f"{(proc.stderr or proc.stdout).strip()[-500:]}")
+
+
+def _grant_slurmdbd(spec: ClusterSpec) -> None:
+    """The MariaDB user slurmdbd connects as: its password, rights on its own
+    database only; root by the unix socket only (also in a data directory
+    made by an older version, whose root had no password); no anonymous
+    users. Idempotent (run at every ``up``).
+
+    :raises ClusterError: the client failed (its message)."""
+    password = _db_password(spec)
+    db = f"slurm_acct_{spec.cluster_name}"
+    host = socket.gethostname()
+    sql = (f"DROP USER IF EXISTS ''@'localhost', ''@'{host}', 'root'@'{host}', "
+           "'root'@'127.0.0.1', 'root'@'::1'; "
+           "ALTER USER 'root'@'localhost' IDENTIFIED VIA unix_socket; "
+           f"CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1' IDENTIFIED BY '{password}'; "
+           f"ALTER USER 'slurm'@'127.0.0.1' IDENTIFIED BY '{password}'; "
+           f"GRANT ALL PRIVILEGES ON `{db}`.* TO 'slurm'@'127.0.0.1'; FLUSH PRIVILEGES;")
+    proc = subprocess.run(
+        [shutil.which("mariadb") or "mariadb", "--no-defaults",
+         f"--socket={spec.state_dir / 'mysql' / 'mysqld.sock'}", "-u", "root", "-e", sql],
+        capture_output=True, text=True, timeout=60)
+    if proc.returncode != 0:
+        raise ClusterError(f"cannot create slurmdbd's MariaDB user: {proc.stderr.strip()[-500:]}")
 
 
 def _make_devices(spec: ClusterSpec) -> None:
@@ -210,8 +260,9 @@ def _daemon_argv(spec: ClusterSpec) -> list[tuple[str, DaemonKind, list[str]]]:
             shutil.which("mariadbd") or "mariadbd", "--no-defaults", f"--datadir={mysql}",
             f"--socket={mysql}/mysqld.sock", f"--port={spec.mysql_port}",
             "--bind-address=127.0.0.1", f"--pid-file={mysql}/mariadbd.pid", "--user=root",
-            # private to this cluster: loopback only, on its own port
-            "--skip-grant-tables", "--skip-name-resolve",
+            # private to this cluster: loopback only, on its own port, with
+            # grant tables (slurmdbd logs in with a password)
+            "--skip-name-resolve",
             f"--log-error={spec.state_dir / 'log' / 'mariadbd.log'}"]))
         out.append(("slurmdbd", DaemonKind.SLURMDBD, [
             shutil.which("slurmdbd") or "slurmdbd", "-D"]))
@@ -234,13 +285,22 @@ def _start(name: str, argv: list[str], spec: ClusterSpec) -> dict:
     return {"pid": proc.pid, "argv": argv, "kind": name}
 
 
-def _wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.25)
-    raise ClusterError(f"timed out after {timeout_s:g} s waiting for {what}")
+def _wait_for(predicate: Callable[[], bool], timeout_s: float, what: str, *,
+              spec: ClusterSpec | None = None, daemons: dict[str, dict] | None = None,
+              progress: Callable[[str], None] = lambda msg: None) -> None:
+    """``wait.wait_for`` (a limit scaled by the load), watching ``daemons``
+    (name -> record) of ``spec``: one that dies ends the wait at once."""
+    watched = [_watched(spec, name, rec) for name, rec in (daemons or {}).items()] if spec else []
+    waited = wait.wait_for(predicate, timeout_s, what, watched=watched, progress=progress)
+    log.debug("waited %.1f s for %s", waited, what)
+
+
+def _watched(spec: ClusterSpec, name: str, record: dict) -> wait.Watched:
+    logs = [spec.state_dir / "log" / f"{name}.log", spec.state_dir / "log" / f"{name}.out"]
+
+    def size() -> int:
+        return sum(p.stat().st_size for p in logs if p.exists())
+    return wait.Watched(name, lambda: _alive(record), size, lambda: _log_tail(spec, name))
 
 
 def _log_tail(spec: ClusterSpec, name: str, lines: int = 5) -> str:
@@ -284,24 +344,34 @@ def up(spec: ClusterSpec, policy: Policy,
             progress(f"starting {name}")
             started[name] = _start(name, argv, spec)
             _write_daemons(spec.state_dir, started)
-            if kind is DaemonKind.MUNGED:
-                _wait_for(spec.munge_socket.exists, 10, "munged's socket")
+            waits = {
+                DaemonKind.MUNGED: (spec.munge_socket.exists, "munged's socket"),
+                DaemonKind.MARIADBD: (lambda: _listening(spec.mysql_port),
+                                      f"mariadbd to listen on port {spec.mysql_port}"),
+                DaemonKind.SLURMDBD: (lambda: _listening(spec.dbd_port),
+                                      f"slurmdbd to listen on port {spec.dbd_port}"),
+                DaemonKind.SLURMCTLD: (lambda: _controller_answers(spec),
+                                       f"slurmctld to answer on port {spec.ctld_port}"),
+            }
+            if kind in waits:
+                predicate, what = waits[kind]
+                progress(f"waiting for {what}")
+                _wait_for(predicate, START_WAIT_S[kind], what, spec=spec, daemons=started,
+                          progress=progress)
             if kind is DaemonKind.MARIADBD:
-                _wait_for(lambda: _listening(spec.mysql_port), 30, "mariadbd to listen")
-            if kind is DaemonKind.SLURMDBD:
-                _wait_for(lambda: _listening(spec.dbd_port), 30, "slurmdbd to listen")
-            if kind is DaemonKind.SLURMCTLD:
-                _wait_for(lambda: _controller_answers(spec), 20, "slurmctld to answer")
+                _grant_slurmdbd(spec)
             time.sleep(0.05)
             if not _alive(started[name]):
                 raise ClusterError(f"{name} exited at start:\n  {_log_tail(spec, name)}")
         progress(f"waiting for {spec.nodes} nodes to be idle")
-        _wait_for(lambda: _all_idle(spec), spec.ready_timeout_s, "every node to be idle")
+        _wait_for(lambda: _all_idle(spec), spec.ready_timeout_s,
+                  f"every one of the {spec.nodes} nodes to be idle", spec=spec, daemons=started,
+                  progress=progress)
         if spec.accounting:
             # without an association, --account=NAME falls back to the user's
             # default account; make the policy's accounts real
             CliSlurmClient(spec.env(), timeout_s=30).ensure_accounts(
-                sorted(policy.accounts), sorted({"root", getpass.getuser()}))
+                *associations(policy, sorted({"root", getpass.getuser()})))
     except BaseException:
         _stop_all(spec.state_dir, started)
         raise
@@ -428,5 +498,7 @@ def restart(state_dir: Path, name: str) -> int:
                            next(a for n, _, a in _daemon_argv(spec) if n == name), spec)
     _write_daemons(state_dir, records)
     if name == "slurmctld":
-        _wait_for(lambda: _controller_answers(spec), 30, "slurmctld to answer")
+        _wait_for(lambda: _controller_answers(spec), START_WAIT_S[DaemonKind.SLURMCTLD],
+                  f"slurmctld to answer on port {spec.ctld_port}", spec=spec,
+                  daemons={name: records[name]})
     return records[name]["pid"]

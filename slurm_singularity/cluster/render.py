@@ -34,10 +34,11 @@ def environment() -> jinja2.Environment:
         keep_trailing_newline=True)
 
 
-def render_cluster_files(spec: ClusterSpec, policy: Policy,
-                         spank_plugin: Path | None) -> dict[str, str]:
+def render_cluster_files(spec: ClusterSpec, policy: Policy, spank_plugin: Path | None,
+                         db_password: str = "") -> dict[str, str]:
     """slurm.conf, gres.conf, cgroup.conf, plugstack.conf and the policy's
-    files (policy.conf, job_submit.lua) for ``spec``."""
+    files (policy.conf, job_submit.lua) for ``spec``; slurmdbd.conf (with
+    ``db_password``, slurmdbd's MariaDB password) when it has accounting."""
     from ..policy.render import render_policy_files
 
     policy_files = render_policy_files(policy, spec.node_range)
@@ -64,6 +65,7 @@ def render_cluster_files(spec: ClusterSpec, policy: Policy,
         spank_python=sys.executable,     # runs the step's device proxies
         dbd_port=spec.dbd_port if spec.accounting else 0,
         mysql_port=spec.mysql_port,
+        db_password=db_password,
     )
     env = environment()
     files = {name: env.get_template(f"{name}.j2").render(**values)

@@ -9,13 +9,28 @@ name, key and line to the error.
 from __future__ import annotations
 
 import enum
+import math
 import re
+import sys
 from dataclasses import dataclass, field
 from typing import Mapping
 
 
 #: Partition and account names: what Slurm accepts and a Lua string needs no escaping for.
 _SLURM_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+#: Login names of account members (useradd's default rule; "root" included).
+_USER_NAME = re.compile(r"[a-z_][a-z0-9_.-]{0,31}")
+
+
+#: Bounds of the policy's numbers (inclusive). Each keeps a value meaningful
+#: to Slurm and to the planner; a value outside, NaN, an infinity or a
+#: subnormal (a typo such as ``1e-320``) is a ``PolicyError`` naming the key
+#: and the range.
+PRIORITY_TIER_MAX = 65533          # Slurm's PriorityTier is a uint16 with two values reserved
+GRACE_TIME_S_MAX = 86400           # one day between the preemption signal and SIGKILL
+GPU_QUOTA_MAX = 1_000_000          # far above any cluster's GPUs
+FAIR_SHARE_WEIGHT_RANGE = (1e-6, 1e6)
+MAX_SPLICE_FACTOR_MAX = 1024       # logical ranks time-sliced on one device
 
 
 class PolicyError(ValueError):
@@ -36,6 +51,24 @@ class PolicyError(ValueError):
             where = self.path + (f":{self.line}" if self.line is not None else "") + ": "
         key = f"{self.key}: " if self.key else ""
         return f"{where}{key}{self.message}"
+
+
+def check_bounds(value: int | float, key: str, lo: float, hi: float, *,
+                 whole: bool = False) -> None:
+    """Refuse a policy number outside [lo, hi], not finite, or subnormal.
+
+    :raises PolicyError: naming ``key`` and the allowed range.
+    """
+    def show(x: float) -> str:
+        return str(x) if isinstance(x, int) else f"{x:g}"
+    kind = "a whole number" if whole else "a number"
+    bad = (isinstance(value, bool) or not isinstance(value, (int, float))
+           or (whole and not isinstance(value, int)))
+    if not bad:
+        bad = (not math.isfinite(value) or not lo <= value <= hi
+               or (value != 0 and abs(value) < sys.float_info.min))
+    if bad:
+        raise PolicyError(f"must be {kind} in [{show(lo)}, {show(hi)}], got {value!r}", key=key)
 
 
 class Tier(enum.Enum):
@@ -75,11 +108,11 @@ class TierSpec:
     tier: Tier
     #: Slurm partition that jobs of this tier run in (partition_prio preemption).
     partition: str
-    #: PriorityTier of that partition; a higher tier preempts a lower one.
+    #: PriorityTier of that partition, 0 to 65533; a higher tier preempts a lower one.
     priority_tier: int
     #: How jobs of this tier are preempted by higher tiers.
     preempt_mode: PreemptMode
-    #: Seconds between the preemption signal and SIGKILL (Slurm GraceTime), >= 0.
+    #: Seconds between the preemption signal and SIGKILL (Slurm GraceTime), 0 to 86400.
     grace_time_s: int
     #: Signal the job gets to checkpoint ("USR1", "TERM", ...).
     signal: str
@@ -89,13 +122,10 @@ class TierSpec:
     preemptible_by: tuple[Tier, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.grace_time_s < 0:
-            raise PolicyError("must be >= 0", key=f"tiers.{self.tier.value}.grace_time_s")
-        if not 0.0 <= self.gpu_fraction <= 1.0:
-            raise PolicyError("must be between 0 and 1", key=f"tiers.{self.tier.value}.gpu_fraction")
-        if not 0 <= self.priority_tier <= 65533:
-            raise PolicyError("must be between 0 and 65533",
-                              key=f"tiers.{self.tier.value}.priority_tier")
+        key = f"tiers.{self.tier.value}"
+        check_bounds(self.grace_time_s, f"{key}.grace_time_s", 0, GRACE_TIME_S_MAX, whole=True)
+        check_bounds(self.gpu_fraction, f"{key}.gpu_fraction", 0, 1)
+        check_bounds(self.priority_tier, f"{key}.priority_tier", 0, PRIORITY_TIER_MAX, whole=True)
         if not _SLURM_NAME.fullmatch(self.partition):
             raise PolicyError("partition names are letters, digits, '-' and '_'",
                               key=f"tiers.{self.tier.value}.partition")
@@ -118,21 +148,35 @@ class AccountSpec:
     name: str
     #: Tiers the account may submit to.
     tiers: tuple[Tier, ...]
-    #: Most GPUs the account may hold at once; None = no quota.
+    #: Most GPUs the account may hold at once, 1 to 1,000,000; None = no quota.
     gpu_quota: int | None = None
-    #: Relative share of the cluster in fair sharing, > 0.
+    #: Relative share of the cluster in fair sharing, 1e-6 to 1e6.
     fair_share_weight: float = 1.0
+    #: Login names of the users who may charge jobs to the account. Empty:
+    #: membership is Slurm's associations alone (the local cluster gives
+    #: root and the user who runs it one in every such account). Non-empty:
+    #: job_submit.lua also refuses any other user, and ``policy apply`` and
+    #: the local cluster make exactly these associations. A member's default
+    #: account is the first account of the policy that lists them.
+    members: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not _SLURM_NAME.fullmatch(self.name) or self.name != self.name.lower():
             raise PolicyError("account names are lower-case letters, digits, '-' and '_' "
                               "(Slurm lower-cases --account)", key=f"accounts.{self.name}")
+        for user in self.members:
+            if not isinstance(user, str) or not _USER_NAME.fullmatch(user):
+                raise PolicyError(f"{user!r} is not a login name (lower-case letters, digits, "
+                                  "'_', '.', '-'; at most 32)", key=f"accounts.{self.name}.members")
+        if len(set(self.members)) != len(self.members):
+            raise PolicyError("lists a user twice", key=f"accounts.{self.name}.members")
         if not self.tiers:
             raise PolicyError("needs at least one tier", key=f"accounts.{self.name}.tiers")
-        if self.gpu_quota is not None and self.gpu_quota < 1:
-            raise PolicyError("must be >= 1", key=f"accounts.{self.name}.gpu_quota")
-        if self.fair_share_weight <= 0:
-            raise PolicyError("must be > 0", key=f"accounts.{self.name}.fair_share_weight")
+        if self.gpu_quota is not None:
+            check_bounds(self.gpu_quota, f"accounts.{self.name}.gpu_quota", 1, GPU_QUOTA_MAX,
+                         whole=True)
+        check_bounds(self.fair_share_weight, f"accounts.{self.name}.fair_share_weight",
+                     *FAIR_SHARE_WEIGHT_RANGE)
 
 
 @dataclass(frozen=True)
@@ -152,7 +196,7 @@ class ElasticRules:
     #: World size must be a multiple of every device count in the elastic
     #: range that the job may run on (MIN and MAX at least).
     world_size_multiple_of_devices: bool = True
-    #: Largest splice factor W / D allowed, >= 1.
+    #: Largest splice factor W / D allowed, 1 to 1024.
     max_splice_factor: int = 16
     #: Who preempts and shrinks jobs for higher tiers: "slurm" (Slurm's own
     #: partition-priority preemption, which works without the scheduler
@@ -162,8 +206,8 @@ class ElasticRules:
     preemption: str = "slurm"
 
     def __post_init__(self) -> None:
-        if self.max_splice_factor < 1:
-            raise PolicyError("must be >= 1", key="elastic.max_splice_factor")
+        check_bounds(self.max_splice_factor, "elastic.max_splice_factor", 1,
+                     MAX_SPLICE_FACTOR_MAX, whole=True)
         if self.preemption not in ("slurm", "daemon"):
             raise PolicyError(f"must be \"slurm\" or \"daemon\", not {self.preemption!r}",
                               key="elastic.preemption")

@@ -5,7 +5,9 @@ who may preempt whom, so a misspelt key (``grace_time = 60`` for
 ``grace_time_s``) must be an error, never a silently ignored line. Every
 error is a ``PolicyError`` carrying the file, the dotted key and the line,
 so ``singularity-admin policy check`` can print ``policy.toml:17:
-tiers.basic.grace_time_s: must be >= 0``.
+tiers.basic.grace_time_s: must be a whole number in [0, 86400], got -1``.
+Every number has bounds (``api.check_bounds``): NaN, an infinity or a
+subnormal never reaches the planner or slurm.conf.
 
 The file's layout (every key is documented in templates/policy.toml and
 docs/admin-guide.md)::
@@ -15,7 +17,7 @@ docs/admin-guide.md)::
     [partitions.NAME]   nodes, max_time
     [tiers.TIER]        partition, priority_tier, preempt_mode, grace_time_s,
                         signal, gpu_fraction, preemptible_by
-    [accounts.NAME]     tiers, gpu_quota, fair_share_weight
+    [accounts.NAME]     tiers, gpu_quota, fair_share_weight, members
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ import tomllib
 from pathlib import Path
 from typing import Any, Callable
 
-from .api import (AccountSpec, Defaults, ElasticRules, PartitionSpec, Policy, PolicyError,
-                  PreemptMode, Tier, TierSpec)
+from .api import (FAIR_SHARE_WEIGHT_RANGE, GPU_QUOTA_MAX, GRACE_TIME_S_MAX,
+                  MAX_SPLICE_FACTOR_MAX, PRIORITY_TIER_MAX, AccountSpec, Defaults, ElasticRules,
+                  PartitionSpec, Policy, PolicyError, PreemptMode, Tier, TierSpec, check_bounds)
 
 _TOP = ("defaults", "elastic", "partitions", "tiers", "accounts")
 
@@ -78,10 +81,16 @@ def _typed(kind: type | tuple[type, ...], label: str) -> Callable[[Any, str], An
     return check
 
 
+def _bounded(lo: float, hi: float, *, whole: bool = False) -> Callable[[Any, str], Any]:
+    """A number in [lo, hi] (finite, not subnormal); the error names the range."""
+    def check(value: Any, key: str) -> Any:
+        check_bounds(value, key, lo, hi, whole=whole)
+        return value
+    return check
+
+
 _STR = _typed(str, "a string")
-_INT = _typed(int, "an integer")
 _BOOL = _typed(bool, "true or false")
-_NUM = _typed((int, float), "a number")
 
 
 def _tier_value(value: Any, key: str) -> Tier:
@@ -107,6 +116,12 @@ def _preempt_mode(value: Any, key: str) -> PreemptMode:
                           key=key) from None
 
 
+def _string_list(value: Any, key: str) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise PolicyError(f"must be a list of login names, not {type(value).__name__}", key=key)
+    return tuple(_STR(v, key) for v in value)
+
+
 def _optional_account(value: Any, key: str) -> str | None:
     text = _STR(value, key)
     return text or None
@@ -114,13 +129,18 @@ def _optional_account(value: Any, key: str) -> str | None:
 
 _SCHEMA: dict[str, dict[str, Callable[[Any, str], Any]]] = {
     "defaults": {"tier": _tier_value, "account": _optional_account},
-    "elastic": {"world_size_multiple_of_devices": _BOOL, "max_splice_factor": _INT,
+    "elastic": {"world_size_multiple_of_devices": _BOOL,
+                "max_splice_factor": _bounded(1, MAX_SPLICE_FACTOR_MAX, whole=True),
                 "preemption": _STR},
     "partitions": {"nodes": _STR, "max_time": _STR},
-    "tiers": {"partition": _STR, "priority_tier": _INT, "preempt_mode": _preempt_mode,
-              "grace_time_s": _INT, "signal": _STR, "gpu_fraction": _NUM,
+    "tiers": {"partition": _STR, "priority_tier": _bounded(0, PRIORITY_TIER_MAX, whole=True),
+              "preempt_mode": _preempt_mode,
+              "grace_time_s": _bounded(0, GRACE_TIME_S_MAX, whole=True), "signal": _STR,
+              "gpu_fraction": _bounded(0, 1),
               "preemptible_by": _tier_list},
-    "accounts": {"tiers": _tier_list, "gpu_quota": _INT, "fair_share_weight": _NUM},
+    "accounts": {"tiers": _tier_list, "gpu_quota": _bounded(1, GPU_QUOTA_MAX, whole=True),
+                 "fair_share_weight": _bounded(*FAIR_SHARE_WEIGHT_RANGE),
+                 "members": _string_list},
 }
 _REQUIRED = {
     "tiers": ("partition", "priority_tier", "preempt_mode", "grace_time_s", "signal",

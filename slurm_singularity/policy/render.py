@@ -10,6 +10,7 @@ job, and the local cluster (``cluster/render.py``) renders the same files.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import jinja2
 
@@ -76,7 +77,8 @@ def policy_table(policy: Policy) -> dict[str, object]:
         "partition_tier": {s.partition: t.value for t, s in policy.tiers.items()},
         "accounts": {name: {"tiers": {t.value: True for t in a.tiers},
                             "allowed": ", ".join(t.value for t in a.tiers),
-                            "quota": a.gpu_quota}
+                            "quota": a.gpu_quota,
+                            "members": ({u: True for u in a.members} if a.members else None)}
                      for name, a in policy.accounts.items()},
         "known_accounts": ", ".join(sorted(policy.accounts)),
         "multiple": policy.elastic.world_size_multiple_of_devices,
@@ -123,6 +125,27 @@ def render_job_submit(policy: Policy, source: str = "(policy)") -> str:
         source=source.replace("]]", "] ]"), policy_table=lua_literal(policy_table(policy)),
         max_count=MAX_COUNT, plugin=contract.SPANK_PLUGIN_NAME, env=env_names,
         tag_prefix=contract.JOB_TAG_PREFIX)
+
+
+def associations(policy: Policy, everyone: Sequence[str]
+                 ) -> tuple[dict[str, tuple[str, ...]], dict[str, int | None], dict[str, str]]:
+    """What slurmdbd must hold for ``policy`` (``SlurmClient.ensure_accounts``'s
+    arguments): account -> users (its ``members``, or ``everyone`` when it
+    lists none), account -> GrpTRES gres/gpu (its ``gpu_quota``: the GPUs the
+    account may hold at once), user -> default account (a member's first
+    account in the policy; for ``everyone``, the policy's default account when
+    they may use it, else their first account)."""
+    members = {name: (acc.members or tuple(everyone)) for name, acc in policy.accounts.items()}
+    limits = {name: acc.gpu_quota for name, acc in policy.accounts.items()}
+    defaults: dict[str, str] = {}
+    preferred = policy.defaults.account
+    for name, users in members.items():
+        for user in users:
+            defaults.setdefault(user, name)
+    for user in everyone:
+        if preferred is not None and user in members.get(preferred, ()):
+            defaults[user] = preferred
+    return members, limits, defaults
 
 
 def render_policy_files(policy: Policy, nodes: str, source: str = "(policy)") -> dict[str, str]:

@@ -17,19 +17,30 @@ Rules, in order (the first that fails rejects the job):
 1. Option syntax: ``--sla`` a tier name, ``--elastic`` ``MIN:MAX`` whole
    numbers with 1 <= MIN <= MAX <= 65536, ``--world-size`` 1..65536,
    ``--proxy`` and ``--deterministic`` on|off, ``--ckpt-dir`` an absolute path.
-2. Account: ``--account`` (lower-cased) or the policy's default account; it
-   must be in the policy.
+2. Account: ``--account`` (lower-cased), else the user's default account in
+   Slurm (``job_desc.default_account``: the account the job will really run
+   under), else the policy's default account; it must be in the policy, and
+   when the account lists ``members`` the user must be one of them (Slurm's
+   own association check, ``AccountingStorageEnforce=associations``, then
+   refuses a user without an association to the account).
 3. Tier: ``--sla``, else the tier whose partition ``--partition`` names, else
    the policy's default tier. ``--partition`` must be a policy partition and
    agree with ``--sla``. The tier must be defined and allowed to the account.
-4. Devices: GPUs requested ``G`` from the TRES strings; a job without GPUs
-   runs on one device (D=1, the CPU).
+4. Devices: GPUs requested ``G`` from the TRES strings, counted on the
+   job's largest shape (``-N1-2 --gres=gpu:2`` is 4 GPUs); a job without
+   GPUs runs on one device (D=1, the CPU).
 5. Elastic range: ``--elastic`` or ``D:D``; D must lie within it.
 6. World size: ``--world-size`` or lcm(MIN, MAX, D) (= D when not elastic);
    with ``world_size_multiple_of_devices`` it must be a multiple of MIN, MAX
    and D; W / MIN must not exceed ``max_splice_factor``.
 7. Quota: the most GPUs the job may hold (MAX, or G) must not exceed the
-   account's ``gpu_quota``.
+   account's ``gpu_quota``. (The quota holds for the account as a whole in
+   Slurm itself: ``GrpTRES=gres/gpu=N`` on the account's association.)
+
+A change to a queued or running job (``scontrol update``, job_submit.lua's
+``slurm_job_modify``) by anyone but root goes through the same rules:
+``decide_change`` merges the change into the job, keeps the tier, elastic
+range and world size its tag recorded, and decides the result again.
 """
 
 from __future__ import annotations
@@ -71,10 +82,17 @@ class Submission:
     tres_per_socket: str | None = None
     tres_per_task: str | None = None
     min_nodes: int | None = None
+    #: Upper end of ``--nodes=MIN-MAX``; GPUs are counted on it.
+    max_nodes: int | None = None
     num_tasks: int | None = None
     sockets_per_node: int | None = None
     #: A batch job (sbatch): job_submit can set its environment.
     batch: bool = True
+    #: The submitting user's default account in Slurm (None: unknown or no
+    #: accounting): the account a job without ``--account`` runs under.
+    default_account: str | None = None
+    #: The submitting user's login name (None: unknown; membership unchecked).
+    user: str | None = None
 
 
 @dataclass(frozen=True)
@@ -194,9 +212,10 @@ def _set(n: int | None) -> int | None:
 
 
 def gpus_requested(sub: Submission) -> int:
-    """Total GPUs of the job: per job, else per node x nodes, else per
-    socket x sockets x nodes, else per task x tasks."""
-    nodes = _set(sub.min_nodes) or 1
+    """Total GPUs of the job on its largest shape: per job, else per node x
+    nodes, else per socket x sockets x nodes, else per task x tasks, where
+    nodes is the most the job may get (``--nodes=MIN-MAX``: MAX)."""
+    nodes = max(_set(sub.max_nodes) or 0, _set(sub.min_nodes) or 0) or 1
     if (g := gpus_in_tres(sub.tres_per_job)) > 0:
         return g
     if (g := gpus_in_tres(sub.tres_per_node)) > 0:
@@ -227,18 +246,26 @@ def _decide(policy: Policy, sub: Submission) -> Decision:
               if sub.deterministic is not None else None)
     ckpt = parse_ckpt_dir(sub.ckpt_dir) if sub.ckpt_dir is not None else None
 
-    # Account.
+    # Account: the one the job will really run under.
     if sub.account:
         account = sub.account.lower()
+        label = f"--account={account}"
+    elif sub.default_account:
+        account = sub.default_account.lower()
+        label = f"no --account: your default account {account}"
     elif policy.defaults.account is not None:
         account = policy.defaults.account
+        label = f"--account={account}"
     else:
         raise Rejected("--account", "--account is required: the policy has no default account")
     if account not in policy.accounts:
         known = ", ".join(sorted(policy.accounts))
-        raise Rejected("--account", f"--account={account}: not an account of the policy "
+        raise Rejected("--account", f"{label}: not an account of the policy "
                        f"(known: {known})")
     acc = policy.accounts[account]
+    if acc.members and sub.user is not None and sub.user not in acc.members:
+        raise Rejected("--account", f"{label}: user {sub.user} is not a member of account "
+                       f"{account} (the policy's accounts.{account}.members)")
 
     # Tier.
     tier = sla
@@ -261,7 +288,7 @@ def _decide(policy: Policy, sub: Submission) -> Decision:
     if tier not in acc.tiers:
         allowed = ", ".join(t.value for t in acc.tiers)
         raise Rejected("--sla", f"{how}: account {account} may not use this tier "
-                       f"(allowed: {allowed})")
+                       f"(allowed: {allowed}; the policy's accounts.{account}.tiers)")
     spec = policy.tiers[tier]
 
     # Devices and elastic range.
@@ -294,7 +321,7 @@ def _decide(policy: Policy, sub: Submission) -> Decision:
     most = max(hi, gpus)
     if acc.gpu_quota is not None and gpus > 0 and most > acc.gpu_quota:
         raise Rejected("--gres", f"the job may hold {most} GPUs but account {account} "
-                       f"has a gpu_quota of {acc.gpu_quota}")
+                       f"has a gpu_quota of {acc.gpu_quota} (accounts.{account}.gpu_quota)")
 
     tag = contract.format_job_tag(tier.value, (lo, hi), world)
     env = {contract.SLA: tier.value, contract.ELASTIC: f"{lo}:{hi}",
@@ -310,3 +337,65 @@ def _decide(policy: Policy, sub: Submission) -> Decision:
         preemptible=policy.preemptible(tier), signal=spec.signal,
         grace_time_s=spec.grace_time_s, gpus=gpus, devices=devices, elastic=(lo, hi),
         world_size=world, tag=tag, env=env if sub.batch else {})
+
+
+# -- a change to an existing job (scontrol update) ----------------------------
+
+#: Fields of a change that replace the job's own when given.
+_CHANGEABLE = ("tres_per_job", "tres_per_node", "tres_per_socket", "tres_per_task",
+               "min_nodes", "max_nodes", "num_tasks", "sockets_per_node")
+
+
+def _given(value: str | int | None) -> str | int | None:
+    """A change's field, None when not given (unset number, empty string)."""
+    if isinstance(value, int):
+        return _set(value)
+    return value or None
+
+
+def decide_change(policy: Policy, job: Submission, change: Submission,
+                  tag: str | None, uid: int) -> Rejection | None:
+    """Whether user ``uid`` may apply ``change`` (what ``scontrol update``
+    sets; None = unchanged) to ``job`` (the job as Slurm holds it, with its
+    owner as ``user`` and its options as submitted) whose AdminComment is
+    ``tag``. None = allowed. Pure.
+
+    Root (the scheduler daemon, an admin) may change anything. Anyone else:
+    the partition is the tier's and may not change; the job keeps the tier,
+    elastic range and world size of its tag (when it has one) and the result
+    is decided by the submission rules again, so its new shape must lie in the
+    elastic range, fit the world size and the account's quota, and a new
+    account must allow the tier and have the owner as a member.
+    """
+    if uid == 0:
+        return None
+    if change.partition and change.partition != job.partition:
+        result: Decision | Rejection = Rejected(
+            "--partition", f"--partition={change.partition}: the partition follows the "
+            "tier; resubmit with --sla instead").rejection
+    else:
+        result = decide(policy, _merged(job, change, tag))
+    if isinstance(result, Rejection):
+        return Rejection(result.option, result.message.replace(
+            "singularity: ", "singularity: job update refused: ", 1))
+    return None
+
+
+def _merged(job: Submission, change: Submission, tag: str | None) -> Submission:
+    """``job`` with ``change`` applied, its tag's options in force."""
+    merged = {k: (_given(getattr(change, k)) if _given(getattr(change, k)) is not None
+                  else getattr(job, k)) for k in _CHANGEABLE}
+    try:
+        recorded = contract.parse_job_tag(tag)
+    except contract.ContractError:
+        recorded = None
+    options = dict(sla=job.sla, elastic=job.elastic, world_size=job.world_size,
+                   partition=job.partition)
+    if recorded is not None:
+        lo, hi = recorded["elastic"]
+        options = dict(sla=str(recorded["sla"]), elastic=f"{lo}:{hi}",
+                       world_size=str(recorded.get("ws", "")) or None, partition=None)
+    return Submission(
+        **options, **merged, ckpt_dir=job.ckpt_dir, proxy=job.proxy,
+        deterministic=job.deterministic, account=change.account or job.account,
+        user=job.user, batch=False)

@@ -94,7 +94,11 @@ def parse_sbatch_args(argv: list[str], script: str | None = None
         field = _VALUE_OPTIONS[name]
         if field.startswith("tres_"):
             values[field] = _gpu_tres(name, value)
-        elif field in ("min_nodes", "num_tasks", "sockets_per_node"):
+        elif field == "min_nodes":
+            values["min_nodes"] = _count(name, value)
+            low, dash, high = value.partition("-")
+            values["max_nodes"] = _count(name, high) if dash else None
+        elif field in ("num_tasks", "sockets_per_node"):
             values[field] = _count(name, value)
         else:
             values[field] = value

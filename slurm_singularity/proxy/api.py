@@ -62,6 +62,15 @@ class ProxyState(enum.Enum):
     STOPPED = "stopped"
 
 
+#: Bounds of ProxySettings: a ring lives in /dev/shm (memory), so it is at
+#: most 1 GiB; a message at most 64 GiB (the largest tensor a worker may
+#: send in one piece); intra-op threads at most 1024.
+MIN_RING_BYTES = 4096
+MAX_RING_BYTES = 1 << 30
+MAX_MESSAGE_BYTES = 1 << 36
+MAX_THREADS = 1024
+
+
 @dataclass(frozen=True)
 class ProxySettings:
     """How one proxy daemon runs."""
@@ -88,12 +97,15 @@ class ProxySettings:
     def __post_init__(self) -> None:
         if self.device != "cpu" and not (self.device.isdigit()):
             raise ProxySpecError(f"device={self.device!r}: expected 'cpu' or a GPU index")
-        if self.ring_bytes < 4096 or self.ring_bytes & (self.ring_bytes - 1):
-            raise ProxySpecError(f"ring_bytes={self.ring_bytes}: a power of two >= 4096")
-        if self.max_message_bytes < 64:
-            raise ProxySpecError(f"max_message_bytes={self.max_message_bytes}: at least 64")
-        if self.threads < 0:
-            raise ProxySpecError(f"threads={self.threads}: must be >= 0")
+        if (not MIN_RING_BYTES <= self.ring_bytes <= MAX_RING_BYTES
+                or self.ring_bytes & (self.ring_bytes - 1)):
+            raise ProxySpecError(f"ring_bytes={self.ring_bytes}: a power of two in "
+                                 f"[{MIN_RING_BYTES}, {MAX_RING_BYTES}]")
+        if not 64 <= self.max_message_bytes <= MAX_MESSAGE_BYTES:
+            raise ProxySpecError(f"max_message_bytes={self.max_message_bytes}: must be in "
+                                 f"[64, {MAX_MESSAGE_BYTES}]")
+        if not 0 <= self.threads <= MAX_THREADS:
+            raise ProxySpecError(f"threads={self.threads}: must be in [0, {MAX_THREADS}]")
         if self.cpus is not None and (
                 not self.cpus or not all(type(c) is int and c >= 0 for c in self.cpus)):
             raise ProxySpecError(f"cpus={self.cpus!r}: a non-empty list of CPU numbers >= 0")

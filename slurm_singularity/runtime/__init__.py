@@ -26,6 +26,8 @@ _EXPORTS = {
     "BufferPolicy": "api", "CheckpointError": "api", "CheckpointMeta": "api",
     "CheckpointReason": "api", "CorruptCheckpointError": "api", "HistoryRecord": "api",
     "JobShape": "api", "RuntimeSetupError": "api", "StopReason": "api",
+    "CheckpointDirError": "api", "CheckpointKeyError": "api",
+    "UntrustedCheckpointError": "api",
     "list_meta": "catalog", "read_history": "history",
     "Job": "job", "init": "job",
     "Step": "splice", "Trainer": "splice", "params_sha256": "splice",

@@ -30,6 +30,24 @@ class CorruptCheckpointError(CheckpointError):
     the previous checkpoint."""
 
 
+class UntrustedCheckpointError(CorruptCheckpointError):
+    """A checkpoint is unsigned, or its signature does not verify with the
+    user's key: planted, altered or another user's. Refused as a corrupt one
+    is (the previous checkpoint is used); the message says how to proceed."""
+
+
+class CheckpointDirError(CheckpointError):
+    """The checkpoint directory is unsafe (a level owned by another user or
+    writable by group or others) or cannot be created or written; the
+    message names the path, its owner and mode, and the rule."""
+
+
+class CheckpointKeyError(CheckpointError):
+    """The key that signs checkpoints cannot be created or read, or is
+    unsafe (owned by another user, readable by others, not 32 bytes); the
+    message names the file and the rule."""
+
+
 class CheckpointReason(enum.Enum):
     """Why a checkpoint was written (recorded in its metadata)."""
 

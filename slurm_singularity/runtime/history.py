@@ -56,7 +56,8 @@ def append_record(ckpt_dir: str | os.PathLike[str], record: HistoryRecord) -> No
     path = Path(ckpt_dir) / HISTORY_NAME
     line = json.dumps(record_to_json(record), sort_keys=True) + "\n"
     with lock(ckpt_dir):
-        with open(path, "a", encoding="utf-8") as fh:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        with open(fd, "a", encoding="utf-8") as fh:     # 0600 whatever the umask
             fh.write(line)
             fh.flush()
             os.fsync(fh.fileno())

@@ -41,6 +41,7 @@ from slurm_singularity import contract
 from slurm_singularity.runtime.api import (
     CheckpointError, JobShape, RuntimeSetupError, StopReason,
 )
+from slurm_singularity.runtime import ckptdir
 from slurm_singularity.runtime.history import RunProgress, record_run
 
 if TYPE_CHECKING:
@@ -97,7 +98,7 @@ def default_ckpt_dir(environ: Mapping[str, str] | None = None) -> Path | None:
     if job_id is None:
         return None
     base = contract.slurm_submit_dir(environ) or str(Path.home())
-    return Path(base) / ".singularity" / "ckpt" / f"job-{job_id}"
+    return Path(base).joinpath(*ckptdir.DEFAULT_LEVELS, f"job-{job_id}")
 
 
 def free_port() -> int:
@@ -283,7 +284,7 @@ def launch(spec: LaunchSpec) -> int:
     reader = None
     code = 1
     try:
-        spec.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        ckptdir.ensure_private(spec.ckpt_dir)   # cli/run.py ran ckptdir.prepare at start
         ctx = _context()
         reader_conn, writer_conn = ctx.Pipe(duplex=False) if main_node else (None, None)
         base = dict(os.environ)
@@ -302,7 +303,7 @@ def launch(spec: LaunchSpec) -> int:
         log.info("singularity-run: %d worker(s) on this node, W=%d D=%d, checkpoints in %s",
                  len(procs), spec.world_size, spec.devices, spec.ckpt_dir)
         code = _wait(procs, forwarder)
-    except OSError as exc:
+    except (OSError, CheckpointError) as exc:
         print(f"singularity-run: error: cannot start the workers: {exc}", file=sys.stderr,
               flush=True)
         _kill_all(procs)

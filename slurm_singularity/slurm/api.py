@@ -106,9 +106,13 @@ class SlurmClient(Protocol):
         not the batch or extern step: a signal (scancel --signal) reaches
         only these. :raises SlurmError:"""
 
-    def ensure_accounts(self, accounts: Sequence[str], users: Sequence[str]) -> list[str]:
-        """Create the accounts (and the users' associations) in slurmdbd.
-        :raises SlurmError:"""
+    def ensure_accounts(self, members: Mapping[str, Sequence[str]],
+                        gpu_limits: Mapping[str, int | None],
+                        default_accounts: Mapping[str, str]) -> list[str]:
+        """Make slurmdbd hold the accounts of ``members`` (account -> users)
+        with an association per user, each account's GrpTRES gres/gpu from
+        ``gpu_limits`` (None: no limit) and each user's DefaultAccount.
+        Adds, never removes. :raises SlurmError:"""
 
     def job_runs(self, job_id: int) -> list[JobRun]:
         """Every run of the job from accounting (sacct), oldest first.

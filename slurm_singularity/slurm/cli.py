@@ -113,24 +113,39 @@ class CliSlurmClient:
                 steps.append((step, parse_elapsed(used.strip())))
         return steps
 
-    def ensure_accounts(self, accounts: Sequence[str], users: Sequence[str]) -> list[str]:
-        """Make the accounts exist in slurmdbd with ``users`` in each, so that
-        ``--account=NAME`` sticks to the job (without an association Slurm
-        puts the job under the user's default account). Idempotent; returns
-        what was added. :raises SlurmError: sacctmgr failed."""
-        added = []
-        for cmd, what in ((["sacctmgr", "-i", "add", "account", ",".join(accounts)], "accounts"),
-                          (["sacctmgr", "-i", "add", "user", ",".join(users),
-                            f"account={','.join(accounts)}"], "users")):
+    def ensure_accounts(self, members: Mapping[str, Sequence[str]],
+                        gpu_limits: Mapping[str, int | None],
+                        default_accounts: Mapping[str, str]) -> list[str]:
+        """Make the accounts exist in slurmdbd with an association for each of
+        their users (with ``AccountingStorageEnforce=associations`` a job
+        runs only under an account the user has one with), the account's
+        ``GrpTRES=gres/gpu=N`` (``-1``: none) and each user's default
+        account. Idempotent; returns what was added or changed.
+        :raises SlurmError: sacctmgr failed."""
+        done = []
+        cmds = [(["sacctmgr", "-i", "add", "account", ",".join(members)], "accounts")]
+        for account, users in members.items():
+            if users:
+                cmds.append((["sacctmgr", "-i", "add", "user", ",".join(users),
+                              f"account={account}"], f"users of {account}"))
+        for account, limit in gpu_limits.items():
+            cmds.append((["sacctmgr", "-i", "modify", "account", "where", f"name={account}",
+                          "set", f"GrpTRES=gres/gpu={-1 if limit is None else limit}"],
+                         f"GrpTRES of {account}"))
+        for user, account in default_accounts.items():
+            cmds.append((["sacctmgr", "-i", "modify", "user", "where", f"name={user}", "set",
+                          f"DefaultAccount={account}"], f"default account of {user}"))
+        for cmd, what in cmds:
             try:
                 out = self._run(cmd)
             except SlurmError as exc:
-                if "Nothing new added" in exc.stderr or exc.returncode == 1 and not exc.stderr:
+                if "Nothing new added" in exc.stderr or "Nothing modified" in exc.stderr or \
+                        exc.returncode == 1 and not exc.stderr.strip():
                     continue
                 raise
-            if "Nothing new added" not in out:
-                added.append(what)
-        return added
+            if "Nothing new added" not in out and "Nothing modified" not in out:
+                done.append(what)
+        return done
 
     def accounting_enabled(self) -> bool:
         """Whether the cluster stores accounting in slurmdbd. :raises SlurmError:"""

@@ -7,11 +7,13 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from slurm_singularity.cluster import local
+from slurm_singularity.cluster import local, wait
+from slurm_singularity.cluster.api import ClusterError, ClusterSpec
 
 pytestmark = pytest.mark.cluster
 
@@ -161,3 +163,65 @@ def test_a_port_in_use_is_named_and_nothing_is_started(tmp_path):
     assert f"port {base} (--ctld-port) is already in use" in r.stderr
     assert local.live_daemons(state) == {}
     assert not (state / "etc" / "slurm.conf").exists(), "config rendered although up failed"
+
+
+class FakeClock:
+    """time.monotonic and time.sleep of a wait, without waiting."""
+
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+    def sleep(self, dt: float) -> None:
+        self.t += dt
+
+
+def test_a_start_up_wait_stretches_with_the_load_and_says_what_it_waits_for():
+    assert wait.load_factor(loadavg=0.5, cpus=2) == 1.0
+    assert wait.load_factor(loadavg=6.0, cpus=2) == 3.0
+    assert wait.load_factor(loadavg=500.0, cpus=2) == wait.MAX_LOAD_FACTOR
+    clock, notes = FakeClock(), []
+    quiet = wait.Watched("slurmctld", lambda: True, lambda: 100, lambda: "error: cannot reach dbd")
+    with pytest.raises(ClusterError) as err:
+        wait.wait_for(lambda: False, 20, "slurmctld to answer on port 6817", watched=[quiet],
+                      progress=notes.append, factor=wait.load_factor(6.0, 2), clock=clock,
+                      sleep=clock.sleep)
+    assert 60 <= clock.t < 61                  # 20 s x load 6 on 2 CPUs, not 20 s
+    text = str(err.value)
+    assert text.startswith("timed out after 60 s waiting for slurmctld to answer on port 6817 "
+                           "(limit 20 s x load factor 3.0)"), text
+    assert "slurmctld's log ends:\n  error: cannot reach dbd" in text
+    assert len(notes) >= 10 and all(n.startswith("still waiting for slurmctld") for n in notes)
+    clock.t = 0.0
+    answered_at = 45.0
+    assert wait.wait_for(lambda: clock.t >= answered_at, 20, "x", factor=3.0, clock=clock,
+                         sleep=clock.sleep) == pytest.approx(answered_at, abs=0.3)
+
+
+def test_a_daemon_whose_log_grows_gets_more_time_up_to_a_cap():
+    clock, notes = FakeClock(), []
+    busy = wait.Watched("slurmctld", lambda: True, lambda: int(clock.t * 10), lambda: "working")
+    assert wait.wait_for(lambda: clock.t >= 70, 20, "slurmctld", watched=[busy], factor=1.0,
+                         progress=notes.append, clock=clock, sleep=clock.sleep) >= 70
+    assert any("still logging" in n for n in notes)
+    clock.t = 0.0
+    with pytest.raises(ClusterError, match="timed out after 160 s waiting for slurmctld"):
+        wait.wait_for(lambda: False, 20, "slurmctld", watched=[busy], factor=1.0, clock=clock,
+                      sleep=clock.sleep)
+
+
+def test_a_daemon_that_dies_while_waited_for_is_reported_at_once_with_its_log(tmp_path):
+    spec = ClusterSpec(state_dir=tmp_path)
+    (tmp_path / "log").mkdir()
+    record = local._start("slurmctld", ["sh", "-c", "echo 'fatal: Unable to bind listen port' "
+                                        ">&2; sleep 0.3; exit 1"], spec)
+    started = time.monotonic()
+    with pytest.raises(ClusterError) as err:
+        local._wait_for(lambda: False, 600, "slurmctld to answer", spec=spec,
+                        daemons={"slurmctld": record})
+    assert time.monotonic() - started < 10        # not after the 600 s limit
+    text = str(err.value)
+    assert text.startswith("slurmctld exited after ") and "while waiting for slurmctld" in text
+    assert "fatal: Unable to bind listen port" in text

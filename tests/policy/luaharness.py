@@ -16,7 +16,8 @@ _LIB_NAMES = ("liblua5.1.so.0", "liblua5.1.so")
 #: Stand-in for the parts of Slurm's ``slurm`` table job_submit.lua uses.
 _PRELUDE = r'''
 __messages = {}
-slurm = {SUCCESS = 0, ERROR = -1, FAILURE = -1}
+slurm = {SUCCESS = 0, ERROR = -1, FAILURE = -1, ESLURM_ACCESS_DENIED = 2010,
+         ESLURM_INVALID_ACCOUNT = 2045, ESLURM_ACCOUNTING_POLICY = 2050}
 function slurm.log_user(fmt, ...) table.insert(__messages, string.format(fmt, ...)) end
 function slurm.log_info(fmt, ...) end
 function slurm.log_error(fmt, ...) end
@@ -66,8 +67,11 @@ def job_desc(sub: Submission) -> dict[str, object]:
         spank[i] = f"_SLURM_SPANK_OPTION_singularity_{name}={value}"
     desc: dict[str, object] = {k: getattr(sub, k) for k in (
         "account", "partition", "tres_per_job", "tres_per_node", "tres_per_socket",
-        "tres_per_task", "min_nodes", "num_tasks", "sockets_per_node")
+        "tres_per_task", "min_nodes", "max_nodes", "num_tasks", "sockets_per_node",
+        "default_account")
         if getattr(sub, k) is not None}
+    if sub.user is not None:
+        desc["user_name"] = sub.user
     if spank:
         desc["spank_job_env"] = spank
     if sub.batch:

@@ -3,9 +3,12 @@ file, the dotted key and the line, and `policy check` exits non-zero."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from slurm_singularity.cli import admin
 from slurm_singularity.policy import default_policy_path
@@ -92,7 +95,8 @@ def test_policy_check_exits_nonzero_and_names_file_key_and_line(tmp_path: Path, 
     assert admin.main(["policy", "check", str(bad)]) != 0
     err = capsys.readouterr().err
     line = _line_containing(bad.read_text(), "grace_time_s = -3")
-    assert f"{bad}:{line}: tiers.basic.grace_time_s: must be >= 0" in err
+    assert (f"{bad}:{line}: tiers.basic.grace_time_s: must be a whole number in [0, 86400], "
+            "got -3") in err
 
 
 def test_policy_check_of_a_missing_file_fails_with_its_name(tmp_path: Path, capsys):
@@ -104,3 +108,65 @@ def test_policy_check_of_the_default_prints_a_summary(capsys):
     assert admin.main(["policy", "check", str(default_policy_path())]) == 0
     out = capsys.readouterr().out
     assert "valid" in out and "premium" in out and "research" in out
+
+
+# Every numeric field of the policy: (line in the default policy, dotted key, range in the error).
+NUMERIC_FIELDS = [
+    ("max_splice_factor = 16", "elastic.max_splice_factor", "a whole number in [1, 1024]"),
+    ("priority_tier = 10", "tiers.basic.priority_tier", "a whole number in [0, 65533]"),
+    ("grace_time_s = 30", "tiers.basic.grace_time_s", "a whole number in [0, 86400]"),
+    ("gpu_fraction = 0.70", "tiers.standard.gpu_fraction", "a number in [0, 1]"),
+    ("gpu_quota = 32\nfair_share_weight = 1.0", "accounts.default.gpu_quota",
+     "a whole number in [1, 1000000]"),
+    ("fair_share_weight = 2.0", "accounts.research.fair_share_weight",
+     "a number in [1e-06, 1e+06]"),
+]
+ABSURD = ["nan", "inf", "-inf", "1e-320", "1e300", "-1", "-1.5", "99999999999",
+          "9223372036854775807", "-9223372036854775808"]
+
+
+@pytest.mark.parametrize("line, key, allowed", NUMERIC_FIELDS)
+@pytest.mark.parametrize("value", ABSURD)
+def test_every_numeric_field_refuses_an_absurd_value_naming_the_field_and_its_range(
+        line, key, allowed, value):
+    assert line in DEFAULT
+    name = key.rsplit(".", 1)[1]
+    old = next(part for part in line.split("\n") if part.startswith(name))
+    text = DEFAULT.replace(line, line.replace(old, f"{name} = {value}"), 1)
+    with pytest.raises(PolicyError) as err:
+        parse_policy(text, "site.toml")
+    assert err.value.key == key, str(err.value)
+    assert err.value.line == _line_containing(text, f"{name} = {value}")
+    assert f"site.toml:{err.value.line}: {key}: must be {allowed}, got " in str(err.value)
+
+
+def test_policy_check_refuses_a_nan_fair_share_weight_and_a_huge_grace_time(tmp_path: Path, capsys):
+    for old, new, key in [("fair_share_weight = 2.0", "fair_share_weight = nan",
+                           "accounts.research.fair_share_weight"),
+                          ("grace_time_s = 30", "grace_time_s = 99999999999",
+                           "tiers.basic.grace_time_s")]:
+        bad = tmp_path / "policy.toml"
+        bad.write_text(DEFAULT.replace(old, new))
+        assert admin.main(["policy", "check", str(bad)]) != 0
+        err = capsys.readouterr().err
+        assert f"{bad}:{_line_containing(bad.read_text(), new)}: {key}: must be" in err, err
+
+
+FLOAT_FIELDS = [("gpu_fraction = 0.70", "tiers.standard.gpu_fraction", 0.0, 1.0),
+                ("fair_share_weight = 2.0", "accounts.research.fair_share_weight", 1e-6, 1e6)]
+
+
+@settings(max_examples=150, deadline=None)
+@given(field=st.sampled_from(FLOAT_FIELDS), x=st.floats(allow_nan=True, allow_infinity=True))
+def test_a_float_field_holds_only_finite_normal_numbers_in_its_range(field, x):
+    line, key, lo, hi = field
+    text = DEFAULT.replace(line, f"{line.split(' = ')[0]} = {x!r}", 1)
+    try:
+        policy = parse_policy(text, "site.toml")
+    except PolicyError as err:
+        assert err.key == key and "must be a number in [" in err.message
+        assert not (lo <= x <= hi and (x == 0 or abs(x) >= sys.float_info.min))
+        return
+    spec = (policy.tiers[Tier.STANDARD].gpu_fraction if key.startswith("tiers")
+            else policy.accounts["research"].fair_share_weight)
+    assert spec == x and lo <= x <= hi

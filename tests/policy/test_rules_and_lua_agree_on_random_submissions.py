@@ -38,7 +38,10 @@ submissions = st.builds(
     partition=st.one_of(st.none(), st.sampled_from(["basic", "premium", "debug", ""])),
     tres_per_job=_tres, tres_per_node=_tres,
     min_nodes=st.one_of(st.none(), st.integers(1, 5), st.just(4294967294)),
+    max_nodes=st.one_of(st.none(), st.integers(0, 5), st.just(4294967294)),
     batch=st.booleans(),
+    default_account=st.one_of(st.none(), st.sampled_from(["default", "research", "root", ""])),
+    user=st.one_of(st.none(), st.sampled_from(["root", "sing-u1"])),
 )
 
 

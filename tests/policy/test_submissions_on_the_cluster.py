@@ -134,35 +134,26 @@ def test_policy_apply_of_the_default_installs_it_and_reconfigures(slurm_cluster)
     assert "PreemptMode=REQUEUE" in parts and "GraceTime=30" in parts
 
 
-def test_a_user_cannot_change_the_partition_of_a_job(slurm_cluster, tmp_path):
+def test_a_user_cannot_change_the_partition_of_a_job(slurm_cluster, unprivileged_users):
     """job_submit.lua's slurm_job_modify refuses a partition change by a
     non-root user (it would change the tier behind the policy's back)."""
-    conf_copy = tmp_path / "etc"
-    conf_copy.mkdir()
-    for f in slurm_cluster.conf_dir.iterdir():
-        text = f.read_bytes().replace(str(slurm_cluster.conf_dir).encode(),
-                                      str(conf_copy).encode())
-        (conf_copy / f.name).write_bytes(text)
-    for p in (tmp_path, conf_copy, *conf_copy.iterdir()):
-        p.chmod(0o755 if p.is_dir() else 0o644)
-    for path in (tmp_path, slurm_cluster.spec.munge_socket.parent):
-        while path != path.parent:       # let the user reach the copy and munge
-            path.chmod(path.stat().st_mode | 0o005)
-            path = path.parent
-    env = f"SLURM_CONF={conf_copy / 'slurm.conf'}"
+    user = unprivileged_users[1]
+    # the site admin's part: an association in the policy's default account
+    # (AccountingStorageEnforce=associations refuses users without one)
+    slurm_cluster.run("sacctmgr", "-i", "add", "user", user.name, "account=default")
 
-    def as_nobody(cmd: str):
-        return slurm_cluster.run("su", "-s", "/bin/sh", "nobody", "-c", f"{env} {cmd}",
-                                 cwd=tmp_path)
+    def as_user(*cmd: str):
+        return user.run(*cmd, env=slurm_cluster.env)
 
-    r = as_nobody("sbatch --parsable --hold -o /dev/null --sla=basic --wrap true")
+    r = as_user("sbatch", "--parsable", "--hold", "-o", "/dev/null", "--account=default",
+                "--sla=basic", "--wrap", "true")
     assert r.returncode == 0, r.stderr
     job_id = r.stdout.strip().split(";")[0]
     try:
         # scontrol of 22.05 does not print job_modify's user message.
-        upd = as_nobody(f"scontrol update JobId={job_id} Partition=standard")
+        upd = as_user("scontrol", "update", f"JobId={job_id}", "Partition=standard")
         assert upd.returncode != 0, upd.stdout
-        other = as_nobody(f"scontrol update JobId={job_id} Comment=mine")
+        other = as_user("scontrol", "update", f"JobId={job_id}", "Comment=mine")
         assert other.returncode == 0, other.stderr
         rec = slurm_cluster.client.show_job(int(job_id))
         assert rec["Partition"] == "basic"

@@ -30,6 +30,13 @@ def test_sigterm_stops_the_proxy_cleanly_and_removes_socket_and_pid_file(tmp_pat
 @pytest.mark.parametrize("argv, words", [
     (["--device", "gpu0", "--socket", "/tmp/x.sock"], "device='gpu0'"),
     (["--device", "cpu", "--socket", "/tmp/x.sock", "--ring-bytes", "1000"], "ring_bytes=1000"),
+    (["--device", "cpu", "--socket", "/tmp/x.sock", "--ring-bytes", str(1 << 40)],
+     f"ring_bytes={1 << 40}: a power of two in [4096, {1 << 30}]"),
+    (["--device", "cpu", "--socket", "/tmp/x.sock", "--max-message-bytes", str(10 ** 15)],
+     f"max_message_bytes={10 ** 15}: must be in [64, {1 << 36}]"),
+    (["--device", "cpu", "--socket", "/tmp/x.sock", "--threads", "100000"],
+     "threads=100000: must be in [0, 1024]"),
+    (["--device", "cpu", "--socket", "/tmp/x.sock", "--threads", "-1"], "threads=-1"),
     (["--device", "cpu"], "--socket"),
     (["--device", "cpu", "--socket", "/tmp/x.sock", "--cpus", "one"], "--cpus 'one'"),
     (["--device", "cpu", "--socket", "/tmp/x.sock", "--cpus", "-1"], "cpus=(-1,)"),

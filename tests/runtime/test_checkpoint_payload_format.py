@@ -13,7 +13,7 @@ import numpy
 import pytest
 import torch
 
-from slurm_singularity.runtime import checkpoint, stateformat
+from slurm_singularity.runtime import checkpoint, signing, stateformat
 from slurm_singularity.runtime.api import CheckpointError, CheckpointReason, CorruptCheckpointError
 
 
@@ -92,7 +92,8 @@ def test_a_damaged_header_is_refused_even_with_a_matching_checksum():
     with pytest.raises(stateformat.StateFormatError, match="tensor 0 of the header"):
         stateformat.decode(payload)
     digest = checkpoint.FORMATS[checkpoint.MAGIC].new_hash(payload).hexdigest()
-    data = checkpoint.MAGIC + payload + checkpoint._trailer(digest, len(payload))
+    data = checkpoint.MAGIC + payload + checkpoint._trailer(
+        digest, len(payload), 0, signing.load_key())
     with pytest.raises(CorruptCheckpointError, match="passes its checksum but cannot be loaded"):
         checkpoint.deserialize(data, "x.pt")
 
@@ -103,9 +104,11 @@ def test_a_header_pointing_outside_the_payload_is_refused():
         stateformat.decode(encoded.head)        # the tensor bytes are missing
 
 
-def test_checkpoints_of_the_previous_format_are_still_read(tmp_path):
+def test_unsigned_checkpoints_of_an_older_format_are_read_only_when_the_user_says_so(
+        tmp_path, monkeypatch):
     """Format 02 (torch.save payload, sha256 trailer) as the runtime wrote it
-    before: a job requeued across an upgrade restores from it."""
+    before: unsigned, so refused by default (it could be planted); a job
+    requeued across an upgrade restores from it with the explicit option."""
     want = {"weights": torch.randn(3, 3), "step": 5}
     buf = io.BytesIO()
     torch.save(want, buf)
@@ -113,6 +116,10 @@ def test_checkpoints_of_the_previous_format_are_still_read(tmp_path):
     data = (b"SSCKPT02\n" + payload + hashlib.sha256(payload).hexdigest().encode()
             + f"{len(payload):016d}".encode() + b"\n" + checkpoint.END)
     (tmp_path / checkpoint.ckpt_name(5)).write_bytes(data)
+    with pytest.raises(CheckpointError,
+                       match="unsigned .format 02.*SINGULARITY_CKPT_ACCEPT_UNSIGNED=1"):
+        checkpoint.load_latest(tmp_path)
+    monkeypatch.setenv("SINGULARITY_CKPT_ACCEPT_UNSIGNED", "1")
     step, got = checkpoint.load_latest(tmp_path)
     assert step == 5
     _assert_same(got, want)

@@ -122,7 +122,7 @@ def cli(*args: str) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("body, message", [
     ("timestamp,duration,num_gpus,cluster\n2017-10-01 00:00:00,5,1,a\n", "missing column(s) gpu_time"),
     ("timestamp,duration,num_gpus,gpu_time,cluster\n2017-10-01 00:00:00,-5,1,5,a\n",
-     ":2: column duration: negative"),
+     ":2: column duration: must be a number in [0, "),
     ("timestamp,duration,num_gpus,gpu_time,cluster\n2017-10-01 00:00:00,5,1,5,a\n"
      "2017-10-01 00:00:09,five,1,5,a\n", ":3: column duration: not a number: 'five'"),
 ])
@@ -147,4 +147,75 @@ def test_an_unknown_format_and_an_invalid_policy_are_refused(tmp_path):
     r = cli("--trace", str(trace), "--policy", str(bad), "--scheduler", "slurm", "--gpus", "8",
             "--out", str(tmp_path / "o"))
     assert r.returncode != 0 and "tiers.premium.gpu_fraction" in r.stderr, r.stderr
+    assert not (tmp_path / "o").exists()
+
+
+PHILLY_HEAD = "timestamp,duration,num_gpus,gpu_time,cluster\n"
+ALIBABA_HEAD = ("name,cpu_milli,memory_mib,num_gpu,gpu_milli,gpu_spec,qos,pod_phase,creation_time,"
+                "deletion_time,scheduled_time\n")
+NOT_UTF8 = (PHILLY_HEAD.encode() + b"2017-10-01 00:00:00,10,1,10,a\n"
+            b"2017-10-01 00:00:00,10,1,10,caf\xe9\n")
+
+
+@pytest.mark.parametrize("fmt, body, options, message", [
+    ("philly", PHILLY_HEAD.encode() + b"2017-10-01 00:00:00,10,1e18,10,a\n", (),
+     "bad.csv:2: column num_gpus: must be a whole number in [1, 100000], got '1e18'"),
+    ("philly", PHILLY_HEAD.encode() + b"2017-10-01 00:00:00,1e300,1,10,a\n", (),
+     "bad.csv:2: column duration: must be a number in [0, "),
+    ("philly", NOT_UTF8, (),
+     f"bad.csv:3: not UTF-8: byte 0xe9 at byte offset {NOT_UTF8.index(bytes([0xe9]))} of the file"),
+    ("philly", PHILLY_HEAD.encode() + b"1990-01-01 00:00:00,10,1,10,a\n"
+     b"2030-01-01 00:00:00,10,1,10,a\n", (),
+     "bad.csv:3: submitted"),
+    ("alibaba-v2023", ALIBABA_HEAD.encode() + b"p,1,1,1e18,1000,,LS,Succeeded,0,5,1\n", (),
+     "bad.csv:2: column num_gpu: must be a whole number in [0, 100000]"),
+    ("alibaba-v2023", ALIBABA_HEAD.encode() + b"p,1,1,1,1000,,LS,Succeeded,0,1e300,1\n", (),
+     "bad.csv:2: column deletion_time: must be a number in [-1e+11, 1e+11]"),
+    ("philly", PHILLY_HEAD.encode() + b"2017-10-01 00:00:00,10,1,10,a\n",
+     ("--gpus", "1000000000000000000", "--gpus-per-node", "1"),
+     "--gpus: must be a whole number in [1, 100000]"),
+    ("philly", PHILLY_HEAD.encode() + b"2017-10-01 00:00:00,10,1,10,a\n",
+     ("--gpus-per-node", "99999999999"), "--gpus-per-node: must be a whole number in [1, 128]"),
+    ("philly", PHILLY_HEAD.encode() + b"2017-10-01 00:00:00,10,1,10,a\n",
+     ("--tiers", "random:nan/1/1"), "--tiers 'random:nan/1/1'"),
+])
+def test_an_absurd_number_in_a_trace_or_an_option_is_refused_at_once_not_a_hang(
+        tmp_path, fmt, body, options, message):
+    trace = tmp_path / "bad.csv"
+    trace.write_bytes(body)
+    out = tmp_path / "out"
+    args = ["--trace", str(trace), "--format", fmt, "--scheduler", "singularity",
+            "--out", str(out), *options]
+    if "--gpus" not in options:
+        args += ["--gpus", "8"]
+    r = subprocess.run([sys.executable, "-m", "slurm_singularity.cli.admin", "simulate",
+                        "--no-progress", *args], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    assert not out.exists()
+
+
+def test_a_long_idle_stretch_between_jobs_costs_two_samples_not_one_an_hour(tmp_path):
+    rows = [("2017-10-01 00:00:00", 100.0, 1, "a"), ("2026-10-01 00:00:00", 100.0, 1, "a")]
+    engine, s = run(philly(tmp_path, rows), "singularity")
+    assert s["jobs"] == 2
+    assert len(engine.samples) < 10
+    assert engine.samples[-1][0] == max(j.end for j in engine.done)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"{}", "summary.json: scheduler: missing or not a str"),
+    (b"\xff{", "summary.json: not a readable summary"),
+    (b"[1, 2]", "summary.json: not a summary (a JSON object)"),
+])
+def test_a_broken_summary_to_compare_with_is_refused_naming_it(tmp_path, content, message):
+    trace = philly(tmp_path, PREEMPTION)
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / "summary.json").write_bytes(content)
+    r = cli("--trace", str(trace), "--scheduler", "slurm", "--gpus", "8",
+            "--out", str(tmp_path / "o"), "--compare", str(earlier))
+    assert r.returncode == 2, r.stderr
+    assert f"--compare: {earlier}/{message}" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "o").exists()

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 
 from slurm_singularity.policy.api import Tier
-from slurm_singularity.sched.sim.trace import (TraceError, assign_tiers, describe_rule,
-                                               elastic_range, read_alibaba, read_trace)
+from slurm_singularity.sched.sim.trace import (MAX_DURATION_S, MAX_GPUS, TraceError, assign_tiers,
+                                               describe_rule, elastic_range, read_alibaba,
+                                               read_trace)
 
 HEADER = ("name,cpu_milli,memory_mib,num_gpu,gpu_milli,gpu_spec,qos,pod_phase,creation_time,"
           "deletion_time,scheduled_time")
@@ -79,3 +80,73 @@ def test_an_alibaba_trace_runs_through_the_planner_with_its_own_tiers(tmp_path):
     assert s["jobs"] == 30 and s["tier_rule"] == "trace"
     assert set(s["jobs_by_tier"]) == {"premium", "standard", "basic"}
     assert s["sla_attainment"]["premium"] == 1.0 and s["lost_gpu_hours"] == 0
+
+
+PHILLY_GOOD = {"timestamp": "2017-10-01 00:00:00", "duration": "10", "num_gpus": "2",
+               "gpu_time": "20", "cluster": "a"}
+ALIBABA_GOOD = {"name": "p", "cpu_milli": "1000", "memory_mib": "100", "num_gpu": "1",
+                "gpu_milli": "1000", "gpu_spec": "", "qos": "LS", "pod_phase": "Succeeded",
+                "creation_time": "0", "deletion_time": "50", "scheduled_time": "10"}
+ABSURD = ["nan", "inf", "-inf", "1e300", "-1", str(10 ** 30), "twelve"]
+NUMERIC = [("philly", PHILLY_GOOD, c) for c in ("duration", "num_gpus", "gpu_time")] + [
+    ("alibaba-v2023", ALIBABA_GOOD, c) for c in ("cpu_milli", "memory_mib", "num_gpu", "gpu_milli",
+                                                 "creation_time", "deletion_time",
+                                                 "scheduled_time")]
+
+
+def write_rows(path, good: dict[str, str], rows: list[dict[str, str]]) -> None:
+    lines = [",".join(good)] + [",".join(r[c] for c in good) for r in rows]
+    path.write_text("\n".join(lines) + "\n")
+
+
+@pytest.mark.parametrize("fmt, good, column", NUMERIC)
+@pytest.mark.parametrize("value", ABSURD)
+def test_every_numeric_column_refuses_an_absurd_value_naming_file_line_and_column(
+        tmp_path, fmt, good, column, value):
+    path = tmp_path / "t.csv"
+    if value == "-1" and column.endswith("_time") and fmt == "alibaba-v2023":
+        value = "-1e12"                                  # relative times may be negative
+    write_rows(path, good, [good, {**good, column: value}])
+    with pytest.raises(TraceError) as err:
+        read_trace(path, fmt)
+    text = str(err.value)
+    assert text.startswith(f"{path}:3: ") and column in text, text
+
+
+def test_a_value_at_its_bound_is_accepted_and_one_past_it_is_refused(tmp_path):
+    path = tmp_path / "t.csv"
+    write_rows(path, PHILLY_GOOD, [{**PHILLY_GOOD, "num_gpus": str(MAX_GPUS),
+                                    "duration": repr(MAX_DURATION_S)}])
+    [job] = read_trace(path, "philly")
+    assert (job.world_size, job.duration_s) == (MAX_GPUS, MAX_DURATION_S)
+    for gpus in (str(MAX_GPUS + 1), "1e-320", "0.5"):
+        write_rows(path, PHILLY_GOOD, [{**PHILLY_GOOD, "num_gpus": gpus}])
+        with pytest.raises(TraceError, match=rf"t.csv:2: column num_gpus: must be a whole "
+                                             rf"number in \[1, {MAX_GPUS}\]"):
+            read_trace(path, "philly")
+    write_rows(path, ALIBABA_GOOD, [{**ALIBABA_GOOD, "scheduled_time": "0",
+                                     "deletion_time": repr(MAX_DURATION_S * 2)}])
+    with pytest.raises(TraceError, match=r"t.csv:2: duration deletion_time - scheduled_time"):
+        read_trace(path, "alibaba-v2023")
+
+
+def test_a_trace_that_is_not_utf8_or_not_csv_is_refused_naming_the_line(tmp_path):
+    path = tmp_path / "t.csv"
+    body = b"timestamp,duration,num_gpus,gpu_time,cluster\n2017-10-01 00:00:00,1,1,1,\xff\n"
+    path.write_bytes(body)
+    with pytest.raises(TraceError, match=rf"t.csv:2: not UTF-8: byte 0xff at byte offset "
+                                         rf"{body.index(0xff)} of the file"):
+        read_trace(path, "philly")
+    path.write_bytes(b"timestamp,duration,num_gpus,gpu_time,cluster\n2017-10-01 00:00:00,1,1,1,"
+                     + b"a" * 1_000_000 + b"\n")
+    with pytest.raises(TraceError, match=r"t.csv:2: not CSV: field larger than field limit"):
+        read_trace(path, "philly")
+    path.write_bytes(b"\xef\xbb\xbf" + b"timestamp,duration,num_gpus,gpu_time,cluster\n"
+                     b"2017-10-01 00:00:00,1,1,1,a\n")
+    assert len(read_trace(path, "philly")) == 1          # a UTF-8 byte-order mark is fine
+
+
+def test_elastic_ranges_of_large_or_prime_world_sizes_are_found_at_once():
+    brute = lambda w: next(d for d in range(1, w + 1) if w % d == 0 and w // d <= 8)
+    for w in (7, 12, 97, 360, 1024, 99991, 65536, MAX_GPUS):
+        assert elastic_range(w) == (brute(w), w)

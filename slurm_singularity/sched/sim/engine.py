@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+import math
 from typing import Callable, Protocol
 
 from ...policy.api import Tier
@@ -183,9 +184,15 @@ class Engine:
             if events and events[0][0] < t:
                 t = events[0][0]
             horizon = t + COALESCE_S
-            while next_sample <= t:
+            if next_sample <= t:
+                # Nothing changes between two events: of the samples due in
+                # between, keep the first and the last (the plots draw the
+                # same lines), so a long idle stretch costs two samples.
+                due = math.floor((t - next_sample) / SAMPLE_EVERY_S)
                 self._sample(next_sample)
-                next_sample += SAMPLE_EVERY_S
+                if due:
+                    self._sample(next_sample + due * SAMPLE_EVERY_S)
+                next_sample += (due + 1) * SAMPLE_EVERY_S
             self.now = t
             while events and events[0][0] <= horizon:
                 et, _, job_id, version = heapq.heappop(events)

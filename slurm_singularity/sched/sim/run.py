@@ -20,11 +20,17 @@ from ...policy.api import Policy
 from . import constants
 from .engine import Engine
 from .metrics import summarize
-from .report import write_plots, write_report
+from .report import ROWS, write_plots, write_report
 from .schedulers import SCHEDULERS, SingularityScheduler, SlurmScheduler, TiresiasScheduler
-from .trace import DEFAULT_TIER_RULE, TraceError, TraceJob, assign_tiers, describe_rule, read_trace
+from .trace import (DEFAULT_TIER_RULE, MAX_GPUS, TraceError, TraceJob, assign_tiers, describe_rule,
+                    read_trace)
 
 log = logging.getLogger(__name__)
+
+
+#: Most GPUs per simulated node (the largest nodes built have 8 to 16; 72 in
+#: one NVLink domain).
+MAX_GPUS_PER_NODE = 128
 
 
 class SimError(ValueError):
@@ -50,19 +56,53 @@ class SimSpec:
         if self.scheduler not in SCHEDULERS:
             raise SimError(f"--scheduler: unknown {self.scheduler!r} (expected one of "
                            f"{', '.join(SCHEDULERS)})")
-        if self.gpus < 1:
-            raise SimError(f"--gpus: must be >= 1, got {self.gpus}")
-        if self.gpus_per_node < 1:
-            raise SimError(f"--gpus-per-node: must be >= 1, got {self.gpus_per_node}")
+        for option, value, hi in (("--gpus", self.gpus, MAX_GPUS),
+                                  ("--gpus-per-node", self.gpus_per_node, MAX_GPUS_PER_NODE)):
+            if not isinstance(value, int) or not 1 <= value <= hi:
+                raise SimError(f"{option}: must be a whole number in [1, {hi}], got {value!r}")
         for d in self.compare:
-            if not (d / "summary.json").is_file():
-                raise SimError(f"--compare: {d} has no summary.json (not a simulation output)")
+            read_summary(d)
 
     @property
     def rule(self) -> str:
         if self.tier_rule:
             return self.tier_rule
         return "trace" if self.fmt == "alibaba-v2023" else DEFAULT_TIER_RULE
+
+
+#: What report.md reads from a --compare run's summary.json, by type.
+_COMPARED = {"scheduler": str, "trace": str, "gpus": int, "tier_rule": str, "seed": int,
+             "sla_attainment": dict, "jct_by_tier": dict}
+
+
+def read_summary(out: Path) -> dict[str, Any]:
+    """The summary.json of an earlier output folder, checked enough for report.md.
+
+    :raises SimError: naming the folder and what is wrong.
+    """
+    path = out / "summary.json"
+    if not path.is_file():
+        raise SimError(f"--compare: {out} has no summary.json (not a simulation output)")
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise SimError(f"--compare: {path}: not a readable summary: {exc}") from None
+    if not isinstance(summary, dict):
+        raise SimError(f"--compare: {path}: not a summary (a JSON object)")
+    for key, kind in _COMPARED.items():
+        if not isinstance(summary.get(key), kind) or isinstance(summary.get(key), bool):
+            raise SimError(f"--compare: {path}: {key}: missing or not a {kind.__name__}")
+    for key, _, fmt in ROWS:
+        value = summary.get(key)
+        number = isinstance(value, int if "d}" in fmt else (int, float))
+        if value is not None and (isinstance(value, bool) or not number):
+            raise SimError(f"--compare: {path}: {key}: not a number: {value!r}")
+    for key in ("sla_attainment", "jct_by_tier"):
+        for tier, value in summary[key].items():
+            if value is not None and (isinstance(value, bool)
+                                      or not isinstance(value, (int, float))):
+                raise SimError(f"--compare: {path}: {key}.{tier}: not a number: {value!r}")
+    return summary
 
 
 def make_scheduler(spec: SimSpec, record: Callable | None = None):
@@ -127,7 +167,7 @@ def write_outputs(out: Path, engine: Engine, summary: dict[str, Any], compare: t
     try:
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
         write_plots(tmp, engine, summary)
-        others = [json.loads((d / "summary.json").read_text(encoding="utf-8")) for d in compare]
+        others = [read_summary(d) for d in compare]
         write_report(tmp / "report.md", [summary] + others)
         old = None
         if out.exists():

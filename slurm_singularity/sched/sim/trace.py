@@ -1,16 +1,20 @@
 """Workload traces: readers for the Philly and Alibaba GPU traces, and the
 seeded rule that gives trace jobs the tiers and elastic ranges they lack.
 
-Readers fail closed: a missing column, a non-numeric field or a negative
-duration is a ``TraceError`` naming the file and line. Every reader returns
-``TraceJob`` values in submission order with times in seconds from the first
-submission.
+Readers fail closed: a missing column, a field that is not a number, or a
+number outside its bounds (below) is a ``TraceError`` naming the file, line
+and column; so is a byte that is not UTF-8 (with its byte offset). The bounds
+keep the simulator tractable: an absurd value (``num_gpus=1e18``,
+``duration=1e300``) is refused at once instead of running for ever. Every
+reader returns ``TraceJob`` values in submission order with times in seconds
+from the first submission.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
+import math
 import random
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -22,6 +26,16 @@ from .constants import ELASTIC_MAX_SPLICE
 
 FORMATS = ("philly", "alibaba-v2023")
 DEFAULT_TIER_RULE = "random:20/30/50"
+
+#: Most GPUs a trace job may ask for and a simulated cluster may have (about
+#: the largest GPU clusters built; Philly's largest job asks for 128).
+MAX_GPUS = 100_000
+#: Longest run time of one trace job, seconds (ten years; Philly's longest is 54 days).
+MAX_DURATION_S = 10 * 365 * 86400.0
+#: Longest span from the first to the last submission of a trace, seconds (ten years).
+MAX_SPAN_S = 10 * 365 * 86400.0
+#: Largest absolute time stamp of an Alibaba trace, seconds (about 3,000 years).
+MAX_TIME_S = 1e11
 
 
 class TraceError(ValueError):
@@ -45,59 +59,97 @@ class TraceJob:
 
 # -- readers -----------------------------------------------------------------
 
+class _Lines:
+    """The lines of a binary file decoded as UTF-8, counted (``number`` is the
+    last line read); a bad byte is a ``TraceError`` naming its line and byte offset."""
+
+    def __init__(self, path: Path, raw) -> None:
+        self.path, self.raw, self.number, self.offset = path, raw, 0, 0
+
+    def __iter__(self) -> Iterator[str]:
+        for data in self.raw:
+            self.number += 1
+            try:
+                yield data.decode("utf-8-sig" if self.number == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                raise TraceError(f"{self.path}:{self.number}: not UTF-8: byte "
+                                 f"0x{data[exc.start]:02x} at byte offset "
+                                 f"{self.offset + exc.start} of the file") from None
+            self.offset += len(data)
+
+
 def _rows(path: Path, required: tuple[str, ...]) -> Iterator[tuple[int, dict[str, str]]]:
     try:
-        f = open(path, newline="")
+        f = open(path, "rb")
     except OSError as exc:
         raise TraceError(f"{path}: cannot read: {exc.strerror}") from None
     with f:
-        reader = csv.DictReader(f)
-        missing = [c for c in required if c not in (reader.fieldnames or ())]
-        if missing:
-            raise TraceError(f"{path}:1: missing column(s) {', '.join(missing)} "
-                             f"(expected {', '.join(required)})")
-        for row in reader:
-            yield reader.line_num, row
+        lines = _Lines(path, f)
+        reader = csv.DictReader(lines)
+        try:
+            missing = [c for c in required if c not in (reader.fieldnames or ())]
+            if missing:
+                raise TraceError(f"{path}:1: missing column(s) {', '.join(missing)} "
+                                 f"(expected {', '.join(required)})")
+            for row in reader:
+                yield reader.line_num, row
+        except csv.Error as exc:
+            raise TraceError(f"{path}:{lines.number}: not CSV: {exc}") from None
+        except OSError as exc:
+            raise TraceError(f"{path}: cannot read: {exc.strerror}") from None
 
 
-def _number(path: Path, line: int, row: dict[str, str], col: str, *, allow_empty: bool = False) -> float | None:
+def _number(path: Path, line: int, row: dict[str, str], col: str, lo: float, hi: float, *,
+            whole: bool = False, allow_empty: bool = False) -> float | None:
+    """Column ``col`` of ``row`` as a finite number in [lo, hi] (a whole one if ``whole``).
+
+    :raises TraceError: naming the file, line, column and the allowed range.
+    """
     text = (row.get(col) or "").strip()
     if not text and allow_empty:
         return None
+    kind = "a whole number" if whole else "a number"
     try:
         value = float(text)
     except ValueError:
         raise TraceError(f"{path}:{line}: column {col}: not a number: {text!r}") from None
-    if value != value or value in (float("inf"), float("-inf")):
-        raise TraceError(f"{path}:{line}: column {col}: not a finite number: {text!r}")
+    if not math.isfinite(value) or not lo <= value <= hi or (whole and value != int(value)):
+        raise TraceError(f"{path}:{line}: column {col}: must be {kind} in [{lo:g}, {hi:g}], "
+                         f"got {text!r}")
     return value
 
 
 def read_philly(path: str | Path) -> list[TraceJob]:
-    """Read the Philly CSV (``timestamp,duration,num_gpus,gpu_time,cluster``).
+    """Read the Philly CSV (``timestamp,duration,num_gpus,gpu_time,cluster``):
+    ``duration`` in [0, MAX_DURATION_S], ``num_gpus`` whole in [1, MAX_GPUS],
+    ``gpu_time`` (not used) in [0, MAX_DURATION_S * MAX_GPUS], submissions
+    within MAX_SPAN_S of each other.
 
     :raises TraceError: naming the line and column of the first bad field.
     """
     path = Path(path)
-    jobs = []
+    jobs: list[TraceJob] = []
+    lines: list[int] = []
     for line, row in _rows(path, ("timestamp", "duration", "num_gpus", "gpu_time", "cluster")):
         try:
-            ts = datetime.fromisoformat(row["timestamp"].strip()).timestamp()
+            when = datetime.fromisoformat(row["timestamp"].strip())
         except (ValueError, AttributeError):
             raise TraceError(f"{path}:{line}: column timestamp: not a date "
                              f"'YYYY-MM-DD HH:MM:SS': {row['timestamp']!r}") from None
-        duration = _number(path, line, row, "duration")
-        gpus = _number(path, line, row, "num_gpus")
-        if duration < 0:
-            raise TraceError(f"{path}:{line}: column duration: negative ({duration:g})")
-        if gpus < 1 or gpus != int(gpus):
-            raise TraceError(f"{path}:{line}: column num_gpus: must be a whole number >= 1, "
-                             f"got {row['num_gpus']!r}")
+        try:
+            ts = when.timestamp()
+        except (ValueError, OverflowError, OSError):
+            raise TraceError(f"{path}:{line}: column timestamp: a date out of range: "
+                             f"{row['timestamp']!r}") from None
+        duration = _number(path, line, row, "duration", 0, MAX_DURATION_S)
+        gpus = _number(path, line, row, "num_gpus", 1, MAX_GPUS, whole=True)
+        _number(path, line, row, "gpu_time", 0, MAX_DURATION_S * MAX_GPUS)
         cluster = (row["cluster"] or "").strip()
         if not cluster:
             raise TraceError(f"{path}:{line}: column cluster: empty")
         jobs.append(TraceJob(len(jobs), ts, duration, int(gpus), cluster))
-    return _rebase(jobs, path)
+        lines.append(line)
+    return _rebase(jobs, path, lines)
 
 
 _ALIBABA_COLUMNS = ("name", "cpu_milli", "memory_mib", "num_gpu", "gpu_milli", "gpu_spec", "qos",
@@ -112,39 +164,59 @@ def read_alibaba(path: str | Path) -> list[TraceJob]:
     with a fraction of a GPU (``gpu_milli`` < 1000) counts as one GPU. The
     tier comes from ``qos`` (LS -> premium, Burstable -> standard, BE ->
     basic), the account from ``gpu_spec`` (``any`` when empty), the duration
-    from ``deletion_time - scheduled_time``.
+    from ``deletion_time - scheduled_time`` (at most MAX_DURATION_S). Times
+    are in [-MAX_TIME_S, MAX_TIME_S], ``num_gpu`` whole in [0, MAX_GPUS],
+    ``gpu_milli`` in [0, 1000], ``cpu_milli`` and ``memory_mib`` (not used)
+    finite and >= 0.
 
     :raises TraceError: naming the line and column of the first bad field.
     """
     path = Path(path)
-    jobs = []
+    jobs: list[TraceJob] = []
+    lines: list[int] = []
     for line, row in _rows(path, _ALIBABA_COLUMNS):
-        gpus = _number(path, line, row, "num_gpu")
-        _number(path, line, row, "gpu_milli")
-        created = _number(path, line, row, "creation_time")
-        scheduled = _number(path, line, row, "scheduled_time", allow_empty=True)
-        deleted = _number(path, line, row, "deletion_time", allow_empty=True)
+        _number(path, line, row, "cpu_milli", 0, 1e9)
+        _number(path, line, row, "memory_mib", 0, 1e12)
+        gpus = _number(path, line, row, "num_gpu", 0, MAX_GPUS, whole=True)
+        _number(path, line, row, "gpu_milli", 0, 1000)
+        created = _number(path, line, row, "creation_time", -MAX_TIME_S, MAX_TIME_S)
+        scheduled = _number(path, line, row, "scheduled_time", -MAX_TIME_S, MAX_TIME_S,
+                            allow_empty=True)
+        deleted = _number(path, line, row, "deletion_time", -MAX_TIME_S, MAX_TIME_S,
+                          allow_empty=True)
         qos = (row["qos"] or "").strip()
         if qos not in _QOS_TIER:
             raise TraceError(f"{path}:{line}: column qos: unknown {qos!r} "
                              f"(expected {', '.join(_QOS_TIER)})")
-        if gpus < 0 or gpus != int(gpus):
-            raise TraceError(f"{path}:{line}: column num_gpu: must be a whole number >= 0")
         if gpus == 0 or scheduled is None or deleted is None:
             continue
         if deleted < scheduled:
             raise TraceError(f"{path}:{line}: negative duration: deletion_time {deleted:g} < "
                              f"scheduled_time {scheduled:g}")
+        if deleted - scheduled > MAX_DURATION_S:
+            raise TraceError(f"{path}:{line}: duration deletion_time - scheduled_time "
+                             f"{deleted - scheduled:g} s is over the bound {MAX_DURATION_S:g} s")
         account = (row["gpu_spec"] or "").strip() or "any"
         jobs.append(TraceJob(len(jobs), created, deleted - scheduled, int(gpus), account,
                              _QOS_TIER[qos]))
-    return _rebase(jobs, path)
+        lines.append(line)
+    return _rebase(jobs, path, lines)
 
 
-def _rebase(jobs: list[TraceJob], path: Path) -> list[TraceJob]:
+def _rebase(jobs: list[TraceJob], path: Path, lines: list[int]) -> list[TraceJob]:
+    """Jobs in submission order, times from the first submission.
+
+    :raises TraceError: no jobs, or submissions spanning more than MAX_SPAN_S
+        (naming the lines of the first and the last submission).
+    """
     if not jobs:
         raise TraceError(f"{path}: no jobs in the trace")
-    t0 = min(j.submit_s for j in jobs)
+    first = min(range(len(jobs)), key=lambda k: jobs[k].submit_s)
+    last = max(range(len(jobs)), key=lambda k: jobs[k].submit_s)
+    t0 = jobs[first].submit_s
+    if jobs[last].submit_s - t0 > MAX_SPAN_S:
+        raise TraceError(f"{path}:{lines[last]}: submitted {jobs[last].submit_s - t0:g} s after "
+                         f"line {lines[first]}; a trace may span at most {MAX_SPAN_S:g} s")
     ordered = sorted(jobs, key=lambda j: (j.submit_s, j.job_id))
     return [replace(j, job_id=k, submit_s=j.submit_s - t0) for k, j in enumerate(ordered)]
 
@@ -168,7 +240,7 @@ def _shares(text: str, rule: str) -> tuple[float, float, float]:
         parts = [float(p) for p in text.split("/")]
     except ValueError:
         parts = []
-    if len(parts) != 3 or any(p < 0 for p in parts) or sum(parts) <= 0:
+    if len(parts) != 3 or not all(math.isfinite(p) and p >= 0 for p in parts) or sum(parts) <= 0:
         raise TraceError(f"--tiers {rule!r}: expected PREMIUM/STANDARD/BASIC percentages, e.g. 20/30/50")
     total = sum(parts)
     return parts[0] / total, parts[1] / total, parts[2] / total
@@ -183,9 +255,13 @@ def _pick(u: float, shares: tuple[float, float, float]) -> Tier:
 
 
 def elastic_range(world_size: int) -> tuple[int, int]:
-    """MIN:MAX for a job without one: MIN the smallest divisor with W/D <= ELASTIC_MAX_SPLICE."""
-    lo = next(d for d in range(1, world_size + 1)
-              if world_size % d == 0 and world_size // d <= ELASTIC_MAX_SPLICE)
+    """MIN:MAX for a job without one: MIN the smallest divisor with W/D <= ELASTIC_MAX_SPLICE.
+
+    Looks at the divisors pairwise up to sqrt(W), so a large W costs little.
+    """
+    small = [d for d in range(1, math.isqrt(world_size) + 1) if world_size % d == 0]
+    divisors = small + [world_size // d for d in small]
+    lo = min(d for d in divisors if world_size // d <= ELASTIC_MAX_SPLICE)
     return lo, world_size
 
 
