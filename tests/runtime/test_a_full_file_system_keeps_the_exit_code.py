@@ -58,30 +58,44 @@ def _fill(directory: Path) -> Path:
     return filler
 
 
+def _run_and_fill(ckpt: Path, fs: Path) -> tuple[int, str, Path]:
+    """A resumed run whose file system fills up after its first step (past
+    singularity-run's start check, which refuses a full one at once)."""
+    proc = harness.launch(harness.LM, ckpt, 2, 8, *LM_ARGS)
+    assert proc.stdout is not None
+    filler = None
+    for line in proc.stdout:
+        if line.startswith("step "):
+            filler = _fill(fs)
+            break
+    _, err = proc.communicate(timeout=180)
+    assert filler is not None, err[-3000:]
+    return proc.returncode, err, filler
+
+
 def test_a_full_file_system_fails_the_run_with_its_code_and_no_traceback(
         small_fs, lm_reference):
     ckpt = small_fs / "ckpt"
     code, _, _, err = harness.run_and_preempt(harness.LM, ckpt, 2, 8, 2, *LM_ARGS)
     assert code == 75, err[-3000:]
     kept = checkpoint.list_meta(ckpt)[0]
-    filler = _fill(small_fs)
 
     # room for the history line in history.jsonl's last page: recorded
-    done = harness.run(harness.LM, ckpt, 2, 8, *LM_ARGS)
-    assert done.returncode == 2, done.stderr[-3000:]
-    assert "cannot write checkpoint" in done.stderr and "No space left" in done.stderr
-    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    code, err, filler = _run_and_fill(ckpt, small_fs)
+    assert code == 2, err[-3000:]
+    assert "cannot write checkpoint" in err and "No space left" in err
+    assert "Traceback" not in err, err[-3000:]
     runs = read_history(ckpt)
     assert [r.stop for r in runs] == [StopReason.PREEMPTED, StopReason.FAILED]
     assert runs[-1].exit_code == 2
 
     # no room for history.jsonl at all: said once, same exit code
+    filler.unlink()
     (ckpt / HISTORY_NAME).unlink()
-    _fill(small_fs)
-    done = harness.run(harness.LM, ckpt, 2, 8, *LM_ARGS)
-    assert done.returncode == 2, done.stderr[-3000:]
-    assert "Traceback" not in done.stderr, done.stderr[-3000:]
-    assert done.stderr.count("could not record this run") == 1, done.stderr[-3000:]
+    code, err, filler = _run_and_fill(ckpt, small_fs)
+    assert code == 2, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert err.count("could not record this run") == 1, err[-3000:]
     assert checkpoint.list_meta(ckpt)[0].step == kept.step     # the previous one is kept
 
     filler.unlink()
