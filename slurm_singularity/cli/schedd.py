@@ -21,6 +21,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--period", type=float, default=2.0, help="seconds between passes (default 2)")
     p.add_argument("--gpus-per-node", type=int, default=8,
                    help="GPUs per node, to shape resized requests (default 8)")
+    p.add_argument("--min-grace", type=float, default=30.0,
+                   help="least seconds between the escalation steps of a job that does not "
+                        "stop when signalled (signal, requeue, kill), for tiers whose "
+                        "grace_time_s is shorter (default 30)")
     p.add_argument("--metrics-port", type=int, default=0,
                    help="serve Prometheus metrics on 127.0.0.1:PORT (default: off)")
     p.add_argument("--once", action="store_true", help="run one pass and exit")
@@ -63,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = DaemonSettings(
             period_s=args.period, metrics_port=args.metrics_port,
             max_passes=1 if args.once else 0,
-            executor=ExecutorSettings(gpus_per_node=args.gpus_per_node, dry_run=args.dry_run),
+            executor=ExecutorSettings(gpus_per_node=args.gpus_per_node, dry_run=args.dry_run,
+                                      min_grace_s=args.min_grace),
             journal_path=None if args.no_journal or args.dry_run
             else (args.journal or default_journal()))
         daemon = Daemon(CliSlurmClient(), policy, settings)

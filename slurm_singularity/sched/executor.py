@@ -197,19 +197,20 @@ class Executor:
         self._journal(view, signalled)
         self._signal(view)
         self._write_marks(view.job.job_id, signalled)
-        return f"sent SIG{self._signal_name(view)}"
+        return f"sent SIG{self._signal_name(view)} (action {marks.resize_at:.0f})"
 
     def _escalate(self, view: JobView, step: ResizeStep, why: str) -> str:
         """Journal the step (fsync'd), take it, then mark it taken."""
         marks = view.marks.at_step(step, self.clock())
         self._journal(view, marks)
         job_id = view.job.job_id
+        action = f"(action {marks.resize_at:.0f})"
         if step is ResizeStep.REQUEUED:
             self.client.scontrol("requeue", str(job_id))
-            done = "requeued it (its run's work since the last checkpoint is lost)"
+            done = f"requeued it {action}: its run's work since its last checkpoint is lost"
         else:
             self.client.cancel(job_id, signal="KILL", full=True)
-            done = "killed it (SIGKILL to all its processes); Slurm requeues it"
+            done = f"killed it {action}: SIGKILL to all its processes; Slurm requeues it"
         self._write_marks(job_id, marks)
         return f"{why}; {done}"
 
