@@ -70,7 +70,6 @@ def training_script(work: Path, name: str, sbatch: str, steps: int, step_sleep: 
     script = work / f"{name}.sh"
     script.write_text(f"""#!/bin/bash
 {sbatch}
-export MASTER_ADDR=127.0.0.1   # the local cluster's nodes all live on this machine
 srun --ntasks-per-node=1 {BIN / 'singularity-run'} {TRAIN} --steps {steps} --step-sleep {step_sleep}
 """)
     return script

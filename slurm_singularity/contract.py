@@ -44,11 +44,13 @@ DEVICE_RANK = "SINGULARITY_DEVICE_RANK"    # this worker's device index (runtime
 CKPT_EVERY_S = "SINGULARITY_CKPT_EVERY_S"  # periodic checkpoint every T seconds
 CKPT_DELAY_S = "SINGULARITY_CKPT_DELAY_S"  # TESTING KNOB: slow checkpoint writes
 PROGRESS_FD = "SINGULARITY_PROGRESS_FD"    # launcher pipe for worker progress
+RENDEZVOUS_TIMEOUT_S = "SINGULARITY_RENDEZVOUS_TIMEOUT_S"  # bound of the devices' rendezvous
 
 ALL_VARIABLES: tuple[str, ...] = (
     SLA, ELASTIC, WORLD_SIZE, CKPT_DIR, PREEMPT_SIGNAL, DETERMINISTIC,
     PROXY, PROXY_ADDRS, DEVICES, STATE_DIR, DEVICE_RANK, CKPT_EVERY_S,
     CKPT_DELAY_S, PROGRESS_FD, PROXY_JOB, WORKER_DEVICE, PROXY_RING_BYTES, PROXY_STATE,
+    RENDEZVOUS_TIMEOUT_S,
 )
 
 #: Module a launcher runs a worker under (``python -m PROXY_WORKER_MODULE
@@ -342,6 +344,35 @@ def progress_fd(environ: Mapping[str, str] | None = None) -> int | None:
     :raises ContractError: not an integer >= 0.
     """
     return _int(PROGRESS_FD, environ, minimum=0)
+
+
+#: Default and bounds of ``rendezvous_timeout_s`` (seconds).
+RENDEZVOUS_TIMEOUT_DEFAULT_S = 120.0
+RENDEZVOUS_TIMEOUT_BOUNDS_S = (1.0, 3600.0)
+
+
+def rendezvous_timeout_s(environ: Mapping[str, str] | None = None) -> float:
+    """Seconds the devices of a job wait for each other when they start
+    (device 0's TCP store, the process group): a rendezvous that has not
+    completed by then fails the step and asks for a requeue. Set by a user
+    or the site. Default: 120; range 1..3600.
+
+    :raises ContractError: not a number in the range.
+    """
+    value = _nonneg_float(RENDEZVOUS_TIMEOUT_S, environ)
+    if value is None:
+        return RENDEZVOUS_TIMEOUT_DEFAULT_S
+    low, high = RENDEZVOUS_TIMEOUT_BOUNDS_S
+    if not low <= value <= high:
+        raise ContractError(f"{RENDEZVOUS_TIMEOUT_S}={value:g} must be between "
+                            f"{low:g} and {high:g} seconds")
+    return value
+
+
+def slurm_step_nodelist(environ: Mapping[str, str] | None = None) -> str | None:
+    """``SLURM_STEP_NODELIST`` (compressed host list of this srun step, whose
+    first host is node 0 of the step); set by Slurm. Default: none."""
+    return _get("SLURM_STEP_NODELIST", environ)
 
 
 def slurm_nodeid(environ: Mapping[str, str] | None = None) -> int:

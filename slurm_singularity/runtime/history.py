@@ -15,10 +15,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import filelock
 
 from slurm_singularity.runtime.api import HistoryRecord, StopReason
 from slurm_singularity.runtime.dirlock import lock
@@ -59,6 +62,21 @@ def append_record(ckpt_dir: str | os.PathLike[str], record: HistoryRecord) -> No
             os.fsync(fh.fileno())
 
 
+def record_run(ckpt_dir: str | os.PathLike[str], record: HistoryRecord) -> bool:
+    """``append_record`` for the end of a run, which must not lose the run's
+    exit code: when history cannot be written (a full or read-only file
+    system) it says so once on stderr, without a traceback, and returns
+    False; the caller still exits with the run's own code."""
+    try:
+        append_record(ckpt_dir, record)
+    except (OSError, filelock.Timeout) as exc:
+        print(f"singularity-run: warning: could not record this run ({record.stop.value}, "
+              f"exit {record.exit_code}) in {Path(ckpt_dir) / HISTORY_NAME}: {exc}",
+              file=sys.stderr, flush=True)
+        return False
+    return True
+
+
 def read_history(ckpt_dir: str | os.PathLike[str]) -> list[HistoryRecord]:
     """The runs of the job whose checkpoint directory is ``ckpt_dir``, oldest
     first; [] when there is none yet.
@@ -91,10 +109,16 @@ class RunProgress:
     last_step: int | None = None
     last_ckpt_step: int | None = None
     ckpt_at_stop: bool = False
+    failure: str | None = None   # what failed, from a ``fail <what>`` report
 
     def feed(self, line: str) -> None:
-        """One report line: ``start <step>``, ``step <n>``, ``ckpt <n> <reason>``."""
+        """One report line: ``start <step>``, ``step <n>``, ``ckpt <n> <reason>``,
+        ``fail <what>`` (a failure the exit code does not tell, e.g. a
+        rendezvous that timed out and asks for a requeue)."""
         parts = line.split()
+        if len(parts) >= 2 and parts[0] == "fail":
+            self.failure = parts[1]
+            return
         if len(parts) < 2 or not parts[1].isdigit():
             return
         n = int(parts[1])

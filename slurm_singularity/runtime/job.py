@@ -8,14 +8,19 @@ them. The device is a parameter (``init(device=...)``) so that a later
 device proxy can hand the worker a proxy device instead of a local one.
 
 The preemption handler only sets a flag; the devices agree on a step
-boundary in ``splice.Trainer`` (flag, agreement, exit).
+boundary in ``splice.Trainer`` (flag, agreement, exit). Before the first
+step the devices meet in ``rendezvous()``, bounded in time and responsive
+to that flag.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,6 +113,84 @@ def select_device(explicit: torch.device | str | None = None) -> torch.device:
     return torch.device("cpu")
 
 
+class RendezvousError(RuntimeError):
+    """The devices of a job did not all meet within the rendezvous timeout
+    (a node that never came, an address that refuses); the message names
+    the address, the timeout and the setting."""
+
+
+#: How often the waiting main thread looks at the preemption flag (seconds).
+RENDEZVOUS_POLL_S = 0.1
+
+
+def rendezvous(job: Job, backend: str) -> None:
+    """Join the job's process group within ``contract.rendezvous_timeout_s``.
+
+    Why a thread: the store's connect and the process group's set-up are C++
+    calls that retry through EINTR, so a signal handler would not run until
+    they return. The main thread waits for the rendezvous thread and looks
+    at the preemption flag every ``RENDEZVOUS_POLL_S``: a preemption during
+    the rendezvous ends the worker at once with the requeue code (no step
+    was done, nothing to save); a rendezvous that fails or outlasts its
+    timeout ends it with the requeue code too, after a message that names
+    the address and the timeout (so the job does not hang holding its
+    GPUs), and tells singularity-run that the run failed.
+    """
+    from datetime import timedelta
+
+    shape = job.shape
+    timeout_s = contract.rendezvous_timeout_s()
+    addr = f"{contract.master_addr() or '?'}:{os.environ.get('MASTER_PORT', '?')}"
+    outcome: dict[str, BaseException] = {}
+
+    def meet() -> None:
+        try:
+            dist.init_process_group(backend, rank=shape.device_rank, world_size=shape.devices,
+                                    timeout=timedelta(seconds=timeout_s))
+        except BaseException as exc:   # reported by the main thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=meet, name="rendezvous", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout_s + 1.0   # torch's own timeout comes first
+    while thread.is_alive():
+        thread.join(RENDEZVOUS_POLL_S)
+        if job.preempt.requested:
+            log.warning("%s: preempted during the rendezvous at %s; no step done, exiting %d",
+                        job, addr, contract.REQUEUE_EXIT_CODE)
+            _exit_now(contract.REQUEUE_EXIT_CODE)
+        if time.monotonic() > deadline:
+            outcome["error"] = TimeoutError(f"no answer within {timeout_s:g} s")
+            break
+    if "error" in outcome:
+        reason = str(outcome["error"]).strip().splitlines()[0] if str(outcome["error"]).strip() \
+            else type(outcome["error"]).__name__
+        print(f"singularity-run: error: [device {shape.device_rank}] the rendezvous of "
+              f"{shape.devices} devices at {addr} failed within {timeout_s:g} s "
+              f"({contract.RENDEZVOUS_TIMEOUT_S}): {reason}; asking for a requeue",
+              file=sys.stderr, flush=True)
+        _report_failure("rendezvous")
+        _exit_now(contract.REQUEUE_EXIT_CODE)
+
+
+def _report_failure(what: str) -> None:
+    """Tell singularity-run (worker 0's progress pipe) what failed."""
+    fd = contract.progress_fd()
+    if fd is not None:
+        try:
+            os.write(fd, f"fail {what}\n".encode())
+        except OSError:
+            pass
+
+
+def _exit_now(code: int) -> None:
+    """Exit while the rendezvous thread may still sit in a C++ call that
+    would hold up an orderly interpreter exit."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def init(device: torch.device | str | None = None, *,
          deterministic: bool | None = None) -> Job:
     """Set this worker up from the contract variables singularity-run set
@@ -133,8 +216,7 @@ def init(device: torch.device | str | None = None, *,
               ckpt_dir=Path(ckpt) if ckpt else None, ckpt_every_s=contract.ckpt_every_s(),
               preempt=install_preempt_handler())
     if job.distributed and not dist.is_initialized():
-        backend = "nccl" if dev.type == "cuda" else "gloo"
-        dist.init_process_group(backend, rank=shape.device_rank, world_size=shape.devices)
+        rendezvous(job, "nccl" if dev.type == "cuda" else "gloo")
     if job.ckpt_dir is None:
         log.warning("%s: no checkpoint directory (SINGULARITY_CKPT_DIR); "
                     "this run cannot be resumed", job)

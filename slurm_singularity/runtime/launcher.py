@@ -12,9 +12,11 @@ variables into a ``LaunchSpec`` (pure, raises ``RuntimeSetupError``);
 
 Multi-node under ``srun`` (one launcher per node): node rank and node count
 come from ``SLURM_NODEID``/``SLURM_NNODES``, ``D = nodes x devices per
-node``, device 0's host is ``MASTER_ADDR`` or the first host of the job's
-node list, the port is derived from the job id. Not tested on a real
-multi-node cluster.
+node``, device 0's host is ``MASTER_ADDR`` or the ``NodeAddr`` Slurm gives
+for the first node of the step (``device0_address``), the port is derived
+from the job id. The devices' rendezvous is bounded
+(``contract.rendezvous_timeout_s``) and gives way to a preemption signal:
+see ``runtime.job``.
 """
 
 from __future__ import annotations
@@ -27,20 +29,22 @@ import os
 import runpy
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from multiprocessing.connection import Connection
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 from slurm_singularity import contract
 from slurm_singularity.runtime.api import (
     CheckpointError, JobShape, RuntimeSetupError, StopReason,
 )
-from slurm_singularity.runtime.history import RunProgress, append_record
+from slurm_singularity.runtime.history import RunProgress, record_run
+
+if TYPE_CHECKING:
+    from slurm_singularity.slurm.api import SlurmClient
 
 log = logging.getLogger(__name__)
 
@@ -102,12 +106,33 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _first_host(nodelist: str) -> str:
-    out = subprocess.run(["scontrol", "show", "hostnames", nodelist], check=True,
-                         capture_output=True, text=True, timeout=30).stdout.split()
-    if not out:
-        raise RuntimeSetupError(f"SLURM_JOB_NODELIST={nodelist!r} names no host")
-    return out[0]
+def device0_address(environ: Mapping[str, str] | None = None,
+                    slurm: "SlurmClient | None" = None) -> str:
+    """The address of device 0's node, from Slurm: the first node of the
+    step's node list (``SLURM_STEP_NODELIST``, else the job's), whose
+    ``SLURM_NODEID`` is 0, looked up as its ``NodeAddr``. Node names need not
+    resolve (the local cluster's do not; Slurm itself reaches nodes through
+    NodeAddr). ``SLURM_LAUNCH_NODE_IPADDR`` is not used: it is the address
+    of the node that ran srun (the batch host), which need not be node 0 of
+    the step.
+
+    :raises RuntimeSetupError: no node list, or Slurm cannot say the address.
+    """
+    from slurm_singularity.slurm.api import SlurmError
+    from slurm_singularity.slurm.cli import CliSlurmClient
+
+    nodelist = contract.slurm_step_nodelist(environ) or contract.slurm_job_nodelist(environ)
+    if not nodelist:
+        raise RuntimeSetupError(
+            "a multi-node run needs SLURM_STEP_NODELIST or SLURM_JOB_NODELIST (run it "
+            "under srun) or MASTER_ADDR to find device 0's node")
+    client = slurm or CliSlurmClient()
+    try:
+        return client.node_address(client.hostnames(nodelist)[0])
+    except SlurmError as exc:
+        raise RuntimeSetupError(
+            f"cannot find the address of device 0's node ({nodelist}) in Slurm: {exc}; "
+            f"set MASTER_ADDR") from None
 
 
 def resolve(script: str, args: list[str], *, devices: int | None, world_size: int | None,
@@ -147,9 +172,9 @@ def resolve(script: str, args: list[str], *, devices: int | None, world_size: in
     if ckpt is None:
         raise RuntimeSetupError(
             "--ckpt-dir is required outside Slurm (or set SINGULARITY_CKPT_DIR)")
+    contract.rendezvous_timeout_s(environ)   # a bad value fails here, not in every worker
     if nnodes > 1:
-        addr = contract.master_addr(environ) or _first_host(
-            contract.slurm_job_nodelist(environ) or "")
+        addr = contract.master_addr(environ) or device0_address(environ)
         port = 20000 + int(contract.slurm_job_id(environ) or "0") % 20000
     else:
         addr, port = contract.master_addr(environ) or "127.0.0.1", free_port()
@@ -186,20 +211,26 @@ def _exit_code(rc: int) -> int:
 
 
 def _worker_main(script: str, args: tuple[str, ...], env: dict[str, str],
-                 progress: Connection | None, early: tuple[int, ...]) -> None:
+                 progress: Connection | None) -> None:
     """Body of a worker process: the script as ``__main__`` in its env.
-    ``early``: signals the launcher got before this worker existed."""
+
+    Until this runs, the worker has the launcher's recording handler (fork
+    copies it, with ``_RECEIVED``): a signal that came before the fork or
+    before the lines below is in this process's copy of ``_RECEIVED`` and is
+    replayed onto the flag here. ``runtime.job`` was imported by the
+    launcher before the fork, so nothing here imports while a signal can
+    interrupt it."""
     from slurm_singularity.runtime.job import install_preempt_handler
 
     os.environ.clear()
     os.environ.update(env)
     flag = install_preempt_handler()   # first: a preemption before init() is not lost
     preempt = contract.preempt_signals()
-    for signum in FORWARDED:           # drop the launcher's forwarding handlers
+    for signum in _caught_signals():   # drop the launcher's recording handler
         if signum not in preempt:
             signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT
-                          else signal.SIG_DFL)
-    for signum in early:
+                          else signal.SIG_IGN)
+    for signum in tuple(_RECEIVED):    # what came before the handlers above
         if signum in preempt:
             flag.set(signum)
     if progress is not None:
@@ -218,6 +249,8 @@ def _worker_main(script: str, args: tuple[str, ...], env: dict[str, str],
         rank = env.get(contract.DEVICE_RANK, "?")
         print(f"singularity-run: error: [device {rank}] {exc}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+    finally:
+        _ignore_signals()              # the run's outcome is decided: exit as it says
 
 
 def _context() -> multiprocessing.context.BaseContext:
@@ -226,7 +259,7 @@ def _context() -> multiprocessing.context.BaseContext:
     second instead of paying D torch imports."""
     import torch  # noqa: F401 - imported for the forked workers
     import torch._dynamo  # noqa: F401 - what creating an optimizer imports (2 s)
-    import slurm_singularity.runtime  # noqa: F401
+    import slurm_singularity.runtime.job  # noqa: F401 - never imported half-way in a worker
 
     return multiprocessing.get_context("fork")
 
@@ -235,42 +268,55 @@ def launch(spec: LaunchSpec) -> int:
     """Start the workers, forward signals, wait; returns 0 when they
     finished, ``REQUEUE_EXIT_CODE`` when they all checkpointed for
     preemption, else the first failing worker's code (128+signal for a
-    signal). Device 0's node appends the run to ``history.jsonl``."""
+    signal). Device 0's node appends the run to ``history.jsonl`` (or says
+    once on stderr that it could not).
+
+    Signals: from the call on, the launcher's handlers only record
+    (``catch_signals``); the wait loop forwards them; once the workers are
+    gone the signals are ignored, so no repeat kills the launcher while it
+    records and exits (exit code 75 stays 75 for Slurm)."""
+    catch_signals()
     procs: list[multiprocessing.process.BaseProcess] = []
-    pending: list[int] = []       # signals that came before the workers
-    forwarded = _forward_signals(procs, pending)
-    spec.ckpt_dir.mkdir(parents=True, exist_ok=True)
+    forwarder = _Forwarder(procs)
     main_node = spec.node_rank == 0
     progress = RunProgress(spec.devices, spec.world_size)
-    ctx = _context()
-    reader_conn, writer_conn = ctx.Pipe(duplex=False) if main_node else (None, None)
-    base = dict(os.environ)
-    for local in range(spec.devices_per_node):
-        env = worker_env(spec, local, base)
-        conn = writer_conn if local == 0 else None
-        proc = ctx.Process(target=_worker_main,
-                           args=(spec.script, spec.args, env, conn, tuple(pending)),
-                           name=f"singularity-worker-{local}")
-        proc.start()
-        procs.append(proc)
     reader = None
-    if reader_conn is not None and writer_conn is not None:
-        writer_conn.close()
-        reader = threading.Thread(target=_read_progress, args=(reader_conn, progress),
-                                  daemon=True)
-        reader.start()
-    log.info("singularity-run: %d worker(s) on this node, W=%d D=%d, checkpoints in %s",
-             len(procs), spec.world_size, spec.devices, spec.ckpt_dir)
+    code = 1
     try:
-        code = _wait(procs)
+        spec.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        ctx = _context()
+        reader_conn, writer_conn = ctx.Pipe(duplex=False) if main_node else (None, None)
+        base = dict(os.environ)
+        for local in range(spec.devices_per_node):
+            env = worker_env(spec, local, base)
+            conn = writer_conn if local == 0 else None
+            proc = ctx.Process(target=_worker_main, args=(spec.script, spec.args, env, conn),
+                               name=f"singularity-worker-{local}")
+            proc.start()
+            procs.append(proc)
+        if reader_conn is not None and writer_conn is not None:
+            writer_conn.close()
+            reader = threading.Thread(target=_read_progress, args=(reader_conn, progress),
+                                      daemon=True)
+            reader.start()
+        log.info("singularity-run: %d worker(s) on this node, W=%d D=%d, checkpoints in %s",
+                 len(procs), spec.world_size, spec.devices, spec.ckpt_dir)
+        code = _wait(procs, forwarder)
+    except OSError as exc:
+        print(f"singularity-run: error: cannot start the workers: {exc}", file=sys.stderr,
+              flush=True)
+        _kill_all(procs)
+        code = 1
     finally:
-        for signum, old in forwarded.items():
-            signal.signal(signum, old)
-    if reader is not None:
-        reader.join(timeout=10)
+        _ignore_signals()
+    if main_node:
+        if reader is not None:
+            reader.join(timeout=10)
         stop = {0: StopReason.FINISHED,
                 contract.REQUEUE_EXIT_CODE: StopReason.PREEMPTED}.get(code, StopReason.FAILED)
-        append_record(spec.ckpt_dir, progress.record(stop, code))
+        if progress.failure is not None:
+            stop = StopReason.FAILED
+        record_run(spec.ckpt_dir, progress.record(stop, code))
     return code
 
 
@@ -282,48 +328,75 @@ def _read_progress(conn: Connection, progress: RunProgress) -> None:
 
 
 #: Signals singularity-run passes on to its workers (plus the preemption
-#: signals of the contract).
+#: signals of the contract). In a worker a preemption signal sets the flag;
+#: SIGINT, when it is not one, interrupts (KeyboardInterrupt, a failed run);
+#: USR1/USR2, when not one, are ignored.
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 
-
-def _forward_signals(procs: list[multiprocessing.process.BaseProcess],
-                     pending: list[int]) -> dict[int, object]:
-    wanted = {*contract.preempt_signals(), *FORWARDED}
-    launcher_pid = os.getpid()
-
-    def forward(signum: int, _frame: object) -> None:
-        if os.getpid() != launcher_pid:
-            _early_in_worker(signum)
-            return
-        pending.append(signum)
-        for p in procs:
-            if p.exitcode is None and p.pid is not None:
-                try:
-                    os.kill(p.pid, signum)
-                except ProcessLookupError:
-                    pass
-
-    old = {}
-    for signum in wanted:
-        old[signum] = signal.signal(signum, forward)
-    return old
+#: Signals this process received since ``catch_signals``, in order. The
+#: handler only appends here (flag); the wait loop forwards. A forked worker
+#: has its own copy and replays it onto its preemption flag.
+_RECEIVED: list[int] = []
 
 
-def _early_in_worker(signum: int) -> None:
-    """A worker got a signal after fork but before ``_worker_main`` set its
-    own handlers (it still runs the launcher's): record a preemption, act
-    on anything else as the default would."""
-    if signum in contract.preempt_signals():
-        from slurm_singularity.runtime.job import install_preempt_handler
-        install_preempt_handler().set(signum)
+def _record(signum: int, _frame: object) -> None:
+    _RECEIVED.append(signum)
+
+
+def _caught_signals() -> set[int]:
+    try:
+        preempt = contract.preempt_signals()
+    except contract.ContractError:
+        preempt = frozenset()
+    return {*preempt, *FORWARDED}
+
+
+def catch_signals() -> None:
+    """Record every forwarded and preemption signal from now on instead of
+    dying of it (idempotent; main thread only). ``singularity-run`` calls it
+    first thing, so a signal during its start-up is not a default death."""
+    if threading.current_thread() is not threading.main_thread():
         return
-    signal.signal(signum, signal.SIG_DFL)
-    os.kill(os.getpid(), signum)
+    for signum in _caught_signals():
+        if signal.getsignal(signum) is not _record:
+            signal.signal(signum, _record)
 
 
-def _wait(procs: list[multiprocessing.process.BaseProcess]) -> int:
+def _ignore_signals() -> None:
+    """SIG_IGN, not SIG_DFL: Python's finalization resets its own handlers
+    to the default action but leaves SIG_IGN, so a late repeat cannot kill
+    the process while it exits."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for signum in _caught_signals():
+        signal.signal(signum, signal.SIG_IGN)
+
+
+class _Forwarder:
+    """Sends each worker every signal in ``_RECEIVED`` exactly once, also
+    those that came before it was started (its copy of ``_RECEIVED`` has
+    them too; a preemption flag set twice is set once)."""
+
+    def __init__(self, procs: list[multiprocessing.process.BaseProcess]) -> None:
+        self.procs = procs
+        self.sent: dict[int, int] = {}   # worker index -> signals sent
+
+    def __call__(self) -> None:
+        received = tuple(_RECEIVED)
+        for i, p in enumerate(self.procs):
+            for signum in received[self.sent.get(i, 0):]:
+                if p.exitcode is None and p.pid is not None:
+                    try:
+                        os.kill(p.pid, signum)
+                    except ProcessLookupError:
+                        pass
+            self.sent[i] = len(received)
+
+
+def _wait(procs: list[multiprocessing.process.BaseProcess], forward: _Forwarder) -> int:
     first_exit: float | None = None
     while True:
+        forward()
         codes = [p.exitcode for p in procs]
         failed = [c for c in codes if c is not None and c not in (0, contract.REQUEUE_EXIT_CODE)]
         if failed:

@@ -45,7 +45,7 @@ from slurm_singularity.runtime.api import (
     BufferPolicy, CheckpointReason, RuntimeSetupError, StopReason,
 )
 from slurm_singularity.runtime.data import Cursor, RankShard
-from slurm_singularity.runtime.history import RunProgress, append_record
+from slurm_singularity.runtime.history import RunProgress, record_run
 from slurm_singularity.runtime.job import Job
 from slurm_singularity.runtime.reduce import GradReducer
 
@@ -105,7 +105,7 @@ class _Progress:
             return
         self.closed = True
         if self.local is not None and self.ckpt_dir is not None:
-            append_record(self.ckpt_dir, self.local.record(stop, code))
+            record_run(self.ckpt_dir, self.local.record(stop, code))
 
 
 class Step:

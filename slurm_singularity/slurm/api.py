@@ -101,6 +101,14 @@ class SlurmClient(Protocol):
     def show_job(self, job_id: int) -> dict[str, str]:
         """``scontrol show job -o`` parsed into key -> value. :raises SlurmError:"""
 
+    def hostnames(self, nodelist: str) -> list[str]:
+        """A compressed node list (``n[3-4]``) as node names, in order.
+        :raises SlurmError: scontrol failed or the list names no node."""
+
+    def node_address(self, name: str) -> str:
+        """The address Slurm reaches node ``name`` at (its ``NodeAddr``; the
+        node name itself need not resolve). :raises SlurmError:"""
+
     def cancel(self, *job_ids: int, signal: str | None = None, full: bool = False) -> None:
         """scancel the jobs (or send them ``signal``: to their srun steps, or
         with ``full`` to every process of the job, the batch shell too).

@@ -82,6 +82,21 @@ class CliSlurmClient:
     def show_job(self, job_id: int) -> dict[str, str]:
         return parse_scontrol_record(self.scontrol("show", "job", "-o", str(job_id)))
 
+    def hostnames(self, nodelist: str) -> list[str]:
+        names = self.scontrol("show", "hostnames", nodelist).split()
+        if not names:
+            raise SlurmError(["scontrol", "show", "hostnames", nodelist], 0,
+                             f"node list {nodelist!r} names no node")
+        return names
+
+    def node_address(self, name: str) -> str:
+        fields = parse_scontrol_record(self.scontrol("show", "node", "-o", name))
+        addr = fields.get("NodeAddr", "").strip()
+        if not addr:
+            raise SlurmError(["scontrol", "show", "node", "-o", name], 0,
+                             f"node {name!r} has no NodeAddr")
+        return addr
+
     def cancel(self, *job_ids: int, signal: str | None = None, full: bool = False) -> None:
         if not job_ids:
             return

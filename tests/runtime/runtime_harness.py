@@ -28,11 +28,15 @@ def _env(extra: dict[str, str] | None) -> dict[str, str]:
 
 
 def launch(script: str, ckpt: Path, devices: int, world: int, *args: str,
-           env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+           env: dict[str, str] | None = None,
+           new_session: bool = False) -> subprocess.Popen[str]:
+    """``new_session``: the launcher leads its own process group, so that a
+    test can signal it and its workers at once (``os.killpg``) as slurmstepd
+    signals a step's processes."""
     return subprocess.Popen(
         [RUN, "--devices", str(devices), "--world-size", str(world), "--ckpt-dir", str(ckpt),
          script, *args], env=_env(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True)
+        text=True, start_new_session=new_session)
 
 
 def run(script: str, ckpt: Path, devices: int, world: int, *args: str,
@@ -51,9 +55,12 @@ def final(out: str) -> tuple[int, str, str | None]:
 
 
 def run_and_preempt(script: str, ckpt: Path, devices: int, world: int, stop_at: int, *args: str,
-                    sig: int = signal.SIGTERM, timeout: float = 180) -> tuple[int, int, str, str]:
+                    sig: int = signal.SIGTERM, timeout: float = 180,
+                    repeat_after_s: tuple[float, ...] | list[float] = ()
+                    ) -> tuple[int, int, str, str]:
     """Start a run, send ``sig`` to the launcher once worker 0 printed
-    ``step n`` with ``n >= stop_at``; returns (exit code, n, stdout, stderr)."""
+    ``step n`` with ``n >= stop_at`` (and again after each delay of
+    ``repeat_after_s`` while it runs); returns (exit code, n, stdout, stderr)."""
     proc = launch(script, ckpt, devices, world, *args)
     assert proc.stdout is not None
     seen = -1
@@ -69,5 +76,9 @@ def run_and_preempt(script: str, ckpt: Path, devices: int, world: int, stop_at: 
         if time.monotonic() > deadline:
             proc.kill()
             break
+    for delay in repeat_after_s:
+        time.sleep(delay)
+        if proc.poll() is None:
+            proc.send_signal(sig)
     out, err = proc.communicate(timeout=timeout)
     return proc.returncode, seen, "".join(lines) + out, err
