@@ -43,7 +43,7 @@ RUNNING_STATES = {"RUNNING", "COMPLETING", "CONFIGURING"}
 PENDING_STATES = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"}
 #: Pending reasons of a job that does not want to start now: held by its
 #: user or an admin (priority 0), so it is no demand.
-HELD_REASONS = {"JobHeldUser", "JobHeldAdmin", "JobHeld", "RequeueHold"}
+HELD_REASONS = {"JobHeldUser", "JobHeldAdmin", "JobHeld"}
 
 
 @dataclass(frozen=True)
@@ -132,7 +132,7 @@ def requeued_by_slurm(job: Job) -> bool:
 
 
 def is_held(job: Job) -> bool:
-    return job.reason in HELD_REASONS or job.priority == 0
+    return job.reason in HELD_REASONS or job.priority == 0 or job.state == "REQUEUE_HOLD"
 
 
 def observe(jobs: Iterable[Job], nodes: Iterable[Node], policy: Policy,
