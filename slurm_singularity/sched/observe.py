@@ -165,8 +165,9 @@ def observe(jobs: Iterable[Job], nodes: Iterable[Node], policy: Policy,
         if journal is not None and view.tagged:
             view = _with_journal(view, journal, running)
         if pending:
-            ours = view.marks.resize_to is not None
-            requeued = job.reason == "BeginTime" and (ours or requeued_by_slurm(job))
+            # the daemon's own requeues pass the same test: no mark of ours
+            # lets a begin time a user set afterwards be overridden
+            requeued = job.reason == "BeginTime" and requeued_by_slurm(job)
             waiting = is_held(job) or (job.reason == "BeginTime" and not requeued)
             view = replace(view, requeued=requeued, waiting=waiting)
         views[job.job_id] = view

@@ -81,3 +81,19 @@ def test_a_mark_slurmctld_lost_is_rebuilt_by_a_restarted_daemon_too(tmp_path):
     slurm.lose_unsaved_updates(within_s=1.0)
     run_for(slurm, 60, journal)                              # a new daemon, same journal
     assert_converged_once(slurm)
+
+
+def test_a_journal_entry_of_another_run_is_ignored_and_a_torn_line_skipped(tmp_path):
+    from slurm_singularity.sched.journal import JournalEntry
+    from slurm_singularity.sched.marks import ResizeStep
+
+    journal = tmp_path / "journal"
+    # job 1 of an earlier cluster (same id, another run), then a line torn by a crash
+    old = JournalEntry(1, 1_700_000_000.0, 8, ResizeStep.SIGNALLED, 1_700_000_000.0,
+                       run_start=1_699_999_000.0, restarts=0)
+    journal.write_text(old.as_json() + "\n" + old.as_json()[:25])
+    slurm = shrink_for_premium()
+    run_for(slurm, 60, journal)
+    assert_converged_once(slurm)
+    for line in journal.read_text().splitlines():        # the torn line was dropped
+        JournalEntry.from_json(line)
