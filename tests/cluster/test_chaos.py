@@ -140,3 +140,7 @@ srun --ntasks-per-node=1 {BIN / 'singularity-run'} {TRAIN} --steps {STEPS} \\
         assert len(ids) == len(set(ids)), (what, ids, log[-4000:])
     assert re.search(rf"\[job {job}\].*sent SIG", log), log[-4000:]
     assert "signalled again" not in log and "Traceback" not in log, log[-4000:]
+    print(f"chaos: runs {[(h.devices, h.first_step, h.last_step, h.stop.value) for h in history]}"
+          f"; sacct {states}; daemon: "
+          + "; ".join(re.findall(rf"\[job {job}\] ((?:grow|shrink|preempt) \d+ -> \d+"
+                                 rf"|resize to \d+: [^(]*)", log)))
