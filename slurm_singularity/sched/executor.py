@@ -36,6 +36,11 @@ from .observe import PENDING_STATES, JobView
 
 log = logging.getLogger(__name__)
 
+#: A run that started this long after the mark's last step is a later run
+#: than the one marked (a requeue takes Slurm's requeue delay, >= ~10 s);
+#: the margin absorbs clock skew between the daemon's host and slurmctld's.
+RUN_AFTER_MARK_S = 5.0
+
 
 @dataclass(frozen=True)
 class ExecutorSettings:
@@ -155,6 +160,11 @@ class Executor:
             return "requeued; " + "; ".join(done or ["mark cleared"])
         if state != "RUNNING":
             return None        # starting or completing: seen anew next pass
+        if view.job.start_time > marks.step_time + RUN_AFTER_MARK_S:
+            # requeued and started again while the daemon was away: the mark
+            # is an earlier run's; this run is planned anew, not escalated
+            self._clear(view, marks.cleared())
+            return "the job was requeued and started again meanwhile; its earlier run's mark cleared"
         if marks.resize_to and view.devices == marks.resize_to:
             return self._finish_in_place(view)
         now = self.clock()

@@ -170,6 +170,9 @@ def test_elastic_job_grows_is_shrunk_for_premium_and_grows_back(slurm_cluster, s
     assert slurm_cluster.client.show_job(premium)["JobState"] == "RUNNING"
     slurm_cluster.wait_job(premium, timeout=60)
     _wait_gpus(slurm_cluster, job, 32)
+    deadline = time.monotonic() + 15      # its script prints a moment after Slurm starts it
+    while _sizes(out)[-1:] != [32] and time.monotonic() < deadline:
+        time.sleep(0.2)
 
     sizes = _sizes(out)
     # one run per size: the daemon sets the pending job to 32 before Slurm

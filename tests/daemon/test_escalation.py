@@ -61,3 +61,20 @@ def test_a_job_that_checkpoints_within_its_grace_time_is_neither_requeued_nor_ki
     assert slurm.count("requeue", 1) == 0
     assert slurm.fake_jobs[1].restart_count == 1            # by its own requeue exit
     assert (slurm.fake_jobs[1].state, slurm.fake_jobs[1].gpus) == ("RUNNING", 16)
+
+
+def test_a_mark_left_from_an_earlier_run_is_not_escalated(tmp_path):
+    """The daemon signalled a grow, then was down while Slurm requeued the
+    job and started it again at its old size: the mark is the earlier
+    run's, and the new run is not requeued for it."""
+    slurm = FakeSlurm(Clock())
+    slurm.add(FakeJob(1, "basic", tag("basic", 8, 32, 32), 1, 8), running=True)
+    run_for(slurm, 0.5, tmp_path / "journal")                  # mark and signal the grow
+    assert slurm.signals_to(1) == ["TERM"]
+    slurm.clock.now += 2 * BASIC_GRACE_S                       # the daemon is down
+    slurm.tick()
+    assert (slurm.fake_jobs[1].state, slurm.fake_jobs[1].gpus) == ("RUNNING", 8)
+    run_for(slurm, 60, tmp_path / "journal")
+    assert slurm.count("requeue", 1) == 0, slurm.calls
+    assert (slurm.fake_jobs[1].state, slurm.fake_jobs[1].gpus) == ("RUNNING", 32)
+    assert slurm.signals_to(1) == ["TERM", "TERM"]             # the grow, decided anew
