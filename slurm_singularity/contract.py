@@ -252,12 +252,21 @@ def format_job_tag(sla: str, elastic: tuple[int, int], world: int) -> str:
     return f"{JOB_TAG_PREFIX}sla={sla},elastic={elastic[0]}:{elastic[1]},ws={world}"
 
 
+def _brief(text: str, limit: int = 60) -> str:
+    """``text`` quoted for an error message, cut to ``limit`` characters: a
+    tag is the job's, and a 100 KB one must not make a 200 KB message."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
+
+
 def parse_job_tag(text: str | None) -> dict[str, object] | None:
     """Inverse of ``format_job_tag``: ``{"sla": "basic", "elastic": (2, 8),
     "ws": 8}``; None if ``text`` is not a job tag (another AdminComment, or
     none: the job was not submitted through job_submit.lua).
 
-    :raises ContractError: a job tag with a malformed field.
+    :raises ContractError: a job tag with a malformed field (the message
+        quotes at most a few dozen characters of it).
     """
     text = (text or "").strip()
     if not text.startswith(JOB_TAG_PREFIX):
@@ -266,15 +275,17 @@ def parse_job_tag(text: str | None) -> dict[str, object] | None:
     for item in text[len(JOB_TAG_PREFIX):].split(","):
         key, sep, value = item.partition("=")
         if not sep:
-            raise ContractError(f"job tag {text!r}: field {item!r} is not key=value")
+            raise ContractError(f"job tag {_brief(text)}: field {_brief(item)} is not key=value")
         fields[key] = value
     try:
-        fields["elastic"] = elastic({ELASTIC: str(fields["elastic"])})
-        fields["ws"] = _int(WORLD_SIZE, {WORLD_SIZE: str(fields["ws"])})
+        fields["elastic"] = elastic({ELASTIC: str(fields["elastic"])[:40]})
+        fields["ws"] = _int(WORLD_SIZE, {WORLD_SIZE: str(fields["ws"])[:40]})
     except KeyError as exc:
-        raise ContractError(f"job tag {text!r}: missing field {exc.args[0]!r}") from None
+        raise ContractError(f"job tag {_brief(text)}: missing field {exc.args[0]!r}") from None
+    except ContractError as exc:
+        raise ContractError(f"job tag {_brief(text)}: {exc}") from None
     if "sla" not in fields:
-        raise ContractError(f"job tag {text!r}: missing field 'sla'")
+        raise ContractError(f"job tag {_brief(text)}: missing field 'sla'")
     return fields
 
 

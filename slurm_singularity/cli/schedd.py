@@ -21,13 +21,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--period", type=float, default=2.0, help="seconds between passes (default 2)")
     p.add_argument("--gpus-per-node", type=int, default=8,
                    help="GPUs per node, to shape resized requests (default 8)")
+    p.add_argument("--min-grace", type=float, default=30.0,
+                   help="least seconds between the escalation steps of a job that does not "
+                        "stop when signalled (signal, requeue, kill), for tiers whose "
+                        "grace_time_s is shorter (default 30)")
     p.add_argument("--metrics-port", type=int, default=0,
                    help="serve Prometheus metrics on 127.0.0.1:PORT (default: off)")
     p.add_argument("--once", action="store_true", help="run one pass and exit")
     p.add_argument("--dry-run", action="store_true", help="log decisions, change nothing")
+    p.add_argument("--journal", type=Path, default=None,
+                   help="write-ahead journal of the daemon's signals, requeues and kills, "
+                        "so that none is repeated after a crash of slurmctld or the daemon "
+                        "(default: ~/.local/state/singularity-schedd/journal-<cluster>.jsonl, "
+                        "one per slurm.conf)")
+    p.add_argument("--no-journal", action="store_true",
+                   help="run without the journal (then a slurmctld killed before it saved "
+                        "the daemon's mark may see an action repeated)")
     p.add_argument("--pid-file", type=Path, default=None, help="write the daemon's pid here")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
+
+
+def default_journal() -> Path:
+    """One journal per cluster: job ids of two clusters must not meet."""
+    import hashlib
+
+    from .. import contract
+    conf = contract.slurm_conf() or "default"
+    digest = hashlib.sha256(str(Path(conf).resolve()).encode()).hexdigest()[:12]
+    return Path.home() / ".local" / "state" / "singularity-schedd" / f"journal-{digest}.jsonl"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,15 +67,22 @@ def main(argv: list[str] | None = None) -> int:
         settings = DaemonSettings(
             period_s=args.period, metrics_port=args.metrics_port,
             max_passes=1 if args.once else 0,
-            executor=ExecutorSettings(gpus_per_node=args.gpus_per_node, dry_run=args.dry_run))
+            executor=ExecutorSettings(gpus_per_node=args.gpus_per_node, dry_run=args.dry_run,
+                                      min_grace_s=args.min_grace),
+            journal_path=None if args.no_journal or args.dry_run
+            else (args.journal or default_journal()))
+        daemon = Daemon(CliSlurmClient(), policy, settings)
     except (PolicyError, ValueError) as exc:
         print(f"singularity-schedd: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        print(f"singularity-schedd: error: --journal: {exc}", file=sys.stderr)
+        return 2
     if args.pid_file:
         args.pid_file.write_text(f"{os.getpid()}\n")
-    daemon = Daemon(CliSlurmClient(), policy, settings)
     install_signal_handlers(daemon)
-    logging.getLogger(__name__).info("started (policy %s, period %g s)", args.policy, args.period)
+    logging.getLogger(__name__).info("started (policy %s, period %g s, journal %s)", args.policy,
+                                     args.period, settings.journal_path or "off")
     return daemon.run()
 
 

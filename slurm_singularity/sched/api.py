@@ -34,17 +34,20 @@ class JobPhase(enum.Enum):
 
     Legal transitions::
 
-        PENDING   -> RUNNING (start) | CANCELLED
+        HELD      -> PENDING (released, or its begin time came) | CANCELLED
+        PENDING   -> RUNNING (start) | HELD | CANCELLED
         RUNNING   -> RESIZING (grow/shrink) | PREEMPTING (preempt)
                      | COMPLETED | FAILED | CANCELLED
         RESIZING  -> RUNNING (at the new size) | FAILED | CANCELLED
         PREEMPTING-> PENDING (checkpointed and requeued) | FAILED | CANCELLED
 
     Terminal: COMPLETED, FAILED, CANCELLED. The planner acts only on PENDING
-    and RUNNING jobs; RESIZING and PREEMPTING jobs keep the devices they hold
+    and RUNNING jobs; a HELD job (held by its user or an admin, or waiting
+    for a begin time of its own) is no demand: nothing is shrunk for it; RESIZING and PREEMPTING jobs keep the devices they hold
     until their transition ends, and terminal jobs are ignored.
     """
 
+    HELD = "held"
     PENDING = "pending"
     RUNNING = "running"
     RESIZING = "resizing"
@@ -62,7 +65,8 @@ class JobPhase(enum.Enum):
 
 
 _TRANSITIONS = {
-    JobPhase.PENDING: {JobPhase.RUNNING, JobPhase.CANCELLED},
+    JobPhase.HELD: {JobPhase.PENDING, JobPhase.CANCELLED},
+    JobPhase.PENDING: {JobPhase.RUNNING, JobPhase.HELD, JobPhase.CANCELLED},
     JobPhase.RUNNING: {JobPhase.RESIZING, JobPhase.PREEMPTING, JobPhase.COMPLETED,
                        JobPhase.FAILED, JobPhase.CANCELLED},
     JobPhase.RESIZING: {JobPhase.RUNNING, JobPhase.FAILED, JobPhase.CANCELLED},
@@ -129,8 +133,9 @@ class JobState:
         if self.devices < 0 or (self.devices and self.world_size % self.devices):
             raise SchedError(
                 f"{j}: devices must divide world_size={self.world_size}, got {self.devices}")
-        if self.phase is JobPhase.PENDING and self.devices:
-            raise SchedError(f"{j}: a pending job holds no devices, got devices={self.devices}")
+        if self.phase in (JobPhase.PENDING, JobPhase.HELD) and self.devices:
+            raise SchedError(f"{j}: a {self.phase.value} job holds no devices, "
+                             f"got devices={self.devices}")
         if self.phase is JobPhase.RUNNING and not self.devices:
             raise SchedError(f"{j}: a running job holds devices, got devices=0")
         if self.placement and sum(n for _, n in self.placement) != self.devices:

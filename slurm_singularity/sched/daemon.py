@@ -3,8 +3,11 @@
 Slurm does the placement; the daemon decides sizes (grow into idle GPUs,
 shrink instead of preempting, serve tiers and fairness) by calling the same
 pure planner that the simulator calls, and carries the decisions out through
-``Executor``. It keeps no state of its own: every pass starts from what Slurm
-says (see ``observe.py``), so it can be killed and restarted at any moment.
+``Executor``. It keeps no state of its own beyond a write-ahead journal of
+the steps it cannot take back (``journal.py``): every pass starts from what
+Slurm says (see ``observe.py``), brought forward by the journal where
+slurmctld lost an update, so it can be killed and restarted at any moment
+and never takes a step twice.
 """
 
 from __future__ import annotations
@@ -14,12 +17,14 @@ import signal
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 from ..policy.api import Policy
 from ..slurm.api import SlurmClient, SlurmError
 from .api import Action, ActionKind, JobPhase
 from .executor import Executor, ExecutorSettings
+from .journal import Journal
 from .observe import observe
 from .planner import plan
 
@@ -37,6 +42,10 @@ class DaemonSettings:
     #: Stop after this many passes; 0 = run until signalled (tests use it).
     max_passes: int = 0
     executor: ExecutorSettings = field(default_factory=ExecutorSettings)
+    #: The write-ahead journal of signals, requeues and kills (one per
+    #: cluster; see journal.py); None = none (a slurmctld killed before it
+    #: saved a mark may then see an action repeated).
+    journal_path: Path | None = None
 
     def __post_init__(self) -> None:
         if not 0.2 <= self.period_s <= 3600:
@@ -82,9 +91,14 @@ class Daemon:
         self.policy = policy
         self.settings = settings
         self.clock = clock
-        self.executor = Executor(client, policy, settings.executor, clock)
+        self.journal = Journal(settings.journal_path) if settings.journal_path else None
+        self.executor = Executor(client, policy, settings.executor, clock, self.journal)
         self.metrics = Metrics()
         self._stop = threading.Event()
+        #: jobs already reported (a bad tag, an untagged victim): each is
+        #: reported once per daemon, not every pass
+        self._warned: set[int] = set()
+        self._untagged_warned: set[int] = set()
 
     def stop(self, reason: str) -> None:
         log.info("stopping: %s", reason)
@@ -114,16 +128,24 @@ class Daemon:
         :raises SlurmError: Slurm could not be read.
         """
         now = self.clock()
-        obs = observe(self.client.jobs(), self.client.nodes(), self.policy, now)
+        jobs = self.client.jobs()
+        obs = observe(jobs, self.client.nodes(), self.policy, now, journal=self.journal,
+                      warned=self._warned)
+        if self.journal is not None:
+            self.journal.keep_only({j.job_id for j in jobs})
         done: list[tuple[Action, str]] = []
         touched: set[int] = set()
-        # Finish resizes in flight first (restart-safe step 3).
+        # Put back marks Slurm lost, then finish resizes in flight (step 3).
         for job_id, view in obs.views.items():
             try:
+                repaired = self.executor.repair_marks(view)
+                if repaired:
+                    log.warning("[job %s] %s", job_id, repaired)
                 what = self.executor.continue_resize(view)
-            except SlurmError as exc:
+            except (SlurmError, OSError) as exc:
                 self.metrics.errors.inc()
                 log.warning("[job %s] continuing its resize failed: %s", job_id, exc)
+                touched.add(job_id)
                 continue
             if what:
                 touched.add(job_id)
@@ -137,12 +159,19 @@ class Daemon:
                 continue   # a job whose resize this pass continued is seen anew next pass
             if action.kind is ActionKind.START and action.devices_to == view.requested:
                 # Slurm starts it as it is; at most cut its requeue delay short
-                if view.job.reason == "BeginTime" and not self.settings.executor.dry_run:
-                    self.executor.release(action.job_id)
+                if view.requeued and not self.settings.executor.dry_run:
+                    self.executor.release(view)
+                continue
+            if action.kind is not ActionKind.START and not view.tagged:
+                if action.job_id not in self._untagged_warned:
+                    self._untagged_warned.add(action.job_id)
+                    log.warning("[job %s] not resized or preempted: it carries no job tag "
+                                "of the project's (AdminComment %.80r)", action.job_id,
+                                view.job.admin_comment)
                 continue
             try:
                 what = self.executor.execute(action, view)
-            except SlurmError as exc:
+            except (SlurmError, OSError) as exc:
                 self.metrics.errors.inc()
                 log.warning("[job %s] %s failed: %s", action.job_id, action.kind.value, exc)
                 continue

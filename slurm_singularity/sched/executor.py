@@ -7,9 +7,17 @@ and exits with the requeue code, let Slurm requeue it (``RequeueExit``),
 then change the pending job's request to the new size and let it start at
 once. A preemption is the same without the size change. A job run under
 ``singularity-job`` may instead shrink itself in place to whole nodes (no
-requeue); the executor then only clears the mark. Every step is
-idempotent and its progress is visible in Slurm, so a daemon killed half-way
-finishes the resize on restart instead of starting it again.
+requeue); the executor then only clears the mark.
+
+Why in this order, and never twice (invariant 5). The mark goes to Slurm
+first, saying "not signalled yet": a daemon killed right after it signals
+on its next start, with no timeout to wait. The signal is written to the
+journal (fsync'd) before it is sent, and to the mark after: a daemon killed
+in between, or a slurmctld killed before it saved the mark, finds the step
+in the journal and does not send it again. A job that does not stop within
+its tier's grace time (``grace_time_s``, as Slurm's GraceTime) is requeued,
+and one grace time later killed: one step per grace time, each journalled
+and marked before the next pass, so each is taken and logged once.
 """
 
 from __future__ import annotations
@@ -22,9 +30,16 @@ from typing import Callable
 from ..policy.api import Policy
 from ..slurm.api import SlurmClient, SlurmError
 from .api import Action, ActionKind
-from .observe import JobView, Marks
+from .journal import Journal, JournalEntry
+from .marks import Marks, ResizeStep
+from .observe import PENDING_STATES, JobView
 
 log = logging.getLogger(__name__)
+
+#: A run that started this long after the mark's last step is a later run
+#: than the one marked (a requeue takes Slurm's requeue delay, >= ~10 s);
+#: the margin absorbs clock skew between the daemon's host and slurmctld's.
+RUN_AFTER_MARK_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -33,8 +48,9 @@ class ExecutorSettings:
 
     #: GPUs per node of the cluster, used to turn a size into nodes x gpus.
     gpus_per_node: int = 8
-    #: Seconds after which a resize still not finished is signalled again
-    #: (the job may have missed the signal); should exceed the grace time.
+    #: Seconds a marked job whose step never became ready to signal (a
+    #: script that runs no srun step) waits before it is requeued, as
+    #: Slurm's own preemption would, losing its run's work. Default 120.
     resize_retry_s: float = 120.0
     #: Log the actions without doing them.
     dry_run: bool = False
@@ -42,6 +58,19 @@ class ExecutorSettings:
     #: may not have installed its signal handlers yet, and the preemption
     #: signal would kill it instead of asking for a checkpoint.
     step_settle_s: float = 3.0
+    #: Least seconds between two escalation steps (signal -> requeue ->
+    #: kill), for tiers whose ``grace_time_s`` is shorter (premium's 0: it
+    #: is never preempted, but it is resized, and its checkpoint takes time).
+    #: Default 30.
+    min_grace_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.gpus_per_node <= 1024:
+            raise ValueError(f"--gpus-per-node must be between 1 and 1024, not {self.gpus_per_node}")
+        for name in ("resize_retry_s", "step_settle_s", "min_grace_s"):
+            value = getattr(self, name)
+            if not 0 <= value <= 86400:
+                raise ValueError(f"{name} must be between 0 and 86400 s, not {value}")
 
 
 def request_shape(devices: int, gpus_per_node: int) -> tuple[int, int]:
@@ -59,17 +88,20 @@ class Executor:
     """Performs actions; each method is safe to call again for the same job."""
 
     def __init__(self, client: SlurmClient, policy: Policy, settings: ExecutorSettings,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 journal: Journal | None = None) -> None:
         self.client = client
         self.policy = policy
         self.settings = settings
         self.clock = clock
+        self.journal = journal
 
     def execute(self, action: Action, view: JobView) -> str:
         """Carry out one action; returns what was done, for the log.
 
         :raises SlurmError: a Slurm command failed (the caller logs it and
             retries on the next pass; nothing is half-recorded).
+        :raises OSError: the journal cannot be written (nothing was sent).
         """
         if self.settings.dry_run:
             return "dry run: nothing done"
@@ -88,60 +120,128 @@ class Executor:
         """Step 1 and 2: mark the job, then signal it to checkpoint. The
         signal reaches the job's srun steps only (the runtime runs there;
         the batch shell would die of it), so a job whose step has not run
-        for ``step_settle_s`` yet is marked ``unsignalled`` and signalled by
-        ``continue_resize`` once it has."""
+        for ``step_settle_s`` yet stays marked ``unsignalled`` and is
+        signalled by ``continue_resize`` once it has."""
         job_id = view.job.job_id
         target = devices if devices is not None else 0
         stepping = self._step_ready(job_id)
-        marks = Marks(view.marks.tag, target, self.clock(), self._work_after_run(view),
-                      signalled=stepping)
-        self.client.scontrol("update", f"JobId={job_id}", f"AdminComment={marks.render()}")
+        now = self.clock()
+        marks = Marks(view.marks.tag, target, now, self._work_after_run(view),
+                      ResizeStep.MARKED, now)
+        self._write_marks(job_id, marks)
         if not stepping:
             return (f"marked resize to {target}; its step has not run "
                     f"{self.settings.step_settle_s:g} s yet, signal it when it has")
-        self._signal(view)
-        return f"marked resize to {target} and sent SIG{self._signal_name(view)}"
+        return f"marked resize to {target} and {self._send_signal(view, marks)}"
 
     def continue_resize(self, view: JobView) -> str | None:
         """Step 3, for a job carrying a resize mark: once Slurm has requeued
-        it, change its request and release it; if it still runs long after
-        the signal, signal it again. Returns what was done, or None."""
+        it, change its request and release it; if it still runs one grace
+        time after the signal, requeue it; one more, kill it. Returns what
+        was done, or None.
+
+        :raises SlurmError, OSError: as ``execute``.
+        """
         marks = view.marks
         if marks.resize_to is None:
             return None
         job_id = view.job.job_id
-        if view.job.state in ("PENDING", "REQUEUED"):
+        state = view.job.state
+        if state in PENDING_STATES:
             done = []
             if marks.resize_to and marks.resize_to != view.requested:
                 done.append(self._update_size(job_id, marks.resize_to))
-            cleared = Marks(marks.tag, None, 0.0, marks.work_s)
-            self.client.scontrol("update", f"JobId={job_id}", f"AdminComment={cleared.render()}")
-            if marks.resize_to:
-                self.release(job_id)
-                done.append("released it to start now")
-            else:
+            self._clear(view, marks.cleared())
+            if not marks.resize_to:
                 done.append("left it pending (preempted)")
-            return "requeued; " + "; ".join(done)
-        if view.job.state == "RUNNING" and marks.resize_to and view.devices == marks.resize_to:
+            elif view.requeued:
+                self.release(view)
+                done.append("released it to start now")
+            return "requeued; " + "; ".join(done or ["mark cleared"])
+        if state != "RUNNING":
+            return None        # starting or completing: seen anew next pass
+        if view.job.start_time > marks.step_time + RUN_AFTER_MARK_S:
+            # requeued and started again while the daemon was away: the mark
+            # is an earlier run's; this run is planned anew, not escalated
+            self._clear(view, marks.cleared())
+            return "the job was requeued and started again meanwhile; its earlier run's mark cleared"
+        if marks.resize_to and view.devices == marks.resize_to:
             return self._finish_in_place(view)
-        if view.job.state == "RUNNING" and not marks.signalled:
+        now = self.clock()
+        if marks.step is ResizeStep.MARKED:
             if self._step_ready(job_id):
-                signalled = Marks(marks.tag, marks.resize_to, self.clock(), marks.work_s)
-                self.client.scontrol("update", f"JobId={job_id}",
-                                     f"AdminComment={signalled.render()}")
-                self._signal(view)
-                return f"its step runs now; sent SIG{self._signal_name(view)}"
-            if self.clock() - marks.resize_at > self.settings.resize_retry_s:
-                # no step to warn (a script that runs no srun step): requeue it
-                # as Slurm's own preemption would, losing its run's work
-                self.client.scontrol("requeue", str(job_id))
-                return (f"no step to signal after {self.settings.resize_retry_s:g} s; "
-                        "requeued it")
+                return f"its step runs now; {self._send_signal(view, marks)}"
+            if now - marks.resize_at > self.settings.resize_retry_s:
+                return self._escalate(view, ResizeStep.REQUEUED,
+                                      f"no step to signal after {self.settings.resize_retry_s:g} s")
             return None
-        if view.job.state == "RUNNING" and self.clock() - marks.resize_at > self.settings.resize_retry_s:
-            self._signal(view)
-            return f"still running {self.settings.resize_retry_s:g} s after the signal; signalled again"
+        grace = self._grace(view)
+        if now - marks.step_time < grace:
+            return None
+        if marks.step is ResizeStep.SIGNALLED:
+            return self._escalate(view, ResizeStep.REQUEUED,
+                                  f"still running {grace:g} s after SIG{self._signal_name(view)} "
+                                  f"(tier {view.tier.value}'s grace time)")
+        if marks.step is ResizeStep.REQUEUED:
+            return self._escalate(view, ResizeStep.KILLED,
+                                  f"still running {grace:g} s after its requeue")
         return None
+
+    def repair_marks(self, view: JobView) -> str | None:
+        """Write the marks to act on back into Slurm where Slurm lost them
+        (slurmctld killed before it saved an update the journal holds).
+
+        :raises SlurmError:
+        """
+        if self.settings.dry_run or view.slurm_marks is None:
+            return None
+        want = view.marks.render()
+        if want == view.slurm_marks.render():
+            return None
+        self.client.scontrol("update", f"JobId={view.job.job_id}", f"AdminComment={want}")
+        return f"Slurm had lost the daemon's mark; restored from the journal ({want!r})"
+
+    def _send_signal(self, view: JobView, marks: Marks) -> str:
+        """Journal the signal (fsync'd), send it, then mark it sent."""
+        signalled = marks.at_step(ResizeStep.SIGNALLED, self.clock())
+        self._journal(view, signalled)
+        self._signal(view)
+        self._write_marks(view.job.job_id, signalled)
+        return f"sent SIG{self._signal_name(view)} (action {marks.resize_at:.0f})"
+
+    def _escalate(self, view: JobView, step: ResizeStep, why: str) -> str:
+        """Journal the step (fsync'd), take it, then mark it taken."""
+        marks = view.marks.at_step(step, self.clock())
+        self._journal(view, marks)
+        job_id = view.job.job_id
+        action = f"(action {marks.resize_at:.0f})"
+        if step is ResizeStep.REQUEUED:
+            self.client.scontrol("requeue", str(job_id))
+            done = f"requeued it {action}: its run's work since its last checkpoint is lost"
+        else:
+            self.client.cancel(job_id, signal="KILL", full=True)
+            done = f"killed it {action}: SIGKILL to all its processes; Slurm requeues it"
+        self._write_marks(job_id, marks)
+        return f"{why}; {done}"
+
+    def _grace(self, view: JobView) -> float:
+        return max(float(self.policy.tiers[view.tier].grace_time_s), self.settings.min_grace_s)
+
+    def _journal(self, view: JobView, marks: Marks, done: bool = False) -> None:
+        if self.journal is None or marks.resize_to is None:
+            return
+        self.journal.record(JournalEntry(
+            view.job.job_id, marks.resize_at, marks.resize_to, marks.step, marks.step_time,
+            view.job.start_time, view.job.restart_count, done))
+
+    def _write_marks(self, job_id: int, marks: Marks) -> None:
+        self.client.scontrol("update", f"JobId={job_id}", f"AdminComment={marks.render()}")
+
+    def _clear(self, view: JobView, cleared: Marks) -> None:
+        """End the action: the journal first (so that a clearing Slurm loses
+        is not taken for a live mark), then Slurm."""
+        self._journal(view, view.marks, done=True)
+        self._write_marks(view.job.job_id, cleared)
 
     def _step_ready(self, job_id: int) -> bool:
         return any(age >= self.settings.step_settle_s
@@ -153,17 +253,15 @@ class Executor:
         so far (in the mark) is kept; its start time is the old one, so the
         work counted from it at the new rate is taken off."""
         marks = view.marks
-        cleared = Marks(marks.tag, None, 0.0, max(0.0, marks.work_s - self._run_work(view)))
-        self.client.scontrol("update", f"JobId={view.job.job_id}",
-                             f"AdminComment={cleared.render()}")
+        self._clear(view, marks.cleared(max(0.0, marks.work_s - self._run_work(view))))
         return f"shrunk in place to {view.devices} GPUs by the job itself; mark cleared"
 
     def _set_request(self, view: JobView, devices: int) -> str:
         if devices == view.requested:
             return "Slurm starts it as requested"
         done = self._update_size(view.job.job_id, devices)
-        if view.job.reason == "BeginTime":   # requeued (by Slurm's own preemption)
-            self.release(view.job.job_id)
+        if view.requeued:      # by Slurm's own preemption
+            self.release(view)
             done += "; released it to start now"
         return done
 
@@ -173,9 +271,11 @@ class Executor:
                              f"TresPerNode=gres:gpu:{per_node}")
         return f"request set to {nodes} node(s) x {per_node} GPU(s)"
 
-    def release(self, job_id: int) -> None:
-        """Let a requeued job start in a second instead of after Slurm's
-        requeue delay (cred_expire + 1 s).
+    def release(self, view: JobView) -> None:
+        """Let a job that the daemon or Slurm's preemption requeued start in
+        a second instead of after Slurm's requeue delay (cred_expire + 1 s).
+        Any other pending job is left alone: a begin time a user set (a
+        ``--begin``) is never overridden.
 
         Not ``now``: slurmctld revokes a requeued job's credential with the
         time of the requeue in whole seconds, and a new start whose
@@ -184,6 +284,9 @@ class Executor:
         ends FAILED instead of running. Seen on Slurm 22.05 when a release
         came 0.7 s after the requeue (bench/resize.py); one second later is
         always a later second."""
+        if not view.requeued or view.job.eligible_time <= self.clock() + 1:
+            return             # not ours to release, or already released
+        job_id = view.job.job_id
         try:
             self.client.scontrol("update", f"JobId={job_id}", "StartTime=now+1")
         except SlurmError as exc:   # already started: nothing to release
@@ -201,6 +304,6 @@ class Executor:
 
     def _run_work(self, view: JobView) -> float:
         """Work seconds of the current run at the job's current size."""
-        start = float(view.job.extra.get("start_time") or self.clock())
+        start = view.job.start_time or self.clock()
         rate = view.devices / view.world_size if view.world_size else 0.0
         return rate * max(0.0, self.clock() - start)

@@ -3,16 +3,25 @@
 Why shaped so: the daemon keeps no state of its own (invariant 5). All it
 needs to survive a restart lives in Slurm: the job tag that job_submit.lua
 wrote into ``AdminComment`` (tier, elastic range, world size) and the
-daemon's own marks appended to it (``resize=D@t``: a resize in flight;
-``work=S``: work seconds done in earlier runs). Killed at any moment, the
-daemon reads the same marks back and carries on without repeating an action.
+daemon's own marks appended to it (``marks.py``). Killed at any moment, the
+daemon reads the same marks back and carries on without repeating an action;
+the journal (``journal.py``) covers the updates slurmctld had not saved yet
+when it was killed itself.
+
+What the daemon trusts: only what a user cannot write. The tier, range and
+marks come from the project's own tag (job_submit.lua writes it; users cannot
+set AdminComment), and a tag that does not parse whole, or names an unknown
+tier, is refused whole. A pending job is demand unless it is held or waits
+for a begin time; a begin-time wait is cut short only for a job that the
+daemon or Slurm's preemption requeued (``requeued_by_slurm``), never for a
+user's ``--begin``.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterable
 
 from .. import contract
@@ -20,49 +29,21 @@ from ..policy.api import Policy, Tier
 from ..slurm.api import Job, Node
 from ..slurm.cli import gpus_in
 from .api import ClusterState, JobPhase, JobState, NodeState
+from .journal import Journal, merge, same_run
+from .marks import Marks, ResizeStep, read_marks
+
+__all__ = ["JobView", "Marks", "Observation", "ResizeStep", "observe", "read_marks",
+           "requested_gpus"]
 
 log = logging.getLogger(__name__)
 
-_RESIZE = re.compile(r",resize=(\d+)@(\d+(?:\.\d+)?)")
-_WORK = re.compile(r",work=(\d+(?:\.\d+)?)")
-_UNSIGNALLED = re.compile(r",unsignalled\b")
 _IDX = re.compile(r"^gpu(?::[^:(]+)?:(\d+)")
 
 RUNNING_STATES = {"RUNNING", "COMPLETING", "CONFIGURING"}
 PENDING_STATES = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"}
-
-
-@dataclass(frozen=True)
-class Marks:
-    """The daemon's marks in a job's AdminComment."""
-
-    tag: str                      # the job tag without the marks
-    resize_to: int | None = None  # a resize to this size is in flight
-    resize_at: float = 0.0        # when it was asked for (epoch seconds)
-    work_s: float = 0.0           # work seconds done before the current run
-    signalled: bool = True        # False: the job had no step to signal yet
-
-    def render(self) -> str:
-        out = self.tag
-        if self.work_s:
-            out += f",work={self.work_s:.1f}"
-        if self.resize_to is not None:
-            out += f",resize={self.resize_to}@{self.resize_at:.0f}"
-            if not self.signalled:
-                out += ",unsignalled"
-        return out
-
-
-def read_marks(admin_comment: str) -> Marks:
-    text = admin_comment or ""
-    resize = _RESIZE.search(text)
-    work = _WORK.search(text)
-    tag = _UNSIGNALLED.sub("", _WORK.sub("", _RESIZE.sub("", text)))
-    return Marks(tag=tag,
-                 resize_to=int(resize.group(1)) if resize else None,
-                 resize_at=float(resize.group(2)) if resize else 0.0,
-                 work_s=float(work.group(1)) if work else 0.0,
-                 signalled=not _UNSIGNALLED.search(text))
+#: Pending reasons of a job that does not want to start now: held by its
+#: user or an admin (priority 0), so it is no demand.
+HELD_REASONS = {"JobHeldUser", "JobHeldAdmin", "JobHeld"}
 
 
 @dataclass(frozen=True)
@@ -70,12 +51,23 @@ class JobView:
     """What the executor needs to know of a job beyond the planner's state."""
 
     job: Job
-    marks: Marks
+    marks: Marks               # the marks to act on (Slurm's, brought forward by the journal)
     tier: Tier
     world_size: int
     devices: int               # held now (running) or requested (pending)
     requested: int             # GPUs the job's Slurm request asks for
     elastic: tuple[int, int] | None = None   # from the job tag; None: rigid
+    #: The job carries a valid job tag of the project's: only such a job is
+    #: marked, signalled, resized or preempted by the daemon.
+    tagged: bool = False
+    #: The marks as Slurm shows them (differ from ``marks`` when Slurm lost
+    #: an update that the journal holds).
+    slurm_marks: Marks | None = None
+    #: Pending, and waits for Slurm's requeue delay after a requeue by the
+    #: daemon or by Slurm's preemption: the daemon may let it start now.
+    requeued: bool = False
+    #: Pending but not demand: held, or waiting for a begin time of its own.
+    waiting: bool = False
 
 
 @dataclass(frozen=True)
@@ -122,14 +114,41 @@ def requested_gpus(job: Job) -> int:
     return gpus_in(str(job.extra.get("tres_per_job") or ""))
 
 
+#: Most seconds between a job's requeue and the time Slurm lets it start
+#: again (cred_expire + 1; cred_expire is 120 s by default). A pending job
+#: that may start later than that was given its begin time by someone (a
+#: user's ``--begin`` or ``scontrol update StartTime``), not by the requeue.
+REQUEUE_DELAY_MAX_S = 130.0
+
+
+def requeued_by_slurm(job: Job) -> bool:
+    """Whether a pending job waits only for Slurm's requeue delay: it was
+    requeued (a requeue resets ``submit_time`` to the requeue time) and its
+    eligible time is no later than that delay. A user who requeues a job and
+    sets a later StartTime fails the second test; no user can set the
+    restart count or the submit time."""
+    return (job.restart_count > 0 and job.submit_time > 0
+            and job.eligible_time - job.submit_time <= REQUEUE_DELAY_MAX_S)
+
+
+def is_held(job: Job) -> bool:
+    return job.reason in HELD_REASONS or job.priority == 0 or job.state == "REQUEUE_HOLD"
+
+
 def observe(jobs: Iterable[Job], nodes: Iterable[Node], policy: Policy,
-            now: float) -> Observation:
+            now: float, *, journal: Journal | None = None,
+            warned: set[int] | None = None) -> Observation:
     """Build the planner's state. Jobs without GPUs are not the planner's
     business and are left out; a job without a valid job tag is rigid at the
-    GPUs it asked for, in the tier of its partition."""
+    GPUs it asked for, in the tier of its partition. A held job, and a job
+    that waits for a begin time that is not a requeue's, is not demand
+    (phase HELD). ``journal`` brings the marks Slurm shows forward (see
+    ``journal.merge``); ``warned`` holds the jobs whose tag was already
+    found bad, so that each is reported once."""
     used: dict[str, int] = {}
     states: list[JobState] = []
     views: dict[int, JobView] = {}
+    warned = set() if warned is None else warned
     for job in jobs:
         running = job.state in RUNNING_STATES
         pending = job.state in PENDING_STATES
@@ -140,36 +159,61 @@ def observe(jobs: Iterable[Job], nodes: Iterable[Node], policy: Policy,
         held = sum(g for _, g in placement) if placement else (requested if running else 0)
         for name, g in placement:
             used[name] = used.get(name, 0) + g
-        view = _view(job, policy, held if running else requested, requested)
+        view = _view(job, policy, held if running else requested, requested, warned)
         if view is None:
             continue
+        if journal is not None and view.tagged:
+            view = _with_journal(view, journal, running)
+        if pending:
+            # the daemon's own requeues pass the same test: no mark of ours
+            # lets a begin time a user set afterwards be overridden
+            requeued = job.reason == "BeginTime" and requeued_by_slurm(job)
+            waiting = is_held(job) or (job.reason == "BeginTime" and not requeued)
+            view = replace(view, requeued=requeued, waiting=waiting)
         views[job.job_id] = view
         states.append(_job_state(view, running, held, placement, now, policy))
     return Observation(ClusterState(now, node_states(nodes, used), tuple(states)), views)
 
 
-def _view(job: Job, policy: Policy, devices: int, requested: int) -> JobView | None:
+def _with_journal(view: JobView, journal: Journal, running: bool) -> JobView:
+    entry = journal.get(view.job.job_id)
+    if entry is None or not same_run(entry, running, view.job.start_time,
+                                     view.job.restart_count):
+        return view
+    return replace(view, marks=merge(view.marks, entry))
+
+
+def _short(text: str, limit: int = 60) -> str:
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text)} characters)"
+
+
+def _view(job: Job, policy: Policy, devices: int, requested: int,
+          warned: set[int]) -> JobView | None:
     if requested <= 0 and devices <= 0:
         return None
-    marks = read_marks(str(job.extra.get("admin_comment") or ""))
+    marks = read_marks(job.admin_comment)
+    tag = None
     try:
         tag = contract.parse_job_tag(marks.tag)
-    except contract.ContractError as exc:
-        log.warning("[job %s] ignoring its job tag: %s", job.job_id, exc)
+        if tag is not None:
+            Tier(str(tag["sla"]))
+    except (contract.ContractError, ValueError) as exc:
+        if job.job_id not in warned:
+            warned.add(job.job_id)
+            why = (f"unknown tier {_short(str(tag['sla']))}" if tag is not None
+                   else str(exc)[:300])
+            log.warning("[job %s] job tag refused, the job is treated as untagged "
+                        "(rigid, tier of its partition; the daemon will not resize or "
+                        "preempt it): %s", job.job_id, why)
         tag = None
-    tier = None
-    world = requested
-    elastic = None
-    if tag is not None:
-        try:
-            tier = Tier(str(tag["sla"]))
-        except ValueError:
-            tier = None
-        world = int(tag["ws"])  # type: ignore[arg-type]
-        elastic = tag["elastic"]  # type: ignore[assignment]
-    if tier is None:
+    if tag is None:
+        # not the project's tag: its text is someone else's, and holds no marks
         tier = policy.tier_of_partition(job.partition) or policy.defaults.tier
-    return JobView(job, marks, tier, max(world, 1), devices, requested, elastic)
+        return JobView(job, Marks(tag=job.admin_comment), tier, max(requested, 1), devices,
+                       requested, None, tagged=False, slurm_marks=None)
+    world = int(tag["ws"])  # type: ignore[arg-type]
+    return JobView(job, marks, Tier(str(tag["sla"])), max(world, 1), devices, requested,
+                   tag["elastic"], tagged=True, slurm_marks=marks)  # type: ignore[arg-type]
 
 
 def _job_state(view: JobView, running: bool, held: int,
@@ -181,8 +225,8 @@ def _job_state(view: JobView, running: bool, held: int,
     if running:
         phase = JobPhase.RESIZING if view.marks.resize_to is not None else JobPhase.RUNNING
     else:
-        phase = JobPhase.PENDING
-    start = float(job.extra.get("start_time") or now) if running else now
+        phase = JobPhase.HELD if view.waiting else JobPhase.PENDING
+    start = (job.start_time or now) if running else now
     rate = held / world if running and held else 0.0
     work = view.marks.work_s + rate * max(0.0, now - start)
     devices = held if running else 0
@@ -197,6 +241,6 @@ def _job_state(view: JobView, running: bool, held: int,
     return JobState(
         job_id=job.job_id, tier=view.tier, account=account, world_size=world,
         min_devices=max(1, min(lo, hi)), max_devices=max(1, hi), phase=phase,
-        submit_time=float(job.extra.get("submit_time") or now), devices=devices,
+        submit_time=job.submit_time or now, devices=devices,
         placement=placement if devices and sum(g for _, g in placement) == devices else (),
         work_done_s=work, work_as_of=now)

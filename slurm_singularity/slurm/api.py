@@ -50,6 +50,17 @@ class Job:
     reason: str = ""
     restart_count: int = 0
     gpus: int = 0              # GPUs requested (all nodes)
+    #: Set by job_submit.lua (the job tag) and the daemon (its marks); users
+    #: cannot write it, Slurm operators and other tools can.
+    admin_comment: str = ""
+    #: Epoch seconds; 0 = not set. Slurm resets ``submit_time`` when it
+    #: requeues a job, and sets ``eligible_time`` to when it may start (a
+    #: ``--begin``, or the requeue delay after a requeue).
+    submit_time: float = 0.0
+    start_time: float = 0.0
+    eligible_time: float = 0.0
+    #: Scheduling priority; 0 = held. None = not reported.
+    priority: int | None = None
     extra: Mapping[str, object] = field(default_factory=dict)
 
 
@@ -98,8 +109,10 @@ class SlurmClient(Protocol):
         """The address Slurm reaches node ``name`` at (its ``NodeAddr``; the
         node name itself need not resolve). :raises SlurmError:"""
 
-    def cancel(self, *job_ids: int, signal: str | None = None) -> None:
-        """scancel the jobs (or send them ``signal``). :raises SlurmError:"""
+    def cancel(self, *job_ids: int, signal: str | None = None, full: bool = False) -> None:
+        """scancel the jobs (or send them ``signal``: to their srun steps, or
+        with ``full`` to every process of the job, the batch shell too).
+        :raises SlurmError:"""
 
     def running_steps(self, job_id: int) -> list[tuple[str, float]]:
         """``(JOB.N, seconds running)`` of the job's srun steps running now,

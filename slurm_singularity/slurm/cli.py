@@ -97,10 +97,10 @@ class CliSlurmClient:
                              f"node {name!r} has no NodeAddr")
         return addr
 
-    def cancel(self, *job_ids: int, signal: str | None = None) -> None:
+    def cancel(self, *job_ids: int, signal: str | None = None, full: bool = False) -> None:
         if not job_ids:
             return
-        cmd = ["scancel"] + ([f"--signal={signal}"] if signal else [])
+        cmd = ["scancel"] + ([f"--signal={signal}"] if signal else []) + (["--full"] if full else [])
         self._run(cmd + [str(j) for j in job_ids])
 
 
@@ -215,6 +215,16 @@ def _sinfo_nodes(entry: dict) -> list[tuple[str, Node]]:
             for n in names]
 
 
+def _epoch(value: object) -> float:
+    """A number of squeue's (22.05: plain; later: ``{"number": N}``); 0 if none."""
+    if isinstance(value, dict):
+        value = value.get("number")
+    try:
+        return float(value or 0)
+    except (TypeError, ValueError):
+        return 0.0
+
+
 def _job(j: dict) -> Job:
     gres = j.get("tres_per_node") or j.get("tres_per_job") or ""
     nodes_count = int(j.get("node_count") or 1) if j.get("tres_per_node") else 1
@@ -230,5 +240,10 @@ def _job(j: dict) -> Job:
         reason=str(j.get("state_reason", "") or ""),
         restart_count=int(j.get("restart_cnt", 0) or 0),
         gpus=gpus_in(gres) * nodes_count,
+        admin_comment=str(j.get("admin_comment") or ""),
+        submit_time=_epoch(j.get("submit_time")),
+        start_time=_epoch(j.get("start_time")),
+        eligible_time=_epoch(j.get("eligible_time")),
+        priority=int(_epoch(j["priority"])) if j.get("priority") is not None else None,
         extra=j,
     )

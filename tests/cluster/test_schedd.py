@@ -44,8 +44,8 @@ class Schedd:
         self.log = open(self.log_path, "a")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "slurm_singularity.cli.schedd", "--period", "0.5",
-             "--gpus-per-node", "8", *self.args], env=self.cluster.env, stdout=self.log,
-            stderr=self.log)
+             "--gpus-per-node", "8", "--journal", str(self.log_path.with_suffix(".journal")),
+             *self.args], env=self.cluster.env, stdout=self.log, stderr=self.log)
 
     def kill(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -83,13 +83,16 @@ def daemon_policy(tmp_path: Path, extra: str = "", quota: int = 32) -> Path:
 
 
 @contextlib.contextmanager
-def running_schedd(cluster, tmp_path: Path, extra_policy: str = "", quota: int = 32):
+def running_schedd(cluster, tmp_path: Path, extra_policy: str = "", quota: int = 32,
+                   basic_grace_s: int = 30, args: tuple[str, ...] = ()):
     """singularity-schedd in charge of a cluster whose Slurm preempts nothing
     by itself; the default policy is put back afterwards."""
     _cancel_all(cluster)
     policy = daemon_policy(tmp_path, extra_policy, quota)
+    text = policy.read_text()
+    policy.write_text(text.replace("grace_time_s = 30", f"grace_time_s = {basic_grace_s}", 1))
     apply_policy(cluster, policy)
-    d = Schedd(cluster, tmp_path / "schedd.log", ("--policy", str(policy)))
+    d = Schedd(cluster, tmp_path / "schedd.log", ("--policy", str(policy), *args))
     d.start()
     try:
         yield d
@@ -167,6 +170,9 @@ def test_elastic_job_grows_is_shrunk_for_premium_and_grows_back(slurm_cluster, s
     assert slurm_cluster.client.show_job(premium)["JobState"] == "RUNNING"
     slurm_cluster.wait_job(premium, timeout=60)
     _wait_gpus(slurm_cluster, job, 32)
+    deadline = time.monotonic() + 15      # its script prints a moment after Slurm starts it
+    while _sizes(out)[-1:] != [32] and time.monotonic() < deadline:
+        time.sleep(0.2)
 
     sizes = _sizes(out)
     # one run per size: the daemon sets the pending job to 32 before Slurm
@@ -298,3 +304,62 @@ def test_the_metrics_count_gpus_per_tier_and_the_actions(slurm_cluster, tmp_path
         assert 'singularity_jobs{phase="running",tier="basic"} 1.0' in text
     finally:
         _cancel_all(slurm_cluster)
+
+
+STUBBORN_JOB = """#!/bin/bash
+echo "run restart=${SLURM_RESTART_COUNT:-0} gpus=$(echo $CUDA_VISIBLE_DEVICES | tr ',' ' ' | wc -w)"
+srun --ntasks-per-node=1 bash -c 'trap "" TERM USR1; for i in $(seq 3000); do sleep 0.1; done'
+"""
+
+
+def test_a_job_that_ignores_the_signal_is_requeued_after_its_grace_time_not_signalled_again(
+        slurm_cluster, tmp_path):
+    """Issue 19, item 5: a job that ignores SIGTERM blocked a premium job
+    forever, signalled again every pass. Basic's grace time is 5 s here."""
+    with running_schedd(slurm_cluster, tmp_path, basic_grace_s=5,
+                        args=("--min-grace", "5")) as schedd:
+        script = tmp_path / "stubborn.sh"
+        script.write_text(STUBBORN_JOB)
+        out = tmp_path / "stubborn.out"
+        job = int(slurm_cluster.run(
+            "sbatch", "--parsable", "--sla=basic", "--elastic=8:32", "--world-size=32", "-N1",
+            "--gres=gpu:8", "--open-mode=append", "-o", str(out), str(script),
+            check=True).stdout.strip())
+        _wait_gpus(slurm_cluster, job, 32)
+        premium = int(slurm_cluster.run(
+            "sbatch", "--parsable", "--sla=premium", "--account=research", "-N2",
+            "--gres=gpu:8", "-o", "/dev/null", "--wrap", "sleep 60", check=True).stdout.strip())
+        deadline = time.monotonic() + 60
+        while slurm_cluster.client.show_job(premium)["JobState"] != "RUNNING":
+            assert time.monotonic() < deadline, schedd.text()[-3000:]
+            time.sleep(0.5)
+        _wait_gpus(slurm_cluster, job, 16)
+        time.sleep(3)                                    # a few more passes
+        log = schedd.text()
+    # the shrink for the premium job (the grow to 32 before it went the same way)
+    signals = re.findall(rf"\[job {job}\] resize to 16: .*sent SIGTERM", log)
+    assert len(signals) == 1, log[-3000:]
+    requeues = re.findall(
+        rf"\[job {job}\] resize to 16: still running 5 s after SIGTERM.*requeued it", log)
+    assert len(requeues) == 1, log[-3000:]
+    assert "signalled again" not in log and "killed it" not in log, log[-3000:]
+
+
+def test_a_begin_time_and_a_held_job_are_left_alone(slurm_cluster, schedd, tmp_path):
+    """Issue 19, item 6: the daemon started a ``--begin=now+3600`` job at
+    once, and shrank a job for a held one."""
+    job, _ = _submit_elastic(slurm_cluster, tmp_path)
+    _wait_gpus(slurm_cluster, job, 32)
+    later = int(slurm_cluster.run(
+        "sbatch", "--parsable", "--sla=premium", "--account=research", "-N2", "--gres=gpu:8",
+        "--begin=now+3600", "-o", "/dev/null", "--wrap", "true", check=True).stdout.strip())
+    held = int(slurm_cluster.run(
+        "sbatch", "--parsable", "--sla=premium", "--account=research", "-N2", "--gres=gpu:8",
+        "--hold", "-o", "/dev/null", "--wrap", "true", check=True).stdout.strip())
+    time.sleep(6)                                        # a dozen passes
+    begin = slurm_cluster.client.show_job(later)
+    assert begin["JobState"] == "PENDING" and begin["Reason"] == "BeginTime", begin
+    assert slurm_cluster.client.show_job(held)["JobState"] == "PENDING"
+    assert _gpus(slurm_cluster, job) == 32
+    log = schedd.text()
+    assert f"[job {job}] shrink" not in log and f"[job {later}]" not in log, log[-3000:]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from slurm_singularity.sched.executor import request_shape
-from slurm_singularity.sched.observe import Marks, read_marks, requested_gpus
+from slurm_singularity.sched.observe import Marks, ResizeStep, read_marks, requested_gpus
 from slurm_singularity.slurm.api import Job
 from slurm_singularity.slurm.cli import gpus_in, parse_sacct_run, parse_scontrol_record
 
@@ -21,9 +21,21 @@ def test_the_daemons_marks_survive_a_round_trip_through_admin_comment():
     assert read_marks(TAG) == Marks(TAG)
     # Slurm pads AdminComment with a space in scontrol's output
     assert read_marks(TAG + ",resize=0@5 ").resize_to == 0
-    waiting = Marks(TAG, resize_to=8, resize_at=5.0, signalled=False)
+    waiting = Marks(TAG, resize_to=8, resize_at=5.0, step=ResizeStep.MARKED)
     assert waiting.render() == TAG + ",resize=8@5,unsignalled"
     assert read_marks(waiting.render()) == waiting
+    requeued = Marks(TAG, resize_to=8, resize_at=5.0, step=ResizeStep.REQUEUED, step_at=40.0)
+    assert requeued.render() == TAG + ",resize=8@5,step=requeued@40"
+    assert read_marks(requeued.render()) == requeued
+
+
+def test_marks_are_read_only_from_the_projects_own_tag():
+    # an operator's note, or a stale mark someone copied, is not the daemon's
+    for text in ("resize=16@1", "moved,resize=16@1", "x singularity:sla=basic,resize=16@1"):
+        assert read_marks(text) == Marks(text.strip()), text
+    # inside a tag, a mark is a whole field, never a substring of another one
+    assert read_marks(TAG + ",note=resize=16@1").resize_to is None
+    assert read_marks(TAG + ",resize=16@x").resize_to is None
 
 
 def test_a_whole_node_shrink_is_done_in_place_and_anything_else_by_requeue():
