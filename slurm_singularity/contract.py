@@ -77,8 +77,17 @@ def _get(name: str, environ: Mapping[str, str] | None) -> str | None:
     return value.strip()
 
 
-def _int(name: str, environ: Mapping[str, str] | None, minimum: int = 1) -> int | None:
-    """The variable as an integer >= ``minimum``; None when unset.
+#: Largest world size W and largest count of devices per node a job may
+#: ask for (a launcher forks one worker per device of its node).
+MAX_WORLD_SIZE = 1 << 20
+MAX_DEVICES_PER_NODE = 1024
+#: Largest periodic-checkpoint interval, seconds (a week).
+MAX_CKPT_EVERY_S = 7 * 86400.0
+
+
+def _int(name: str, environ: Mapping[str, str] | None, minimum: int = 1,
+         maximum: int = 1 << 62) -> int | None:
+    """The variable as an integer in ``[minimum, maximum]``; None when unset.
 
     :raises ContractError: names the variable.
     """
@@ -89,8 +98,8 @@ def _int(name: str, environ: Mapping[str, str] | None, minimum: int = 1) -> int 
         value = int(raw)
     except ValueError:
         raise ContractError(f"{name}={raw!r} is not an integer") from None
-    if value < minimum:
-        raise ContractError(f"{name}={raw!r} must be at least {minimum}")
+    if not minimum <= value <= maximum:
+        raise ContractError(f"{name}={raw[:40]!r} must be between {minimum} and {maximum}")
     return value
 
 
@@ -125,7 +134,7 @@ def world_size(environ: Mapping[str, str] | None = None) -> int | None:
 
     :raises ContractError: not a positive integer.
     """
-    return _int(WORLD_SIZE, environ)
+    return _int(WORLD_SIZE, environ, maximum=MAX_WORLD_SIZE)
 
 
 def devices(environ: Mapping[str, str] | None = None) -> int | None:
@@ -134,7 +143,7 @@ def devices(environ: Mapping[str, str] | None = None) -> int | None:
 
     :raises ContractError: not a positive integer.
     """
-    return _int(DEVICES, environ)
+    return _int(DEVICES, environ, maximum=MAX_DEVICES_PER_NODE)
 
 
 def preempt_signals(environ: Mapping[str, str] | None = None) -> frozenset[_signal.Signals]:
@@ -292,16 +301,21 @@ def parse_job_tag(text: str | None) -> dict[str, object] | None:
 # --- runtime (singularity-run and its workers) ---------------------------
 
 
-def _nonneg_float(name: str, environ: Mapping[str, str] | None) -> float | None:
+def _nonneg_float(name: str, environ: Mapping[str, str] | None,
+                  maximum: float = 1e9) -> float | None:
+    """The variable as a finite number in ``[0, maximum]``; None when unset.
+
+    :raises ContractError: names the variable (NaN and infinities too).
+    """
     raw = _get(name, environ)
     if raw is None:
         return None
     try:
         value = float(raw)
     except ValueError:
-        raise ContractError(f"{name}={raw!r} is not a number") from None
-    if not value >= 0:
-        raise ContractError(f"{name}={raw!r} must be a number >= 0")
+        raise ContractError(f"{name}={raw[:40]!r} is not a number") from None
+    if not 0 <= value <= maximum:
+        raise ContractError(f"{name}={raw[:40]!r} must be a number between 0 and {maximum:g}")
     return value
 
 
@@ -322,7 +336,7 @@ def ckpt_every_s(environ: Mapping[str, str] | None = None) -> float | None:
 
     :raises ContractError: not a number >= 0.
     """
-    value = _nonneg_float(CKPT_EVERY_S, environ)
+    value = _nonneg_float(CKPT_EVERY_S, environ, maximum=MAX_CKPT_EVERY_S)
     return value or None
 
 

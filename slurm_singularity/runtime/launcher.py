@@ -149,10 +149,15 @@ def resolve(script: str, args: list[str], *, devices: int | None, world_size: in
         raise RuntimeSetupError("missing the training script (singularity-run script.py ...)")
     if not Path(script).is_file():
         raise RuntimeSetupError(f"script {script!r} does not exist or is not a file")
-    if devices is not None and devices < 1:
-        raise RuntimeSetupError(f"--devices {devices}: must be at least 1")
-    if world_size is not None and world_size < 1:
-        raise RuntimeSetupError(f"--world-size {world_size}: must be at least 1")
+    if devices is not None and not 1 <= devices <= contract.MAX_DEVICES_PER_NODE:
+        raise RuntimeSetupError(f"--devices {devices}: must be between 1 and "
+                                f"{contract.MAX_DEVICES_PER_NODE}")
+    if world_size is not None and not 1 <= world_size <= contract.MAX_WORLD_SIZE:
+        raise RuntimeSetupError(f"--world-size {world_size}: must be between 1 and "
+                                f"{contract.MAX_WORLD_SIZE}")
+    if ckpt_every_s is not None and not 0 <= ckpt_every_s <= contract.MAX_CKPT_EVERY_S:
+        raise RuntimeSetupError(f"--ckpt-every-s {ckpt_every_s}: must be a number between 0 "
+                                f"and {contract.MAX_CKPT_EVERY_S:g}")
     visible = contract.cuda_visible_devices(environ)
     per_node = devices or contract.devices(environ) or len(visible) or 1
     if visible:

@@ -20,7 +20,16 @@ import runtime_harness as harness
 @pytest.mark.parametrize("argv, message", [
     (["--devices", "3", "--world-size", "8", "--ckpt-dir", "{tmp}", harness.LM],
      "--world-size 8 is not a multiple of the 3 devices"),
-    (["--devices", "0", "--ckpt-dir", "{tmp}", harness.LM], "--devices 0: must be at least 1"),
+    (["--devices", "0", "--ckpt-dir", "{tmp}", harness.LM],
+     "--devices 0: must be between 1 and 1024"),
+    (["--devices", "100000", "--ckpt-dir", "{tmp}", harness.LM],
+     "--devices 100000: must be between 1 and 1024"),
+    (["--world-size", str(10 ** 12), "--ckpt-dir", "{tmp}", harness.LM],
+     f"--world-size {10 ** 12}: must be between 1 and {1 << 20}"),
+    (["--ckpt-every-s", "nan", "--ckpt-dir", "{tmp}", harness.LM],
+     "--ckpt-every-s nan: must be a number between 0 and 604800"),
+    (["--ckpt-every-s", "inf", "--ckpt-dir", "{tmp}", harness.LM], "--ckpt-every-s inf"),
+    (["--ckpt-every-s", "-1", "--ckpt-dir", "{tmp}", harness.LM], "--ckpt-every-s -1.0"),
     (["--ckpt-dir", "{tmp}", "no/such/script.py"], "does not exist"),
     (["--ckpt-dir", "{tmp}"], "missing the training script"),
     ([harness.LM], "--ckpt-dir is required outside Slurm"),
@@ -31,6 +40,18 @@ def test_singularity_run_refuses_bad_arguments_with_exit_2(tmp_path, argv, messa
                           text=True, timeout=60)
     assert done.returncode == 2
     assert "singularity-run: error:" in done.stderr and message in done.stderr
+
+
+@pytest.mark.parametrize("name, value", [
+    ("SINGULARITY_CKPT_EVERY_S", "inf"), ("SINGULARITY_CKPT_EVERY_S", "1e300"),
+    ("SINGULARITY_WORLD_SIZE", str(10 ** 12)),
+])
+def test_contract_variables_out_of_range_are_refused_naming_them(tmp_path, name, value):
+    env = {**harness._env(None), name: value}
+    done = subprocess.run([harness.RUN, "--ckpt-dir", str(tmp_path), harness.LM],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert f"{name}={value!r} must be" in done.stderr
 
 
 def test_a_job_shape_names_the_bad_field():
