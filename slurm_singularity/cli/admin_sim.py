@@ -17,14 +17,15 @@ from ..sched.sim.trace import DEFAULT_TIER_RULE, FORMATS, TraceError, describe_r
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("simulate", help="replay a trace through a scheduler; write a report",
                        description="Replay a GPU workload trace through the project's planner "
-                                   "(singularity) or a baseline (slurm, tiresias) and write "
+                                   "(singularity) or a baseline (slurm, tiresias, ...) and write "
                                    "summary.json, plots and report.md into --out.")
     p.add_argument("--trace", type=Path, required=True, help="trace CSV")
     p.add_argument("--format", dest="fmt", default="philly", choices=FORMATS,
                    help="trace format (default philly)")
     p.add_argument("--policy", type=Path, default=paths.TEMPLATES_DIR / "policy.toml",
                    help="policy file (default templates/policy.toml)")
-    p.add_argument("--scheduler", required=True, choices=SCHEDULERS)
+    p.add_argument("--scheduler", required=True, metavar="NAME",
+                   help=f"one of {', '.join(SCHEDULERS)} (docs/simulator.md)")
     p.add_argument("--gpus", type=int, required=True, help="GPUs in the simulated cluster")
     p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
     p.add_argument("--tiers", default=None, metavar="RULE",
