@@ -41,6 +41,9 @@ ROWS = [
     ("average queue (h)", lambda s: f"{s['avg_queue_s'] / 3600:.2f}"),
     ("premium SLA, jobs / GPU-h", lambda s: _sla(s, "premium")),
     ("standard SLA, jobs / GPU-h", lambda s: _sla(s, "standard")),
+    ("premium / standard SLA, jobs of >= 10 min",
+     lambda s: " / ".join(f"{s['sla_attainment_long_jobs'].get(t, 1):.1%}"
+                          for t in ("premium", "standard"))),
     ("premium / standard / basic avg JCT (h)",
      lambda s: " / ".join(f"{s['jct_by_tier'].get(t, 0) / 3600:.2f}"
                           for t in ("premium", "standard", "basic"))),
