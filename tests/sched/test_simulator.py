@@ -243,3 +243,14 @@ def test_an_unknown_scheduler_or_a_bad_parameter_is_refused_naming_the_option(tm
     assert r.returncode == 2, r.stderr
     assert message in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_a_report_beside_the_no_ckpt_bound_says_it_is_a_bound(tmp_path):
+    trace = philly(tmp_path, PREEMPTION)
+    engine, bound = run(trace, "slurm-no-ckpt")
+    write_outputs(tmp_path / "bound", engine, bound, ())
+    engine, sing = run(trace, "singularity")
+    write_outputs(tmp_path / "sing", engine, sing, (tmp_path / "bound",))
+    report = (tmp_path / "sing" / "report.md").read_text()
+    assert "| metric | singularity | slurm-no-ckpt (a bound) |" in report
+    assert "restarts preempted jobs from zero: a bound" in report

@@ -89,6 +89,10 @@ class SlurmScheduler:
         self.factor: dict[str, float] = {}
         self.usage_at = 0.0
         self.calc_at = -float("inf")
+        self.prio: dict[int, float] = {}
+        self.rank = {t: -t.rank for t in policy.tiers}
+        #: Pending jobs by size (a pass stops when none fits in what is free).
+        self.sizes: dict[int, int] = {}
         #: Times at which requeued jobs become eligible again (a heap).
         self.requeued: list[float] = []
         self.dirty = True
@@ -113,6 +117,7 @@ class SlurmScheduler:
     def _recalc(self, now: float) -> None:
         """Fair Tree on a flat tree: rank accounts by shares / usage."""
         self.calc_at = now
+        self.prio = {}
         accounts = set(self.usage) | {a for _, a in self.queues} | set(self.factor)
         total_shares = sum(self.shares.get(a, 1.0) for a in accounts) or 1.0
         total_usage = sum(self.usage.values()) or 1.0
@@ -135,8 +140,13 @@ class SlurmScheduler:
             k = j
 
     def priority(self, job: SimJob) -> float:
-        age = min(1.0, max(0.0, self.calc_at - job.submit) / SLURM_MAX_AGE_S)
-        return SLURM_WEIGHT_FAIRSHARE * self.factor.get(job.account, 1.0) + SLURM_WEIGHT_AGE * age
+        """Its multifactor priority as of the last recomputation (cached until the next)."""
+        p = self.prio.get(job.job_id)
+        if p is None:
+            age = min(1.0, max(0.0, self.calc_at - job.submit) / SLURM_MAX_AGE_S)
+            p = SLURM_WEIGHT_FAIRSHARE * self.factor.get(job.account, 1.0) + SLURM_WEIGHT_AGE * age
+            self.prio[job.job_id] = p
+        return p
 
     def _in_order(self) -> Iterator[SimJob]:
         """Pending jobs in Slurm's order: tier, priority, submission."""
@@ -145,26 +155,28 @@ class SlurmScheduler:
         for (tier, account), q in self.queues.items():
             if q:
                 job = active[q[0][1]]
-                heads.append((-tier.rank, -self.priority(job), q[0], (tier, account), 0))
+                heads.append((self.rank[tier], -self.priority(job), q[0], (tier, account), 0))
         heapq.heapify(heads)
         while heads:
             _, _, key, qk, k = heapq.heappop(heads)
             q = self.queues[qk]
             if k + 1 < len(q):
                 nxt = active[q[k + 1][1]]
-                heapq.heappush(heads, (-qk[0].rank, -self.priority(nxt), q[k + 1], qk, k + 1))
+                heapq.heappush(heads, (self.rank[qk[0]], -self.priority(nxt), q[k + 1], qk, k + 1))
             yield active[key[1]]
 
     # -- events -----------------------------------------------------------------
 
     def on_arrival(self, job: SimJob, now: float) -> None:
         job.periodic_s = self.periodic_s
+        self.sizes[job.world_size] = self.sizes.get(job.world_size, 0) + 1
         bisect.insort(self.queues.setdefault((job.tier, job.account), []),
                       (job.submit, job.job_id))
         self.dirty = True
 
     def on_finish(self, job: SimJob, now: float) -> None:
         del self.running[job.job_id]
+        self.prio.pop(job.job_id, None)
         self.dirty = True
 
     def limit(self, job: SimJob) -> float:
@@ -197,8 +209,9 @@ class SlurmScheduler:
         tested = 0
         started: list[SimJob] = []
         victims: list[SimJob] = []
+        smallest = min((w for w, n in self.sizes.items() if n), default=0)
         for job in self._in_order():
-            if free <= 0 and shadow is not None:
+            if shadow is not None and free < smallest:
                 break
             if job.eligible_at > now:
                 continue
@@ -222,11 +235,13 @@ class SlurmScheduler:
             if shadow is None:
                 shadow = self._reserve(w, free)
         for job in started:
+            self.sizes[job.world_size] -= 1
             q = self.queues[(job.tier, job.account)]
             del q[bisect.bisect_left(q, (job.submit, job.job_id))]
         for v in victims:
             v.eligible_at += SLURM_REQUEUE_S
             heapq.heappush(self.requeued, v.eligible_at)
+            self.sizes[v.world_size] = self.sizes.get(v.world_size, 0) + 1
             bisect.insort(self.queues.setdefault((v.tier, v.account), []), (v.submit, v.job_id))
 
     def _preempt_for(self, job: SimJob, free: int, now: float, out: list[SimJob]) -> int:
@@ -234,7 +249,7 @@ class SlurmScheduler:
         victims = [v for v in self.running.values() if v.tier in victim_tiers]
         if free + sum(v.devices for v in victims) < job.world_size:
             return free
-        victims.sort(key=lambda v: (v.tier.rank, self.priority(v), -v.submit, -v.job_id))
+        victims.sort(key=lambda v: (-self.rank[v.tier], self.priority(v), -v.submit, -v.job_id))
         for v in victims:
             if free >= job.world_size:
                 break
