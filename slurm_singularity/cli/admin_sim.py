@@ -55,14 +55,21 @@ def _simulate(args: argparse.Namespace) -> int:
                        compare=tuple(args.compare))
         print(f"simulate: {args.scheduler} on {args.gpus} GPUs; tier rule {spec.rule!r}: "
               f"{describe_rule(spec.rule)}", file=sys.stderr)
-        jobs = load_jobs(spec)
+        notes: dict = {}
+        jobs = load_jobs(spec, notes)
+        if notes.get("dropped") or notes.get("rounded_up") or notes.get("services"):
+            dropped = ", ".join(f"{n} {why}" for why, n in notes["dropped"].items()) or "none"
+            print(f"simulate: {args.trace}: pods dropped: {dropped}; "
+                  f"{notes['rounded_up']} pods asking for a share of a GPU rounded up to one "
+                  f"whole GPU; {notes['services']} services (still running at the end: "
+                  f"simulated, not counted as jobs)", file=sys.stderr)
         bar = None
         if not args.no_progress:
             from tqdm import tqdm
             bar = tqdm(total=len(jobs), desc=args.scheduler, unit=" jobs", file=sys.stderr,
                        mininterval=1.0)
         try:
-            engine, summary = simulate(spec, jobs=jobs,
+            engine, summary = simulate(spec, jobs=jobs, notes=notes,
                                        progress=bar.update if bar is not None else None)
         finally:
             if bar is not None:

@@ -52,7 +52,8 @@ class SimJob:
                  "tier", "account", "devices", "work", "last", "stall_until", "rate",
                  "first_start", "end", "version", "preemptions", "resizes", "run_start",
                  "lost_gpu_s", "overhead_gpu_s", "restore_due", "attained_gpu_s", "view",
-                 "placement", "eligible_at", "step_start", "work_at_run", "periodic_s")
+                 "placement", "eligible_at", "step_start", "work_at_run", "periodic_s",
+                 "service")
 
     def __init__(self, tj: TraceJob) -> None:
         self.job_id = tj.job_id
@@ -88,6 +89,8 @@ class SimJob:
         self.work_at_run = 0.0
         #: Period of the job's own checkpoints while it runs, seconds (0: none).
         self.periodic_s = 0.0
+        #: A service (``TraceJob.service``): simulated, left out of the metrics.
+        self.service = tj.service
 
     def advance(self, now: float) -> None:
         """Bring ``work`` and ``attained_gpu_s`` up to ``now``."""

@@ -3,6 +3,8 @@
 Definitions (docs/simulator.md repeats them):
 
 - JCT: completion - submission; queue time: first start - submission.
+  Services (Alibaba pods still running at the end of the trace) are
+  simulated but left out of every metric but ``services`` (their count).
 - GPU fraction of a finished job: its run time at full size / its JCT; a tier's
   SLA attainment is the share of its jobs whose GPU fraction met the tier's
   ``gpu_fraction`` in the policy (the same promise for every scheduler).
@@ -43,7 +45,8 @@ def jain(values: list[float]) -> float:
 
 
 def summarize(engine: Engine, policy: Policy) -> dict[str, Any]:
-    done: list[SimJob] = engine.done
+    done: list[SimJob] = [j for j in engine.done if not j.service]
+    services = len(engine.done) - len(done)
     if not done:
         raise ValueError("no job finished")
     jct = np.array([j.end - j.submit for j in done])
@@ -80,6 +83,7 @@ def summarize(engine: Engine, policy: Policy) -> dict[str, Any]:
         jct_account.setdefault(j.account, []).append(float(c))
     return {
         "jobs": len(done),
+        "services": services,
         "avg_jct_s": float(jct.mean()),
         "p50_jct_s": float(np.percentile(jct, 50)),
         "p99_jct_s": float(np.percentile(jct, 99)),

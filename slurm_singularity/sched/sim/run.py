@@ -106,9 +106,12 @@ def read_summary(out: Path) -> dict[str, Any]:
     return summary
 
 
-def load_jobs(spec: SimSpec) -> list[TraceJob]:
-    """:raises TraceError: as ``read_trace`` and ``assign_tiers``."""
-    jobs = assign_tiers(read_trace(spec.trace, spec.fmt), spec.rule, spec.seed)
+def load_jobs(spec: SimSpec, notes: dict | None = None) -> list[TraceJob]:
+    """The trace's jobs with their tiers; ``notes`` gets the reader's notes
+    (pods dropped and why, fractional GPUs rounded, services).
+
+    :raises TraceError: as ``read_trace`` and ``assign_tiers``."""
+    jobs = assign_tiers(read_trace(spec.trace, spec.fmt, notes), spec.rule, spec.seed)
     too_big = [j for j in jobs if j.min_devices > spec.gpus]
     if too_big:
         j = too_big[0]
@@ -119,15 +122,17 @@ def load_jobs(spec: SimSpec) -> list[TraceJob]:
 
 def simulate(spec: SimSpec, *, jobs: list[TraceJob] | None = None,
              progress: Callable[[int], None] | None = None,
-             record: Callable | None = None) -> tuple[Engine, dict[str, Any]]:
-    """Run the simulation (on ``jobs`` if already loaded by ``load_jobs``);
-    return the engine (for plots) and the summary.
+             record: Callable | None = None,
+             notes: dict | None = None) -> tuple[Engine, dict[str, Any]]:
+    """Run the simulation (on ``jobs`` if already loaded by ``load_jobs``,
+    with the ``notes`` it filled); return the engine (for plots) and the summary.
 
     :raises TraceError: the trace or the tier rule is malformed.
     """
     started = time.perf_counter()
     if jobs is None:
-        jobs = load_jobs(spec)
+        notes = {}
+        jobs = load_jobs(spec, notes)
     scheduler = make_scheduler(spec.scheduler, spec.policy, spec.gpus, spec.gpus_per_node, record)
     engine = Engine(jobs, spec.gpus, scheduler, progress)
     engine.run()
@@ -142,6 +147,7 @@ def simulate(spec: SimSpec, *, jobs: list[TraceJob] | None = None,
         "seed": spec.seed,
         "policy": spec.policy_path,
         "constants": constants_used(engine),
+        "trace_notes": notes or {},
         **summarize(engine, spec.policy),
     }
     summary["wall_s"] = time.perf_counter() - started
