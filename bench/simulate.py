@@ -13,7 +13,7 @@ standard >= 95%, no lost GPU-hours. Simulations are deterministic, so each
 runs once; each one's CPU time is reported (the simulator's speed).
 
 ``--jobs N`` runs the first N jobs by submission only; ``--gpus`` another
-size; ``--only a,b`` a subset. Prints a Markdown table (stderr) and, last,
+size; ``--seed`` another draw of the tier rule; ``--only a,b`` a subset. Prints a Markdown table (stderr) and, last,
 one JSON line.
 """
 
@@ -69,6 +69,7 @@ def main() -> int:
     ap.add_argument("--jobs", type=int, default=0, help="first N jobs only (default: all)")
     ap.add_argument("--gpus", type=int, default=512)
     ap.add_argument("--only", default=",".join(COMPARED))
+    ap.add_argument("--seed", type=int, default=0, help="seed of the tier rule (default 0)")
     ap.add_argument("--json-out", type=Path, help="also write every summary here")
     args = ap.parse_args()
     if not TRACE.exists():
@@ -89,7 +90,7 @@ def main() -> int:
                 csv.writer(f).writerows([header] + rows)
         for name in names:
             cpu = time.process_time()
-            _, s = simulate(SimSpec(trace, name, args.gpus, policy))
+            _, s = simulate(SimSpec(trace, name, args.gpus, policy, seed=args.seed))
             s["cpu_s"] = time.process_time() - cpu
             out[name] = s
             print(f"{name}: avg JCT {s['avg_jct_s'] / 3600:.2f} h, lost "
@@ -103,7 +104,7 @@ def main() -> int:
     for label, cell in ROWS:
         print(f"| {label} | " + " | ".join(cell(out[n]) for n in names) + " |", file=sys.stderr)
     fair = {n: out[n]["avg_jct_s"] / 3600 for n in FAIR if n in out}
-    verdict = {"bench": "simulate", "unit": "h average JCT", "gpus": args.gpus,
+    verdict = {"bench": "simulate", "unit": "h average JCT", "gpus": args.gpus, "seed": args.seed,
                "jobs": out[names[0]]["jobs"]}
     if "singularity" in out and fair:
         best = min(fair, key=fair.get)
