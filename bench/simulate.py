@@ -13,7 +13,9 @@ standard >= 95%, no lost GPU-hours. Simulations are deterministic, so each
 runs once; each one's CPU time is reported (the simulator's speed).
 
 ``--jobs N`` runs the first N jobs by submission only; ``--gpus`` another
-size; ``--seed`` another draw of the tier rule; ``--only a,b`` a subset. Prints a Markdown table (stderr) and, last,
+size; ``--seed`` another draw of the tier rule; ``--only a,b`` a subset;
+``--sweep 256,384,512,768 --seeds 5`` a load sweep (mean and 95% interval
+over seeds of average JCT and SLA per tier, per load and scheduler). Prints a Markdown table (stderr) and, last,
 one JSON line.
 """
 
@@ -64,6 +66,35 @@ def _sla(s: dict, tier: str) -> str:
             f"{s['sla_attainment_gpu_hours'].get(tier, 1):.1%}")
 
 
+#: Two-sided 95% Student t quantiles by degrees of freedom (n - 1 seeds).
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def mean_ci(values: list[float]) -> str:
+    """``mean +- half-width`` of the 95% interval over seeds (``mean`` alone for one)."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return f"{mean:.2f}"
+    sd = (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5
+    return f"{mean:.2f} +- {T95.get(n - 1, 1.96) * sd / n ** 0.5:.2f}"
+
+
+def sweep(trace: Path, policy, names: list[str], loads: list[int], seeds: int) -> None:
+    """Every scheduler at every load, seeds 0..seeds-1: mean and 95% interval (stderr)."""
+    print(f"| GPUs | metric | {' | '.join(names)} |", file=sys.stderr)
+    print("|---" * (len(names) + 2) + "|", file=sys.stderr)
+    for gpus in loads:
+        runs = {n: [simulate(SimSpec(trace, n, gpus, policy, seed=k))[1] for k in range(seeds)]
+                for n in names}
+        for label, get in (("avg JCT (h)", lambda s: s["avg_jct_s"] / 3600),
+                           ("premium SLA %", lambda s: 100 * s["sla_attainment"].get("premium", 1)),
+                           ("standard SLA %",
+                            lambda s: 100 * s["sla_attainment"].get("standard", 1))):
+            cells = [mean_ci([get(s) for s in runs[n]]) for n in names]
+            print(f"| {gpus} | {label} | {' | '.join(cells)} |", file=sys.stderr, flush=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--jobs", type=int, default=0, help="first N jobs only (default: all)")
@@ -71,6 +102,9 @@ def main() -> int:
     ap.add_argument("--only", default=",".join(COMPARED))
     ap.add_argument("--seed", type=int, default=0, help="seed of the tier rule (default 0)")
     ap.add_argument("--json-out", type=Path, help="also write every summary here")
+    ap.add_argument("--sweep", default="", metavar="GPUS,GPUS,...",
+                    help="a load sweep instead: these cluster sizes, --seeds seeds each")
+    ap.add_argument("--seeds", type=int, default=5, help="seeds per load in --sweep (default 5)")
     args = ap.parse_args()
     if not TRACE.exists():
         print(f"bench/simulate.py: {TRACE} not found", file=sys.stderr)
@@ -88,6 +122,9 @@ def main() -> int:
             trace = Path(tmp) / "slice.csv"
             with open(trace, "w", newline="") as f:
                 csv.writer(f).writerows([header] + rows)
+        if args.sweep:
+            sweep(trace, policy, names, [int(g) for g in args.sweep.split(",")], args.seeds)
+            return 0
         for name in names:
             cpu = time.process_time()
             _, s = simulate(SimSpec(trace, name, args.gpus, policy, seed=args.seed))
