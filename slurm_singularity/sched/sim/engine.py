@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 
 class Save(enum.Enum):
-    """How a job that gives its GPUs up keeps its work (final for one decision)."""
+    """How a job that gives GPUs up (preempted or shrunk) keeps its work."""
 
     #: It checkpoints now (grace-time or daemon checkpoint): nothing is lost.
     CHECKPOINT = "checkpoint"
