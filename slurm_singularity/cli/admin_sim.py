@@ -17,14 +17,15 @@ from ..sched.sim.trace import DEFAULT_TIER_RULE, FORMATS, TraceError, describe_r
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("simulate", help="replay a trace through a scheduler; write a report",
                        description="Replay a GPU workload trace through the project's planner "
-                                   "(singularity) or a baseline (slurm, tiresias) and write "
+                                   "(singularity) or a baseline (slurm, tiresias, ...) and write "
                                    "summary.json, plots and report.md into --out.")
     p.add_argument("--trace", type=Path, required=True, help="trace CSV")
     p.add_argument("--format", dest="fmt", default="philly", choices=FORMATS,
                    help="trace format (default philly)")
     p.add_argument("--policy", type=Path, default=paths.TEMPLATES_DIR / "policy.toml",
                    help="policy file (default templates/policy.toml)")
-    p.add_argument("--scheduler", required=True, choices=SCHEDULERS)
+    p.add_argument("--scheduler", required=True, metavar="NAME",
+                   help=f"one of {', '.join(SCHEDULERS)} (docs/simulator.md)")
     p.add_argument("--gpus", type=int, required=True, help="GPUs in the simulated cluster")
     p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
     p.add_argument("--tiers", default=None, metavar="RULE",
@@ -54,14 +55,21 @@ def _simulate(args: argparse.Namespace) -> int:
                        compare=tuple(args.compare))
         print(f"simulate: {args.scheduler} on {args.gpus} GPUs; tier rule {spec.rule!r}: "
               f"{describe_rule(spec.rule)}", file=sys.stderr)
-        jobs = load_jobs(spec)
+        notes: dict = {}
+        jobs = load_jobs(spec, notes)
+        if notes.get("dropped") or notes.get("rounded_up") or notes.get("services"):
+            dropped = ", ".join(f"{n} {why}" for why, n in notes["dropped"].items()) or "none"
+            print(f"simulate: {args.trace}: pods dropped: {dropped}; "
+                  f"{notes['rounded_up']} pods asking for a share of a GPU rounded up to one "
+                  f"whole GPU; {notes['services']} services (still running at the end: "
+                  f"simulated, not counted as jobs)", file=sys.stderr)
         bar = None
         if not args.no_progress:
             from tqdm import tqdm
             bar = tqdm(total=len(jobs), desc=args.scheduler, unit=" jobs", file=sys.stderr,
                        mininterval=1.0)
         try:
-            engine, summary = simulate(spec, jobs=jobs,
+            engine, summary = simulate(spec, jobs=jobs, notes=notes,
                                        progress=bar.update if bar is not None else None)
         finally:
             if bar is not None:

@@ -1,4 +1,4 @@
-"""The simulator: small traces written here, through all three schedulers."""
+"""The simulator: small traces written here, through every scheduler."""
 
 from __future__ import annotations
 
@@ -36,16 +36,18 @@ PREEMPTION = [("2017-10-01 00:00:00", 1000.0, 8, "teamA"),
               ("2017-10-01 00:01:40", 100.0, 1, "teamB")]
 
 
-def test_a_premium_arrival_costs_slurm_lost_work_and_the_planner_none(tmp_path):
+def test_a_premium_arrival_costs_the_no_ckpt_bound_lost_work_and_slurm_or_the_planner_none(
+        tmp_path):
     trace = philly(tmp_path, PREEMPTION)
+    _, bound = run(trace, "slurm-no-ckpt")
     _, slurm = run(trace, "slurm")
     _, sing = run(trace, "singularity")
-    assert slurm["lost_gpu_hours"] == pytest.approx(8 * 100 / 3600)
-    assert slurm["preemptions"] == 1
+    assert bound["lost_gpu_hours"] == pytest.approx(8 * 100 / 3600)
+    assert slurm["lost_gpu_hours"] == 0 and slurm["preemptions"] == 1   # grace checkpoint
     assert sing["lost_gpu_hours"] == 0 and sing["preemptions"] == 0
     assert sing["resizes"] >= 1                     # shrunk, not preempted
     assert sing["sla_attainment"]["premium"] == 1.0
-    assert sing["avg_jct_s"] < slurm["avg_jct_s"]
+    assert sing["avg_jct_s"] < bound["avg_jct_s"]
 
 
 def test_tiresias_preempts_with_a_checkpoint_and_loses_nothing(tmp_path):
@@ -59,7 +61,8 @@ def test_every_scheduler_finishes_every_job_and_reports_the_summary_fields(tmp_p
     rows = [(f"2017-10-01 00:{m:02d}:00", 300.0 + 50 * m, 1 + (m % 4 == 0) * 3, f"c{m % 3}")
             for m in range(40)]
     trace = philly(tmp_path, rows)
-    for name in ("singularity", "slurm", "tiresias"):
+    for name in ("singularity", "slurm", "slurm-no-ckpt", "slurm-periodic:600", "tiresias",
+                 "tiresias:4", "las-tiers"):
         engine, s = run(trace, name, gpus=6, rule="random:20/30/50")
         assert s["jobs"] == 40
         for key in ("avg_jct_s", "p50_jct_s", "p99_jct_s", "avg_queue_s", "utilization",
@@ -109,9 +112,14 @@ def test_a_2000_line_head_of_the_philly_trace_runs_through_the_planner(tmp_path)
     head = tmp_path / "head.csv"
     with open(PHILLY) as f:
         head.write_text("".join(line for _, line in zip(range(2001), f)))
-    _, s = run(head, "singularity", gpus=256, rule="random:20/30/50")
+    engine, s = run(head, "singularity", gpus=256, rule="random:20/30/50")
     assert s["jobs"] == 2000 and s["lost_gpu_hours"] == 0
-    assert s["sla_attainment"]["premium"] == 1.0
+    # the measured costs (a pass every 2 s, a victim's checkpoint and
+    # hand-over) are seconds: they can cost a job of a minute its 95%, never
+    # a premium job of an hour or more
+    long_premium = [j for j in engine.done if j.tier.value == "premium" and j.work_total >= 3600]
+    assert long_premium
+    assert all(j.work_total / (j.end - j.submit) >= 0.95 for j in long_premium)
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
@@ -219,3 +227,30 @@ def test_a_broken_summary_to_compare_with_is_refused_naming_it(tmp_path, content
     assert r.returncode == 2, r.stderr
     assert f"--compare: {earlier}/{message}" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("name, message", [
+    ("fifo", "--scheduler: unknown 'fifo' (expected one of singularity, slurm,"),
+    ("slurm-periodic:soon", "--scheduler 'slurm-periodic:soon': 'soon' must be a number in (0, 1e9]"),
+    ("slurm-periodic:nan", "'nan' must be a number in (0, 1e9]"),
+    ("tiresias:-1", "'-1' must be a number in (0, 1e9]"),
+    ("slurm-periodic:", "--scheduler: unknown 'slurm-periodic:'"),
+])
+def test_an_unknown_scheduler_or_a_bad_parameter_is_refused_naming_the_option(tmp_path, name,
+                                                                              message):
+    r = cli("--trace", str(philly(tmp_path, PREEMPTION)), "--scheduler", name, "--gpus", "8",
+            "--out", str(tmp_path / "o"))
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_report_beside_the_no_ckpt_bound_says_it_is_a_bound(tmp_path):
+    trace = philly(tmp_path, PREEMPTION)
+    engine, bound = run(trace, "slurm-no-ckpt")
+    write_outputs(tmp_path / "bound", engine, bound, ())
+    engine, sing = run(trace, "singularity")
+    write_outputs(tmp_path / "sing", engine, sing, (tmp_path / "bound",))
+    report = (tmp_path / "sing" / "report.md").read_text()
+    assert "| metric | singularity | slurm-no-ckpt (a bound) |" in report
+    assert "restarts preempted jobs from zero: a bound" in report

@@ -19,13 +19,71 @@ def test_alibaba_pods_become_jobs_with_their_qos_as_tier(tmp_path):
         HEADER,
         "p1,1000,100,2,1000,V100,LS,Succeeded,100,700,200",
         "p2,1000,100,1,500,,BE,Succeeded,50,450,60",
-        "p3,1000,100,0,0,,BE,Succeeded,50,450,60",          # no GPU: skipped
-        "p4,1000,100,1,1000,T4,Burstable,Running,70,,80",  # not finished: skipped
+        "p3,1000,100,0,0,,BE,Succeeded,50,450,60",          # no GPU: dropped
+        "p4,1000,100,1,1000,T4,Burstable,Running,70,,80",  # still running: a service
     ]) + "\n")
-    jobs = read_alibaba(path)
-    assert [(j.submit_s, j.duration_s, j.world_size, j.account, j.tier) for j in jobs] == [
-        (0.0, 390.0, 1, "any", Tier.BASIC), (50.0, 500.0, 2, "V100", Tier.PREMIUM)]
-    assert [j.tier for j in assign_tiers(jobs, "trace")] == [Tier.BASIC, Tier.PREMIUM]
+    notes: dict = {}
+    jobs = read_alibaba(path, notes)
+    assert [(j.submit_s, j.duration_s, j.world_size, j.account, j.tier, j.service)
+            for j in jobs] == [
+        (0.0, 390.0, 1, "any", Tier.BASIC, False), (20.0, 700.0 - 80.0, 1, "T4", Tier.STANDARD, True),
+        (50.0, 500.0, 2, "V100", Tier.PREMIUM, False)]
+    assert [j.tier for j in assign_tiers(jobs, "trace")] == [Tier.BASIC, Tier.STANDARD,
+                                                             Tier.PREMIUM]
+    assert notes == {"dropped": {"no GPU (num_gpu 0)": 1}, "rounded_up": 1,
+                     "rounded_up_gpu_milli": 500, "services": 1}
+
+
+@pytest.mark.parametrize("qos, tier", [("Guaranteed", Tier.PREMIUM), ("LS", Tier.PREMIUM),
+                                       ("Burstable", Tier.STANDARD), ("BE", Tier.BASIC)])
+def test_every_documented_alibaba_qos_is_a_tier(tmp_path, qos, tier):
+    path = tmp_path / "pods.csv"
+    path.write_text(HEADER + f"\np1,1,1,2,1000,,{qos},Succeeded,1,50,2\n")
+    [job] = read_alibaba(path)
+    assert job.tier is tier and not job.service
+
+
+@pytest.mark.parametrize("phase, kept, service, dropped", [
+    ("Succeeded", True, False, {}),
+    ("Failed", True, False, {}),                       # it held its GPUs too
+    ("Running", True, True, {}),
+    ("Pending", False, False, {"never scheduled (Pending or no scheduled_time)": 1}),
+])
+def test_every_documented_alibaba_pod_phase_is_a_job_a_service_or_a_counted_drop(
+        tmp_path, phase, kept, service, dropped):
+    path = tmp_path / "pods.csv"
+    path.write_text(HEADER + f"\nk,1,1,1,1000,,LS,Succeeded,0,10,1\np1,1,1,2,1000,,BE,{phase},1,50,2\n")
+    notes: dict = {}
+    jobs = read_alibaba(path, notes)
+    assert len(jobs) == 1 + kept and notes["dropped"] == dropped
+    if kept:
+        assert jobs[1].service is service and jobs[1].world_size == 2
+        if service:
+            assert (jobs[1].min_devices, jobs[1].max_devices) == (2, 2)    # rigid
+
+
+def test_an_alibaba_pod_with_an_unknown_phase_is_refused_by_line_and_column(tmp_path):
+    path = tmp_path / "pods.csv"
+    path.write_text(HEADER + "\np1,1,1,1,1000,,LS,Evicted,1,5,2\n")
+    with pytest.raises(TraceError, match=r"pods.csv:2: column pod_phase: unknown 'Evicted' "
+                                         r"\(expected Succeeded, Failed, Running, Pending\)"):
+        read_alibaba(path)
+
+
+def test_services_hold_gpus_but_are_not_counted_as_jobs(tmp_path):
+    from slurm_singularity.sched.sim.policies import reference_policy
+    from slurm_singularity.sched.sim.run import SimSpec, simulate
+    path = tmp_path / "pods.csv"
+    path.write_text(HEADER + "\n" + "\n".join([
+        "svc,1,1,4,1000,,LS,Running,0,1000,0",        # a service on 4 of the 8 GPUs
+        "a,1,1,8,1000,,Burstable,Succeeded,10,110,10",  # needs all 8: waits for the service
+        "b,1,1,1,300,,BE,Succeeded,20,120,20",         # a share of a GPU: rounded up
+    ]) + "\n")
+    engine, s = simulate(SimSpec(path, "slurm", 8, reference_policy(), fmt="alibaba-v2023"))
+    assert s["jobs"] == 2 and s["services"] == 1
+    assert s["trace_notes"]["rounded_up"] == 1 and s["trace_notes"]["services"] == 1
+    a = next(j for j in engine.done if j.world_size == 8)
+    assert a.first_start >= 1000
 
 
 def test_an_alibaba_pod_with_an_unknown_qos_is_refused_by_line(tmp_path):
@@ -150,3 +208,21 @@ def test_elastic_ranges_of_large_or_prime_world_sizes_are_found_at_once():
     brute = lambda w: next(d for d in range(1, w + 1) if w % d == 0 and w // d <= 8)
     for w in (7, 12, 97, 360, 1024, 99991, 65536, MAX_GPUS):
         assert elastic_range(w) == (brute(w), w)
+
+
+def test_simulate_says_which_pods_it_dropped_rounded_or_took_as_services(tmp_path):
+    import subprocess
+    import sys
+    path = tmp_path / "pods.csv"
+    path.write_text(HEADER + "\n" + "\n".join([
+        "a,1,1,1,1000,,LS,Succeeded,0,100,0", "b,1,1,0,0,,BE,Succeeded,1,50,2",
+        "c,1,1,1,250,,BE,Succeeded,2,60,3", "d,1,1,1,1000,,BE,Pending,3,,",
+        "e,1,1,2,1000,,Guaranteed,Running,4,,5"]) + "\n")
+    r = subprocess.run([sys.executable, "-m", "slurm_singularity.cli.admin", "simulate",
+                        "--no-progress", "--trace", str(path), "--format", "alibaba-v2023",
+                        "--scheduler", "singularity", "--gpus", "8", "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert ("pods dropped: 1 no GPU (num_gpu 0), 1 never scheduled (Pending or no "
+            "scheduled_time); 1 pods asking for a share of a GPU rounded up to one whole GPU; "
+            "1 services") in r.stderr, r.stderr

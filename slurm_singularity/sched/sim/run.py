@@ -21,7 +21,7 @@ from . import constants
 from .engine import Engine
 from .metrics import summarize
 from .report import ROWS, write_plots, write_report
-from .schedulers import SCHEDULERS, SingularityScheduler, SlurmScheduler, TiresiasScheduler
+from .schedulers import check_scheduler, make_scheduler
 from .trace import (DEFAULT_TIER_RULE, MAX_GPUS, TraceError, TraceJob, assign_tiers, describe_rule,
                     read_trace)
 
@@ -53,9 +53,10 @@ class SimSpec:
     compare: tuple[Path, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
-        if self.scheduler not in SCHEDULERS:
-            raise SimError(f"--scheduler: unknown {self.scheduler!r} (expected one of "
-                           f"{', '.join(SCHEDULERS)})")
+        try:
+            check_scheduler(self.scheduler)
+        except ValueError as exc:
+            raise SimError(str(exc)) from None
         for option, value, hi in (("--gpus", self.gpus, MAX_GPUS),
                                   ("--gpus-per-node", self.gpus_per_node, MAX_GPUS_PER_NODE)):
             if not isinstance(value, int) or not 1 <= value <= hi:
@@ -105,17 +106,12 @@ def read_summary(out: Path) -> dict[str, Any]:
     return summary
 
 
-def make_scheduler(spec: SimSpec, record: Callable | None = None):
-    if spec.scheduler == "singularity":
-        return SingularityScheduler(spec.policy, spec.gpus, spec.gpus_per_node, record)
-    if spec.scheduler == "slurm":
-        return SlurmScheduler(spec.policy, spec.gpus)
-    return TiresiasScheduler(spec.gpus)
+def load_jobs(spec: SimSpec, notes: dict | None = None) -> list[TraceJob]:
+    """The trace's jobs with their tiers; ``notes`` gets the reader's notes
+    (pods dropped and why, fractional GPUs rounded, services).
 
-
-def load_jobs(spec: SimSpec) -> list[TraceJob]:
-    """:raises TraceError: as ``read_trace`` and ``assign_tiers``."""
-    jobs = assign_tiers(read_trace(spec.trace, spec.fmt), spec.rule, spec.seed)
+    :raises TraceError: as ``read_trace`` and ``assign_tiers``."""
+    jobs = assign_tiers(read_trace(spec.trace, spec.fmt, notes), spec.rule, spec.seed)
     too_big = [j for j in jobs if j.min_devices > spec.gpus]
     if too_big:
         j = too_big[0]
@@ -126,16 +122,19 @@ def load_jobs(spec: SimSpec) -> list[TraceJob]:
 
 def simulate(spec: SimSpec, *, jobs: list[TraceJob] | None = None,
              progress: Callable[[int], None] | None = None,
-             record: Callable | None = None) -> tuple[Engine, dict[str, Any]]:
-    """Run the simulation (on ``jobs`` if already loaded by ``load_jobs``);
-    return the engine (for plots) and the summary.
+             record: Callable | None = None,
+             notes: dict | None = None) -> tuple[Engine, dict[str, Any]]:
+    """Run the simulation (on ``jobs`` if already loaded by ``load_jobs``,
+    with the ``notes`` it filled); return the engine (for plots) and the summary.
 
     :raises TraceError: the trace or the tier rule is malformed.
     """
     started = time.perf_counter()
     if jobs is None:
-        jobs = load_jobs(spec)
-    engine = Engine(jobs, spec.gpus, make_scheduler(spec, record), progress)
+        notes = {}
+        jobs = load_jobs(spec, notes)
+    scheduler = make_scheduler(spec.scheduler, spec.policy, spec.gpus, spec.gpus_per_node, record)
+    engine = Engine(jobs, spec.gpus, scheduler, progress)
     engine.run()
     summary = {
         "scheduler": spec.scheduler,
@@ -147,13 +146,24 @@ def simulate(spec: SimSpec, *, jobs: list[TraceJob] | None = None,
         "tier_rule_text": describe_rule(spec.rule),
         "seed": spec.seed,
         "policy": spec.policy_path,
-        "constants": {k: getattr(constants, k) for k in (
-            "SPLICE_OVERHEAD", "CHECKPOINT_S", "RESTORE_S", "COALESCE_S", "ELASTIC_MAX_SPLICE",
-            "TIRESIAS_THRESHOLDS_GPU_S")},
+        "constants": constants_used(engine),
+        "trace_notes": notes or {},
         **summarize(engine, spec.policy),
     }
     summary["wall_s"] = time.perf_counter() - started
     return engine, summary
+
+
+def constants_used(engine: Engine) -> dict[str, Any]:
+    """The job model's constants and the costs this run charged (summary.json)."""
+    out = {k: getattr(constants, k) for k in dir(constants)
+           if k.isupper() and isinstance(getattr(constants, k), (int, float, tuple))}
+    costs = engine.costs
+    out["costs"] = {"period_s": costs.period_s, "settle_s": costs.settle_s,
+                    "handover_s": costs.handover_s, "restart_s": costs.restart_s,
+                    "state_bytes": costs.state_bytes, "checkpoint_s": costs.checkpoint_s,
+                    "restore_s": costs.restore_s}
+    return out
 
 
 def write_outputs(out: Path, engine: Engine, summary: dict[str, Any], compare: tuple[Path, ...]) -> None:

@@ -55,6 +55,10 @@ class TraceJob:
     tier: Tier | None = None
     min_devices: int | None = None
     max_devices: int | None = None
+    #: A long-running service (an Alibaba pod still running at the end of
+    #: the trace): it holds its GPUs for its lifetime, rigid, and its
+    #: lifetime is not a job completion time (the metrics leave it out).
+    service: bool = False
 
 
 # -- readers -----------------------------------------------------------------
@@ -119,7 +123,7 @@ def _number(path: Path, line: int, row: dict[str, str], col: str, lo: float, hi:
     return value
 
 
-def read_philly(path: str | Path) -> list[TraceJob]:
+def read_philly(path: str | Path, notes: dict | None = None) -> list[TraceJob]:
     """Read the Philly CSV (``timestamp,duration,num_gpus,gpu_time,cluster``):
     ``duration`` in [0, MAX_DURATION_S], ``num_gpus`` whole in [1, MAX_GPUS],
     ``gpu_time`` (not used) in [0, MAX_DURATION_S * MAX_GPUS], submissions
@@ -154,52 +158,99 @@ def read_philly(path: str | Path) -> list[TraceJob]:
 
 _ALIBABA_COLUMNS = ("name", "cpu_milli", "memory_mib", "num_gpu", "gpu_milli", "gpu_spec", "qos",
                     "pod_phase", "creation_time", "deletion_time", "scheduled_time")
-_QOS_TIER = {"LS": Tier.PREMIUM, "Burstable": Tier.STANDARD, "BE": Tier.BASIC}
+#: Every ``qos`` the trace's schema documents (Kubernetes' classes and
+#: Alibaba's LS/BE): Guaranteed (requests = limits, never evicted for want of
+#: resources) and LS (latency sensitive) are premium, Burstable standard,
+#: BE (best effort) basic.
+_QOS_TIER = {"Guaranteed": Tier.PREMIUM, "LS": Tier.PREMIUM, "Burstable": Tier.STANDARD,
+             "BE": Tier.BASIC}
+#: Every ``pod_phase`` the schema documents.
+_PHASES = ("Succeeded", "Failed", "Running", "Pending")
 
 
-def read_alibaba(path: str | Path) -> list[TraceJob]:
+def read_alibaba(path: str | Path, notes: dict | None = None) -> list[TraceJob]:
     """Read the Alibaba cluster-trace-gpu-v2023 pod CSV.
 
-    Pods without GPUs, never scheduled, or not yet deleted are skipped; a pod
-    with a fraction of a GPU (``gpu_milli`` < 1000) counts as one GPU. The
-    tier comes from ``qos`` (LS -> premium, Burstable -> standard, BE ->
-    basic), the account from ``gpu_spec`` (``any`` when empty), the duration
-    from ``deletion_time - scheduled_time`` (at most MAX_DURATION_S). Times
-    are in [-MAX_TIME_S, MAX_TIME_S], ``num_gpu`` whole in [0, MAX_GPUS],
+    - ``qos``: Guaranteed and LS -> premium, Burstable -> standard, BE ->
+      basic (``_QOS_TIER``); any other value is refused.
+    - ``pod_phase``: Succeeded and Failed pods are jobs (a failed pod held
+      its GPUs too); a Running pod is a *service*: it holds its GPUs from
+      ``scheduled_time`` to ``deletion_time`` (or, without one, to the last
+      time stamp of the trace), rigid, and the metrics do not count its
+      lifetime as a completion time; Pending pods never ran and are dropped.
+    - Dropped, and counted by reason in ``notes["dropped"]``: pods without
+      GPUs (``num_gpu`` 0), never scheduled (Pending, or no
+      ``scheduled_time``), and finished pods without a ``deletion_time``.
+    - ``gpu_milli`` < 1000 (a share of one GPU): the simulated clusters have
+      whole GPUs, so such a pod is **rounded up to one whole GPU**, counted
+      in ``notes["rounded_up"]`` (with the GPUs it asked for in
+      ``notes["rounded_up_gpu_milli"]``).
+
+    The account is ``gpu_spec`` (``any`` when empty); the duration
+    ``deletion_time - scheduled_time`` (at most MAX_DURATION_S). Times are in
+    [-MAX_TIME_S, MAX_TIME_S], ``num_gpu`` whole in [0, MAX_GPUS],
     ``gpu_milli`` in [0, 1000], ``cpu_milli`` and ``memory_mib`` (not used)
     finite and >= 0.
 
     :raises TraceError: naming the line and column of the first bad field.
     """
     path = Path(path)
+    notes = {} if notes is None else notes
+    dropped: dict[str, int] = {}
+    notes.update({"dropped": dropped, "rounded_up": 0, "rounded_up_gpu_milli": 0, "services": 0})
     jobs: list[TraceJob] = []
     lines: list[int] = []
+    open_services: list[tuple[int, float]] = []     # (job index, scheduled_time)
+    last_time = -MAX_TIME_S
     for line, row in _rows(path, _ALIBABA_COLUMNS):
         _number(path, line, row, "cpu_milli", 0, 1e9)
         _number(path, line, row, "memory_mib", 0, 1e12)
         gpus = _number(path, line, row, "num_gpu", 0, MAX_GPUS, whole=True)
-        _number(path, line, row, "gpu_milli", 0, 1000)
+        milli = _number(path, line, row, "gpu_milli", 0, 1000)
         created = _number(path, line, row, "creation_time", -MAX_TIME_S, MAX_TIME_S)
         scheduled = _number(path, line, row, "scheduled_time", -MAX_TIME_S, MAX_TIME_S,
                             allow_empty=True)
         deleted = _number(path, line, row, "deletion_time", -MAX_TIME_S, MAX_TIME_S,
                           allow_empty=True)
+        last_time = max([last_time, created] + [t for t in (scheduled, deleted) if t is not None])
         qos = (row["qos"] or "").strip()
         if qos not in _QOS_TIER:
             raise TraceError(f"{path}:{line}: column qos: unknown {qos!r} "
                              f"(expected {', '.join(_QOS_TIER)})")
-        if gpus == 0 or scheduled is None or deleted is None:
+        phase = (row["pod_phase"] or "").strip()
+        if phase not in _PHASES:
+            raise TraceError(f"{path}:{line}: column pod_phase: unknown {phase!r} "
+                             f"(expected {', '.join(_PHASES)})")
+        service = phase == "Running"
+        reason = ("no GPU (num_gpu 0)" if gpus == 0 else
+                  "never scheduled (Pending or no scheduled_time)"
+                  if phase == "Pending" or scheduled is None else
+                  "finished without a deletion_time" if deleted is None and not service else None)
+        if reason:
+            dropped[reason] = dropped.get(reason, 0) + 1
             continue
-        if deleted < scheduled:
+        if deleted is not None and deleted < scheduled:
             raise TraceError(f"{path}:{line}: negative duration: deletion_time {deleted:g} < "
                              f"scheduled_time {scheduled:g}")
-        if deleted - scheduled > MAX_DURATION_S:
+        if deleted is not None and deleted - scheduled > MAX_DURATION_S:
             raise TraceError(f"{path}:{line}: duration deletion_time - scheduled_time "
                              f"{deleted - scheduled:g} s is over the bound {MAX_DURATION_S:g} s")
+        if gpus == 1 and milli < 1000:
+            notes["rounded_up"] += 1
+            notes["rounded_up_gpu_milli"] += int(milli)
         account = (row["gpu_spec"] or "").strip() or "any"
-        jobs.append(TraceJob(len(jobs), created, deleted - scheduled, int(gpus), account,
-                             _QOS_TIER[qos]))
+        w = int(gpus)
+        if service:
+            notes["services"] += 1
+            if deleted is None:
+                open_services.append((len(jobs), scheduled))
+        jobs.append(TraceJob(len(jobs), created, 0.0 if deleted is None else deleted - scheduled,
+                             w, account, _QOS_TIER[qos],
+                             min_devices=w if service else None,
+                             max_devices=w if service else None, service=service))
         lines.append(line)
+    for k, scheduled in open_services:      # runs to the end of the trace
+        jobs[k] = replace(jobs[k], duration_s=min(MAX_DURATION_S, last_time - scheduled))
     return _rebase(jobs, path, lines)
 
 
@@ -221,16 +272,19 @@ def _rebase(jobs: list[TraceJob], path: Path, lines: list[int]) -> list[TraceJob
     return [replace(j, job_id=k, submit_s=j.submit_s - t0) for k, j in enumerate(ordered)]
 
 
-READERS: dict[str, Callable[[str | Path], list[TraceJob]]] = {
+READERS: dict[str, Callable[[str | Path, dict | None], list[TraceJob]]] = {
     "philly": read_philly, "alibaba-v2023": read_alibaba}
 
 
-def read_trace(path: str | Path, fmt: str) -> list[TraceJob]:
-    """:raises TraceError: unknown format, unreadable or malformed trace."""
+def read_trace(path: str | Path, fmt: str, notes: dict | None = None) -> list[TraceJob]:
+    """The trace's jobs; ``notes`` (if given) gets what the reader dropped,
+    rounded or took as services (``read_alibaba``).
+
+    :raises TraceError: unknown format, unreadable or malformed trace."""
     reader = READERS.get(fmt)
     if reader is None:
         raise TraceError(f"unknown trace format {fmt!r} (expected one of {', '.join(FORMATS)})")
-    return reader(path)
+    return reader(path, notes)
 
 
 # -- tier and elastic rule ---------------------------------------------------
