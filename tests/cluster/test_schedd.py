@@ -22,6 +22,7 @@ import pytest
 
 from slurm_singularity import contract, paths
 from slurm_singularity.cluster import local
+from schedd_process import Schedd  # noqa: F401 - test_chaos imports it from here
 
 pytestmark = pytest.mark.cluster
 
@@ -29,39 +30,6 @@ ELASTIC_JOB = """#!/bin/bash
 echo "run restart=${{SLURM_RESTART_COUNT:-0}} nodes=$SLURM_JOB_NUM_NODES gpus_per_node=$(echo $CUDA_VISIBLE_DEVICES | tr ',' ' ' | wc -w)"
 srun --ntasks-per-node=1 bash -c 'trap "sleep {ckpt_s}; exit {code}" TERM USR1; for i in $(seq 3000); do sleep 0.1; done'
 """
-
-
-class Schedd:
-    """singularity-schedd as a subprocess, stopped by its pid."""
-
-    def __init__(self, cluster, log_path: Path, args: tuple[str, ...] = ()) -> None:
-        self.cluster = cluster
-        self.log_path = log_path
-        self.args = args
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        self.log = open(self.log_path, "a")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "slurm_singularity.cli.schedd", "--period", "0.5",
-             "--gpus-per-node", "8", "--journal", str(self.log_path.with_suffix(".journal")),
-             *self.args], env=self.cluster.env, stdout=self.log, stderr=self.log)
-
-    def kill(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-    def text(self) -> str:
-        return self.log_path.read_text()
 
 
 def apply_policy(cluster, policy: Path) -> None:
