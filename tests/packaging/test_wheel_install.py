@@ -1,88 +1,21 @@
-"""The package as a site installs it: a wheel in a clean venv, no checkout.
-
-The wheel is built from a copy of the source (the checkout's own build/ is
-left alone), installed into fresh venvs made from the interpreter's base
-Python (nothing of the test venv is visible), and the commands are run from
-a directory outside the checkout with PYTHONPATH cleared, so that only the
-installed package can be imported. Two installs: the controller alone (the
-base install: no torch) and the controller with the ``sim`` extra.
-"""
+"""The package as a site installs it: a wheel in a clean venv, no checkout
+(wheel_env.py), its commands run from a directory outside the checkout.
+Two installs: the controller alone (the base install: no torch) and the
+controller with the ``sim`` extra. The checks that need the test cluster
+are in test_wheel_on_the_cluster.py."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
 import tomllib
 from pathlib import Path
 
-import pytest
-
-from slurm_singularity import paths
 from slurm_singularity.cli import extras
 
-SOURCE = paths.REPO_ROOT
-SKIP_COPY = shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "__pycache__",
-                                   ".state", ".pytest_cache", ".hypothesis", "out", "*.so", "*.o")
-PIP = ("-m", "pip", "--disable-pip-version-check", "--no-input")
-
-
-def _run(cmd: list[str], cwd: Path, timeout: float = 300, env: dict | None = None
-         ) -> subprocess.CompletedProcess:
-    clean = {k: v for k, v in (env or os.environ).items()
-             if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
-    return subprocess.run(cmd, cwd=cwd, env=clean, capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def _ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert proc.returncode == 0, f"{proc.args} -> {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
-    return proc
-
-
-@pytest.fixture(scope="module")
-def wheel(tmp_path_factory) -> Path:
-    src = tmp_path_factory.mktemp("src") / "slurm-singularity"
-    shutil.copytree(SOURCE, src, symlinks=True, ignore=SKIP_COPY)
-    out = tmp_path_factory.mktemp("wheel")
-    _ok(_run([sys.executable, *PIP, "wheel", "--no-deps", "--no-build-isolation", "-q",
-              "-w", str(out), str(src)], cwd=out))
-    (found,) = out.glob("slurm_singularity-*.whl")
-    return found
-
-
-def _venv(where: Path, wheel: Path, extra: str = "") -> Path:
-    base = Path(getattr(sys, "_base_executable", sys.executable))
-    _ok(_run([str(base), "-m", "venv", str(where)], cwd=where.parent))
-    _ok(_run([str(where / "bin" / "python"), *PIP, "install", "-q",
-              f"{wheel}{extra}"], cwd=where.parent, timeout=600))
-    return where / "bin"
-
-
-@pytest.fixture(scope="module")
-def controller(tmp_path_factory, wheel) -> Path:
-    """bin/ of a venv with the base install only."""
-    return _venv(tmp_path_factory.mktemp("controller") / "venv", wheel)
-
-
-@pytest.fixture(scope="module")
-def with_sim(tmp_path_factory, wheel) -> Path:
-    """bin/ of a venv with the base install and the ``sim`` extra."""
-    return _venv(tmp_path_factory.mktemp("sim") / "venv", wheel, "[sim]")
-
-
-@pytest.fixture
-def elsewhere(tmp_path) -> Path:
-    """A working directory with no checkout in it or above it."""
-    d = tmp_path / "cwd"
-    d.mkdir()
-    assert not (d / "slurm_singularity").exists()
-    return d
+from wheel_env import SOURCE, ok, run
 
 
 def _installed_templates(bin_dir: Path, cwd: Path) -> Path:
-    proc = _ok(_run([str(bin_dir / "python"), "-c",
+    proc = ok(run([str(bin_dir / "python"), "-c",
                      "from slurm_singularity import paths; print(paths.TEMPLATES_DIR)"], cwd))
     return Path(proc.stdout.strip())
 
@@ -97,7 +30,7 @@ def test_the_installed_package_finds_its_templates_inside_the_venv_not_the_check
 
 def test_singularity_admin_help_works_from_the_wheel_and_leaves_out_the_test_cluster(
         controller, elsewhere):
-    out = _ok(_run([str(controller / "singularity-admin"), "--help"], elsewhere)).stdout
+    out = ok(run([str(controller / "singularity-admin"), "--help"], elsewhere)).stdout
     for command in ("policy", "job", "status", "simulate"):
         assert command in out
     assert "cluster" not in out.split("positional arguments")[1].split("options:")[0]
@@ -105,21 +38,21 @@ def test_singularity_admin_help_works_from_the_wheel_and_leaves_out_the_test_clu
 
 def test_policy_check_accepts_the_packaged_example_policy(controller, elsewhere):
     policy = _installed_templates(controller, elsewhere) / "policy.toml"
-    proc = _ok(_run([str(controller / "singularity-admin"), "policy", "check", str(policy)],
+    proc = ok(run([str(controller / "singularity-admin"), "policy", "check", str(policy)],
                     elsewhere))
     assert "error" not in (proc.stdout + proc.stderr).lower()
 
 
 def test_a_controller_install_has_no_torch_but_its_daemon_starts(controller, elsewhere):
-    proc = _run([str(controller / "python"), "-c", "import torch"], elsewhere)
+    proc = run([str(controller / "python"), "-c", "import torch"], elsewhere)
     assert proc.returncode != 0 and "No module named 'torch'" in proc.stderr
-    out = _ok(_run([str(controller / "singularity-schedd"), "--help"], elsewhere)).stdout
+    out = ok(run([str(controller / "singularity-schedd"), "--help"], elsewhere)).stdout
     assert "--dry-run" in out
 
 
 def test_simulate_without_the_sim_extra_names_the_extra_in_one_line(controller, elsewhere):
     trace = _tiny_trace(elsewhere)
-    proc = _run([str(controller / "singularity-admin"), "simulate", "--trace", str(trace),
+    proc = run([str(controller / "singularity-admin"), "simulate", "--trace", str(trace),
                  "--scheduler", "singularity", "--gpus", "8", "--out", str(elsewhere / "o")],
                 elsewhere)
     assert proc.returncode == extras.MISSING_EXTRA_EXIT, proc.stderr
@@ -131,7 +64,7 @@ def test_simulate_without_the_sim_extra_names_the_extra_in_one_line(controller, 
 def test_singularity_run_without_the_runtime_extra_names_the_extra(controller, elsewhere):
     script = elsewhere / "train.py"
     script.write_text("print('trained')\n")
-    proc = _run([str(controller / "singularity-run"), "--ckpt-dir", str(elsewhere / "ck"),
+    proc = run([str(controller / "singularity-run"), "--ckpt-dir", str(elsewhere / "ck"),
                  str(script)], elsewhere)
     assert proc.returncode == extras.MISSING_EXTRA_EXIT, proc.stderr
     assert "pip install 'slurm-singularity[runtime]'" in proc.stderr
@@ -151,7 +84,7 @@ def _tiny_trace(where: Path) -> Path:
 def test_simulate_with_the_sim_extra_shows_progress_and_writes_its_report(with_sim, elsewhere):
     trace = _tiny_trace(elsewhere)
     out = elsewhere / "out"
-    proc = _ok(_run([str(with_sim / "singularity-admin"), "simulate", "--trace", str(trace),
+    proc = ok(run([str(with_sim / "singularity-admin"), "simulate", "--trace", str(trace),
                      "--scheduler", "singularity", "--gpus", "8", "--out", str(out)], elsewhere))
     assert "3/3" in proc.stderr, proc.stderr           # tqdm's bar reached the end
     assert "singularity: 3 jobs" in proc.stdout
