@@ -46,7 +46,8 @@ def _fail(msg: object) -> int:
 
 def _simulate(args: argparse.Namespace) -> int:
     from . import extras
-    if (rc := extras.require("sim", "singularity-admin simulate")) is not None:
+    unused = ("tqdm",) if args.no_progress else ()
+    if (rc := extras.require("sim", "singularity-admin simulate", unused)) is not None:
         return rc
     from ..policy.load import load_policy
     from ..sched.sim.run import SimError, SimSpec, load_jobs, simulate, write_outputs

@@ -25,18 +25,21 @@ EXTRA_MODULES: dict[str, tuple[str, ...]] = {
 MISSING_EXTRA_EXIT = 2
 
 
-def missing_modules(extra: str) -> list[str]:
-    """The modules of ``extra`` that cannot be imported here.
+def missing_modules(extra: str, unused: tuple[str, ...] = ()) -> list[str]:
+    """The modules of ``extra`` that cannot be imported here, bar ``unused``
+    (those this use of the command does without).
 
     :raises KeyError: ``extra`` is not one of EXTRA_MODULES.
     """
-    return [m for m in EXTRA_MODULES[extra] if importlib.util.find_spec(m) is None]
+    return [m for m in EXTRA_MODULES[extra]
+            if m not in unused and importlib.util.find_spec(m) is None]
 
 
-def require(extra: str, command: str) -> int | None:
-    """None when ``extra`` is installed; else print one line naming the
-    extra and the missing modules to stderr and return MISSING_EXTRA_EXIT."""
-    missing = missing_modules(extra)
+def require(extra: str, command: str, unused: tuple[str, ...] = ()) -> int | None:
+    """None when ``extra`` is installed (``unused`` modules aside); else
+    print one line naming the extra and the missing modules to stderr and
+    return MISSING_EXTRA_EXIT."""
+    missing = missing_modules(extra, unused)
     if not missing:
         return None
     print(f"{command}: error: this command needs the '{extra}' extra "

@@ -43,6 +43,16 @@ def test_policy_check_accepts_the_packaged_example_policy(controller, elsewhere)
     assert "error" not in (proc.stdout + proc.stderr).lower()
 
 
+def test_policy_apply_renders_job_submit_lua_from_the_packaged_templates(controller, elsewhere):
+    policy = _installed_templates(controller, elsewhere) / "policy.toml"
+    conf = elsewhere / "etc"
+    conf.mkdir()
+    ok(run([str(controller / "singularity-admin"), "policy", "apply", str(policy),
+            "--conf-dir", str(conf), "--nodes", "n[1-4]", "--no-reconfigure"], elsewhere))
+    assert "function slurm_job_submit" in (conf / "job_submit.lua").read_text()
+    assert "PartitionName=" in (conf / "policy.conf").read_text()
+
+
 def test_a_controller_install_has_no_torch_but_its_daemon_starts(controller, elsewhere):
     proc = run([str(controller / "python"), "-c", "import torch"], elsewhere)
     assert proc.returncode != 0 and "No module named 'torch'" in proc.stderr

@@ -37,11 +37,13 @@ def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 
 
 def build_wheel(workdir: Path) -> Path:
-    """The project's wheel, built from a copy of the source under ``workdir``."""
+    """The project's wheel, built from a copy of the source under ``workdir``
+    in an isolated build environment (a fresh venv's setuptools may be too
+    old to build it, as a site's would)."""
     src = workdir / "src"
     shutil.copytree(SOURCE, src, symlinks=True, ignore=SKIP_COPY)
     out = workdir / "dist"
-    ok(run([sys.executable, *PIP, "wheel", "--no-deps", "--no-build-isolation", "-q",
+    ok(run([sys.executable, *PIP, "wheel", "--no-deps", "-q",
             "-w", str(out), str(src)], cwd=workdir))
     (found,) = out.glob("slurm_singularity-*.whl")
     return found
