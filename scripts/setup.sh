@@ -47,7 +47,16 @@ fi
 stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
 if [ ! -f "$stamp" ]; then
   echo "setup: installing the package and its dependencies into .venv"
-  .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+  # Every extra: a checkout runs the runtime, the proxies, the simulator and
+  # the tests. A site's controller installs the base package alone
+  # (docs/admin-guide.md, "Install").
+  .venv/bin/pip install -q --disable-pip-version-check -e '.[runtime,proxy,sim,test]'
+  # The "pynvml" distribution is a deprecated wrapper of nvidia-ml-py that
+  # warns on every import (every job's log); a venv made before we moved to
+  # nvidia-ml-py still has it. Its module pynvml.py belongs to nvidia-ml-py.
+  if .venv/bin/pip show -q pynvml >/dev/null 2>&1; then
+    .venv/bin/pip uninstall -q -y --disable-pip-version-check pynvml
+  fi
   rm -f .venv/.installed-*
   touch "$stamp"
 fi

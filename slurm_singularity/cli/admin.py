@@ -10,18 +10,22 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import logging
 import sys
 
-#: Modules that contribute subcommands, in help order. A module that is not
-#: there yet (a subsystem still being built) is skipped.
+#: Modules that contribute subcommands, in help order.
 SUBCOMMAND_MODULES = (
-    "slurm_singularity.cli.admin_cluster",
     "slurm_singularity.cli.admin_policy",
     "slurm_singularity.cli.admin_job",
     "slurm_singularity.cli.admin_status",
     "slurm_singularity.cli.admin_sim",
 )
+#: ``cluster``: the local test cluster, a development tool that a checkout
+#: has (the tests, the demo) and an installed wheel does not (pyproject.toml
+#: leaves ``slurm_singularity.cluster`` out of the wheel).
+HARNESS_MODULE = "slurm_singularity.cli.admin_cluster"
+HARNESS_PACKAGE = "slurm_singularity.cluster"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,14 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for name in SUBCOMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name == name:
-                continue
-            raise
-        module.register(sub)
+    names = SUBCOMMAND_MODULES
+    if importlib.util.find_spec(HARNESS_PACKAGE) is not None:
+        names = (HARNESS_MODULE,) + names
+    for name in names:
+        importlib.import_module(name).register(sub)
     return parser
 
 

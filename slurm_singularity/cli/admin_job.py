@@ -6,12 +6,22 @@ the job's checkpoint directory (steps done, why it stopped, whether a
 checkpoint was written, steps lost). Either may be missing (a plain script
 has no history; a site without slurmdbd has no sacct): what is known is
 shown and the rest is said to be unknown.
+
+The checkpoint directory is where the job put it, found as the runtime
+chose it (``launcher.default_ckpt_dir``): ``singularity-run --ckpt-dir`` or
+``SINGULARITY_CKPT_DIR`` set in the batch script, ``--ckpt-dir`` on sbatch's
+command line (sacct's SubmitLine) or in an ``#SBATCH`` line, else the default
+under the job's submit directory. Each candidate is tried in that order; the
+notes say which were tried when none holds a history. A job whose history is
+not found has its lost work reported as unknown, never as 0.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
+import shlex
 import sys
 from dataclasses import asdict, dataclass
 from datetime import datetime
@@ -24,8 +34,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = job_group(sub).add_parser("show", help="a job's runs: preemptions, resizes, lost work")
     p.add_argument("job_id", type=int, metavar="JOBID")
     p.add_argument("--ckpt-dir", type=Path, default=None,
-                   help="the job's checkpoint directory (default: its --ckpt-dir if the "
-                        "submit directory's .singularity/ckpt/job-JOBID)")
+                   help="the job's checkpoint directory (default: where the job put it: "
+                        "--ckpt-dir or SINGULARITY_CKPT_DIR in its batch script or submit "
+                        "line, else SUBMITDIR/.singularity/ckpt/job-JOBID)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_show)
 
@@ -105,8 +116,119 @@ def build_rows(runs, history) -> list[RunRow]:
     return rows
 
 
-def _show(args: argparse.Namespace) -> int:
+_CKPT_OPTION = re.compile(r"^--ckpt-dir(?:=(.*))?$")
+_CKPT_VAR = re.compile(r"^SINGULARITY_CKPT_DIR=(.*)$")
+
+
+def _option_value(words: list[str], i: int) -> str | None:
+    """The value of the ``--ckpt-dir`` option at ``words[i]``, else None."""
+    m = _CKPT_OPTION.match(words[i])
+    if not m:
+        return None
+    if m.group(1) is not None:
+        return m.group(1)
+    return words[i + 1] if i + 1 < len(words) else None
+
+
+def _split(line: str) -> list[str]:
+    try:
+        return shlex.split(line, comments=True)
+    except ValueError:          # an unbalanced quote: not ours to judge
+        return line.split()
+
+
+def ckpt_dir_candidates(job_id: int, *, submit_line: str = "", script: str = "",
+                        work_dir: str = "") -> list[tuple[str, str]]:
+    """Where the job's runtime may have put its checkpoints, most specific
+    first, as ``(directory, where it was said)``. Pure: takes sacct's
+    SubmitLine, the batch script and the job's WorkDir as text. A value that
+    uses a shell variable is kept as written; the caller finds no history
+    there and says so."""
+    from_run: list[tuple[str, str]] = []
+    from_env: list[tuple[str, str]] = []
+    from_sbatch: list[tuple[str, str]] = []
+    for number, line in enumerate(script.splitlines(), 1):
+        text = line.strip()
+        if text.startswith("#SBATCH"):
+            words = _split(text[len("#SBATCH"):])
+            from_sbatch += [(v, f"#SBATCH --ckpt-dir (script line {number})")
+                            for i in range(len(words))
+                            if (v := _option_value(words, i)) is not None]
+            continue
+        words = _split(text)
+        for i, word in enumerate(words):
+            if (m := _CKPT_VAR.match(word)) and m.group(1):
+                from_env.append((m.group(1), f"SINGULARITY_CKPT_DIR (script line {number})"))
+            elif "singularity-run" in " ".join(words[:i]) and \
+                    (v := _option_value(words, i)) is not None:
+                from_run.append((v, f"singularity-run --ckpt-dir (script line {number})"))
+    words = _split(submit_line)
+    submitted = [(v, "sbatch --ckpt-dir (submit line)") for i in range(len(words))
+                 if (v := _option_value(words, i)) is not None]
+    out = from_run[::-1] + from_env[::-1] + submitted + from_sbatch[::-1]
+    if work_dir:
+        out.append((str(Path(work_dir) / ".singularity" / "ckpt" / f"job-{job_id}"),
+                    "the runtime's default under the submit directory"))
+    seen: set[str] = set()
+    return [(d, why) for d, why in out if not (d in seen or seen.add(d))]
+
+
+def _find_history(client, job_id: int, runs, notes: list[str]):
+    """(checkpoint directory, history) of the first candidate holding a
+    history; (None, []) with a note naming the candidates when none does."""
+    from ..slurm.api import SlurmError
+
+    submit_line = script = ""
+    try:
+        submit_line = client.submit_line(job_id)
+    except SlurmError:
+        pass                            # no accounting: job_runs already said so
+    try:
+        script = client.batch_script(job_id)
+    except SlurmError:
+        pass                            # slurmctld no longer holds the job
+    work_dir = runs[0].work_dir if runs else ""
+    candidates = ckpt_dir_candidates(job_id, submit_line=submit_line, script=script,
+                                     work_dir=work_dir)
+    tried = []
+    for where, why in candidates:
+        history = _read_history(Path(where), notes)
+        if history is None:
+            return Path(where), []
+        if history:
+            return Path(where), history
+        tried.append(f"{where} ({why})")
+    if tried:
+        notes.append("no runtime history in " + "; ".join(tried)
+                     + " (not run with singularity-run, or give --ckpt-dir)")
+    else:
+        notes.append("no checkpoint directory known for the job (give --ckpt-dir)")
+    return None, []
+
+
+def _read_history(ckpt_dir: Path, notes: list[str]):
+    """The history in ``ckpt_dir`` ([] when there is none); None, with a
+    note, when it is there but cannot be read."""
     from ..runtime.history import read_history
+    try:
+        return read_history(ckpt_dir)
+    except PermissionError:     # checkpoint directories are private (0700)
+        notes.append(f"the runtime history in {ckpt_dir} is private to the job's user "
+                     f"(run this as that user or as root)")
+    except ValueError as exc:
+        notes.append(f"history in {ckpt_dir} is damaged: {exc}")
+    return None
+
+
+def total_lost(rows: list[RunRow]) -> int | None:
+    """Steps lost over all runs; None (unknown) when a run that ended
+    otherwise than finished or still running has no count."""
+    if any(r.steps_lost is None and r.stopped not in ("finished", "running") for r in rows):
+        return None
+    return sum(r.steps_lost or 0 for r in rows)
+
+
+def _show(args: argparse.Namespace) -> int:
     from ..slurm.api import SlurmError
     from ..slurm.cli import CliSlurmClient
 
@@ -120,20 +242,14 @@ def _show(args: argparse.Namespace) -> int:
     if not runs and not notes:
         notes.append(f"sacct knows no job {args.job_id}")
     ckpt_dir = args.ckpt_dir
-    if ckpt_dir is None and runs and runs[0].work_dir:
-        ckpt_dir = Path(runs[0].work_dir) / ".singularity" / "ckpt" / f"job-{args.job_id}"
     history = []
-    if ckpt_dir is not None:
-        try:
-            history = read_history(ckpt_dir)
-        except FileNotFoundError:
-            notes.append(f"no runtime history in {ckpt_dir} (not run with singularity-run, "
-                         f"or give --ckpt-dir)")
-        except PermissionError:     # checkpoint directories are private (0700)
-            notes.append(f"the runtime history in {ckpt_dir} is private to the job's user "
-                         f"(run this as that user or as root)")
-        except ValueError as exc:
-            notes.append(f"history in {ckpt_dir} is damaged: {exc}")
+    if ckpt_dir is None:
+        ckpt_dir, history = _find_history(client, args.job_id, runs, notes)
+    else:
+        history = _read_history(ckpt_dir, notes)
+        if history == []:
+            notes.append(f"no runtime history in {ckpt_dir} (not run with singularity-run?)")
+        history = history or []
     if not runs and not history:
         print(f"singularity-admin job show: error: nothing known of job {args.job_id}: "
               + "; ".join(notes), file=sys.stderr)
@@ -141,7 +257,8 @@ def _show(args: argparse.Namespace) -> int:
     rows = build_rows(runs, history)
     if args.json:
         print(json.dumps({"job_id": args.job_id, "ckpt_dir": str(ckpt_dir) if ckpt_dir else None,
-                          "runs": [asdict(r) for r in rows], "notes": notes}, indent=2))
+                          "runs": [asdict(r) for r in rows],
+                          "steps_lost_total": total_lost(rows), "notes": notes}, indent=2))
         return 0
     print(f"job {args.job_id}: {len(rows)} run(s)" + (f", checkpoints in {ckpt_dir}" if history else ""))
     print(f"{'RUN':>3} {'START':<19} {'END':<19} {'GPUS':>4} {'STEPS':>9} {'STOPPED':<9} "
@@ -151,8 +268,13 @@ def _show(args: argparse.Namespace) -> int:
             f"{r.steps_lost} st" + (f"/{r.time_lost_s:g}s" if r.time_lost_s else ""))
         print(f"{r.run:>3} {r.start:<19} {r.end:<19} {r.devices if r.devices is not None else '?':>4} "
               f"{r.steps:>9} {r.stopped:<9} {r.checkpoint:<4} {lost:>9}")
-    total = sum(r.steps_lost or 0 for r in rows)
-    print(f"steps lost in all: {total}" + ("" if history else " (unknown: no runtime history)"))
+    total = total_lost(rows)
+    if total is None:
+        unknown = ", ".join(str(r.run) for r in rows if r.steps_lost is None and
+                            r.stopped not in ("finished", "running"))
+        print(f"steps lost in all: unknown (run(s) {unknown} recorded no step count)")
+    else:
+        print(f"steps lost in all: {total}")
     for r in rows:
         if r.stopped == "killed":
             print(f"run {r.run} was killed before it wrote a checkpoint (grace time too short "

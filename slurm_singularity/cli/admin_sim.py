@@ -9,7 +9,6 @@ from pathlib import Path
 
 from .. import paths
 from ..policy.api import PolicyError
-from ..sched.sim.run import SimError, SimSpec, load_jobs, simulate, write_outputs
 from ..sched.sim.schedulers import SCHEDULERS
 from ..sched.sim.trace import DEFAULT_TIER_RULE, FORMATS, TraceError, describe_rule
 
@@ -46,7 +45,12 @@ def _fail(msg: object) -> int:
 
 
 def _simulate(args: argparse.Namespace) -> int:
+    from . import extras
+    unused = ("tqdm",) if args.no_progress else ()
+    if (rc := extras.require("sim", "singularity-admin simulate", unused)) is not None:
+        return rc
     from ..policy.load import load_policy
+    from ..sched.sim.run import SimError, SimSpec, load_jobs, simulate, write_outputs
     try:
         policy = load_policy(args.policy)
         spec = SimSpec(trace=args.trace, scheduler=args.scheduler, gpus=args.gpus, policy=policy,

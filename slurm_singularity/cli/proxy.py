@@ -13,6 +13,7 @@ import signal
 import sys
 from pathlib import Path
 
+from slurm_singularity.cli import extras
 from slurm_singularity.proxy.api import ProxySettings, ProxySpecError
 
 
@@ -42,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if (rc := extras.require("proxy", "singularity-proxy")) is not None:
+        return rc
     logging.basicConfig(level=args.log_level,
                         format="%(asctime)s singularity-proxy %(levelname)s %(message)s")
     try:

@@ -14,6 +14,7 @@ import logging
 import sys
 
 from slurm_singularity import contract
+from slurm_singularity.cli import extras
 from slurm_singularity.runtime.api import CheckpointError, RuntimeSetupError
 
 
@@ -53,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
 
     launcher.catch_signals()   # first: a signal during start-up is recorded, not a death
     args = build_parser().parse_args(argv)
+    use_proxy = args.proxy == "on" if args.proxy else contract.proxy_enabled()
+    if (rc := extras.require("proxy" if use_proxy else "runtime", "singularity-run")) is not None:
+        return rc
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(message)s")
     try:
@@ -64,7 +68,6 @@ def main(argv: list[str] | None = None) -> int:
     except (RuntimeSetupError, contract.ContractError, CheckpointError) as exc:
         print(f"singularity-run: error: {exc}", file=sys.stderr)
         return 2
-    use_proxy = args.proxy == "on" if args.proxy else contract.proxy_enabled()
     if not use_proxy:
         return launcher.launch(spec)
     return _launch_with_proxies(launcher, spec)

@@ -48,6 +48,7 @@ from slurm_singularity.runtime.data import Cursor, RankShard
 from slurm_singularity.runtime.history import RunProgress, record_run
 from slurm_singularity.runtime.job import Job
 from slurm_singularity.runtime.reduce import GradReducer
+from slurm_singularity.runtime.restore import RunChoices, check_fits
 
 log = logging.getLogger(__name__)
 
@@ -367,17 +368,18 @@ class Trainer:
             return False
         step, state = found
         shape = self.job.shape
-        if state.get("world_size") != shape.world_size:
-            raise RuntimeSetupError(
-                f"checkpoint of step {step} in {self.job.ckpt_dir} belongs to a job with "
-                f"world size W={state.get('world_size')}, this job has W={shape.world_size}")
-        if state.get("batch_size") != self.batch_size:
-            raise RuntimeSetupError(
-                f"checkpoint of step {step} used batch_size={state.get('batch_size')}, "
-                f"this run asks for {self.batch_size}")
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.scheduler is not None and state.get("scheduler") is not None:
+        check_fits(state, RunChoices(
+            format=FORMAT, world_size=shape.world_size, batch_size=self.batch_size,
+            buffer_policy=self.buffer_policy, has_scheduler=self.scheduler is not None,
+            logical_ranks=shape.logical_ranks, buffer_count=len(self._buffer_slots)),
+            step=step, where=self.job.ckpt_dir)
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise RuntimeSetupError(f"checkpoint of step {step} in {self.job.ckpt_dir} does "
+                                    f"not fit this model or optimizer: {exc}") from exc
+        if self.scheduler is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         self._set_rng(state["shared_rng"])
         by_rank = {entry["rank"]: entry for entry in state["ranks"]}

@@ -156,6 +156,20 @@ class CliSlurmClient:
         out = self._run(["sacct", "-D", "-X", "-n", "-P", "-j", str(job_id), "-o", fields])
         return [parse_sacct_run(line) for line in out.splitlines() if line.strip()]
 
+    def submit_line(self, job_id: int) -> str:
+        """The command line that submitted the job (sacct's SubmitLine); ""
+        when accounting does not know the job.
+
+        :raises SlurmError: sacct failed."""
+        out = self._run(["sacct", "-X", "-n", "-P", "-j", str(job_id), "-o", "SubmitLine%4096"])
+        return next((line for line in out.splitlines() if line.strip()), "")
+
+    def batch_script(self, job_id: int) -> str:
+        """The job's batch script, while slurmctld still holds the job.
+
+        :raises SlurmError: scontrol failed (the job is gone, or not ours)."""
+        return self._run(["scontrol", "write", "batch_script", str(job_id), "-"])
+
 
 def parse_sacct_run(line: str) -> JobRun:
     """One ``sacct -P`` line with the fields ``job_runs`` asks for."""
