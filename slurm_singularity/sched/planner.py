@@ -235,6 +235,8 @@ class _Pass:
             self._serve_rank(r)
         if self.free > 0:
             self._grow_idle()
+        if self._rebalance_loans() and self.free > 0:
+            self._grow_idle()
         return self._actions()
 
     def _serve_rank(self, r: int) -> None:
@@ -469,6 +471,79 @@ class _Pass:
                     f"weight {self.weight[acct]:g})")
             if nxt < lad[-1]:
                 heapq.heappush(heap, entry[:2] + (self.norm(acct),) + entry[3:])
+
+    def _rebalance_loans(self) -> bool:
+        """Move devices on loan between the accounts of one tier toward their
+        fair-share weights: a job of the account with the lowest usage per
+        weight that could grow takes devices on loan to a job of the account
+        with the highest, as long as the taker does not end above the giver.
+        Without this, whoever found the idle GPUs first keeps them for as long
+        as its jobs run. Returns whether anything moved."""
+        jobs = self.jobs
+        moved = False
+        for r in (2, 1, 0):
+            members = [i for i in self.elastic[r] + [s for s in self.started
+                                                      if _rank(jobs[s].tier) == r]
+                       if self.tgt[i] > 0 and i not in self.victim_of]
+            if len({jobs[i].account for i in members}) < 2:
+                continue
+            for _ in range(4 * len(members)):
+                if not self._move_one_loan(r, members):
+                    break
+                moved = True
+        return moved
+
+    def _move_one_loan(self, r: int, members: list[int]) -> bool:
+        jobs = self.jobs
+        low, high = float("inf"), float("-inf")     # cheap check first: most passes move nothing
+        for i in members:
+            norm = self.norm(jobs[i].account)
+            if norm < low and self.tgt[i] < jobs[i].max_devices and i not in self.victim_of:
+                low = norm
+            if norm > high and self.tgt[i] > jobs[i].min_devices and jobs[i].devices > 0:
+                high = norm
+        if low >= high - _EPS:
+            return False
+        takers = sorted((self.norm(jobs[i].account), jobs[i].submit_time, jobs[i].job_id, i)
+                        for i in members if self.lad(i) and self.tgt[i] < self.lad(i)[-1]
+                        and i not in self.victim_of)
+        givers = sorted(((-self.norm(jobs[j].account), -jobs[j].submit_time, -jobs[j].job_id, j)
+                         for j in members if jobs[j].devices > 0 and j not in self.granted
+                         and self.tgt[j] > self.promise_floor(j)))
+        for _, _, _, i in takers:
+            acct = jobs[i].account
+            cur = self.tgt[i]
+            step = next(d for d in self.lad(i) if d > cur) - cur
+            if step <= self.free or step > self.quota_left(acct):
+                continue
+            after_taker = (self.usage[acct] + step) / self.weight[acct]
+            if after_taker > high + _EPS:
+                break                       # takers come by usage: no later one can move
+            for _, _, _, j in givers:
+                giver = jobs[j].account
+                if self.norm(giver) < after_taker - _EPS:
+                    break                   # givers come by usage, highest first
+                if giver == acct:
+                    continue
+                have, floor = self.tgt[j], self.promise_floor(j)
+                need = step - self.free
+                size = max((d for d in self.lad(j) if floor <= d < have and have - d >= need),
+                           default=None)
+                if size is None:
+                    continue
+                if after_taker > (self.usage[giver] - (have - size)) / self.weight[giver] + _EPS:
+                    continue
+                self._take(r, j, size, i, "loan")
+                self.set_target(i, cur + step)
+                job = jobs[i]
+                self.granted[i] = (
+                    f"grow to {cur + step} of MAX={job.max_devices}: fair share inside tier "
+                    f"{job.tier.value}: account {acct} holds {self.usage[acct]} GPUs (weight "
+                    f"{self.weight[acct]:g}), account {giver} {self.usage[giver]} GPUs "
+                    f"(weight {self.weight[giver]:g}); GPUs on loan to job {jobs[j].job_id} "
+                    f"taken back")
+                return True
+        return False
 
     # -- output -------------------------------------------------------------
 

@@ -60,6 +60,36 @@ def test_two_accounts_with_weights_two_to_one_get_gpu_shares_near_two_to_one():
     assert 1.6 <= held["heavy"] / held["light"] <= 2.5, held
 
 
+def test_idle_gpus_lent_to_the_first_account_are_shared_by_weight_once_the_other_arrives():
+    """The first account's jobs grew into the whole cluster before the second
+    account's jobs arrived; those started at their MIN. Passes move the loans
+    until the shares are near the 2:1 weights instead of leaving them 28:4."""
+    policy = reference_policy(weights={"heavy": 2.0, "light": 1.0})
+    running = [job(k, "basic", "heavy", world=8, elastic=(1, 8), devices=d, submit=k)
+               for k, d in zip(range(1, 5), (8, 8, 8, 4))]
+    running += [job(k, "basic", "light", world=8, elastic=(1, 8), devices=1, submit=k)
+                for k in range(5, 9)]
+    state = cluster(running)
+    for _ in range(3):
+        state = apply_actions(state, plan(state, policy))
+    held = {"heavy": 0, "light": 0}
+    for j in state.jobs:
+        held[j.account] += j.devices
+    assert held["heavy"] + held["light"] == 32
+    assert 1.6 <= held["heavy"] / held["light"] <= 2.5, held
+    assert plan(state, policy) == (), "a balanced cluster is left alone"
+
+
+def test_loans_do_not_move_between_accounts_that_are_already_near_their_weights():
+    policy = reference_policy(weights={"heavy": 2.0, "light": 1.0})
+    state = cluster([job(1, "basic", "heavy", world=8, elastic=(1, 8), devices=8),
+                     job(2, "basic", "heavy", world=8, elastic=(1, 8), devices=8, submit=1),
+                     job(3, "basic", "heavy", world=8, elastic=(1, 8), devices=4, submit=2),
+                     job(4, "basic", "light", world=8, elastic=(1, 8), devices=8, submit=3),
+                     job(5, "basic", "light", world=8, elastic=(1, 8), devices=4, submit=4)])
+    assert plan(state, policy) == ()
+
+
 def test_a_premium_job_is_never_shrunk_for_a_basic_job():
     state = cluster([job(1, "premium", world=32, elastic=(8, 32), devices=32),
                      job(2, "basic", world=8, submit=99.0)])
