@@ -7,9 +7,8 @@ from __future__ import annotations
 import pytest
 
 from slurm_singularity.sched.executor import request_shape
-from slurm_singularity.sched.observe import Marks, ResizeStep, read_marks, requested_gpus
-from slurm_singularity.slurm.api import Job
-from slurm_singularity.slurm.cli import gpus_in, parse_sacct_run, parse_scontrol_record
+from slurm_singularity.sched.observe import Marks, ResizeStep, read_marks
+from slurm_singularity.slurm.cli import parse_sacct_run, parse_scontrol_record
 
 TAG = "singularity:sla=basic,elastic=8:32,ws=32"
 
@@ -59,34 +58,6 @@ def test_a_whole_node_shrink_is_done_in_place_and_anything_else_by_requeue():
 ])
 def test_a_size_becomes_the_fewest_nodes_with_equal_gpus_each(devices, shape):
     assert request_shape(devices, 8) == shape
-
-
-def test_a_requeued_jobs_requested_gpus_come_from_its_tres_request_not_its_stale_node_count():
-    # squeue --json of a job requeued from 4 nodes and set to 2 x 8 GPUs
-    job = Job(1, "j", "PENDING", "basic", "default", "root", "", extra={
-        "node_count": 4, "tres_per_node": "gres:gpu:8",
-        "tres_req_str": "cpu=4,mem=250G,node=2,billing=4,gres/gpu=16"})
-    assert requested_gpus(job) == 16
-    plain = Job(2, "j", "PENDING", "basic", "default", "root", "",
-                extra={"node_count": 2, "tres_per_node": "gres:gpu:3"})
-    assert requested_gpus(plain) == 6
-
-
-@pytest.mark.parametrize("text, gpus", [
-    ("gpu:8", 8), ("gres:gpu:3", 3), ("gpu:8(S:0-1)", 8), ("gres/gpu=2", 2),
-    ("gpu:a100:4,gpu:v100:2", 6), ("", 0), (None, 0), ("craynetwork:1", 0),
-])
-def test_gpu_counts_are_read_from_every_gres_spelling(text, gpus):
-    assert gpus_in(text) == gpus
-
-
-def test_sacct_lines_become_runs_with_their_gpus():
-    run = parse_sacct_run("11|2026-11-26T21:58:09|2026-11-26T21:58:15|6|REQUEUED|75:0|n1|"
-                          "billing=1,cpu=1,gres/gpu=4,node=1|basic|/work")
-    assert (run.job_id, run.state, run.exit_code, run.gpus, run.elapsed_s) == \
-        (11, "REQUEUED", "75:0", 4, 6)
-    cancelled = parse_sacct_run("12|2026-11-26T21:58:09|Unknown|0|CANCELLED by 0|0:0|n1||basic|/w")
-    assert cancelled.state == "CANCELLED" and cancelled.gpus == 0
 
 
 def test_scontrol_records_keep_values_with_spaces():
