@@ -30,12 +30,17 @@ RUN_S = 120          # fake seconds: every scenario converges well within
 LATE_S = 1.5         # most a crash may delay the end (restart 0.5 s + a pass)
 
 
-def shrink() -> FakeSlurm:
-    """A basic elastic job on all 32 GPUs, then a premium job for 16."""
+def _premium_arrives(basic: FakeJob) -> FakeSlurm:
+    """``basic`` running, then a premium job for 16 GPUs."""
     slurm = FakeSlurm(Clock())
-    slurm.add(FakeJob(1, "basic", tag("basic", 8, 32, 32), 4, 8), running=True)
+    slurm.add(basic, running=True)
     slurm.add(FakeJob(2, "premium", tag("premium", 16, 16, 16), 2, 8, account="research"))
     return slurm
+
+
+def shrink() -> FakeSlurm:
+    """A basic elastic job on all 32 GPUs, then a premium job for 16."""
+    return _premium_arrives(FakeJob(1, "basic", tag("basic", 8, 32, 32), 4, 8))
 
 
 def grow() -> FakeSlurm:
@@ -47,10 +52,7 @@ def grow() -> FakeSlurm:
 
 def preempt() -> FakeSlurm:
     """A rigid basic job on all 32 GPUs, then a premium job for 16."""
-    slurm = FakeSlurm(Clock())
-    slurm.add(FakeJob(1, "basic", tag("basic", 32, 32, 32), 4, 8), running=True)
-    slurm.add(FakeJob(2, "premium", tag("premium", 16, 16, 16), 2, 8, account="research"))
-    return slurm
+    return _premium_arrives(FakeJob(1, "basic", tag("basic", 32, 32, 32), 4, 8))
 
 
 def release() -> FakeSlurm:
@@ -65,11 +67,8 @@ def release() -> FakeSlurm:
 def escalate() -> FakeSlurm:
     """As ``shrink``, but the basic job ignores its signal and its requeue:
     requeued one grace time after the signal, killed one more after."""
-    slurm = FakeSlurm(Clock())
-    slurm.add(FakeJob(1, "basic", tag("basic", 8, 32, 32), 4, 8, ckpt_s=None,
-                      requeue_ignored=True), running=True)
-    slurm.add(FakeJob(2, "premium", tag("premium", 16, 16, 16), 2, 8, account="research"))
-    return slurm
+    return _premium_arrives(FakeJob(1, "basic", tag("basic", 8, 32, 32), 4, 8, ckpt_s=None,
+                                    requeue_ignored=True))
 
 
 SCENARIOS: dict[str, Callable[[], FakeSlurm]] = {
