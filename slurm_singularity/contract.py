@@ -226,13 +226,6 @@ def slurm_job_id(environ: Mapping[str, str] | None = None) -> str | None:
     return _get("SLURM_JOB_ID", environ)
 
 
-def slurm_restart_count(environ: Mapping[str, str] | None = None) -> int:
-    """``SLURM_RESTART_COUNT``: times Slurm requeued the job; set by Slurm.
-    Default: 0."""
-    raw = _get("SLURM_RESTART_COUNT", environ)
-    return int(raw) if raw and raw.isdigit() else 0
-
-
 def slurm_conf(environ: Mapping[str, str] | None = None) -> str | None:
     """``SLURM_CONF``: which slurm.conf the Slurm commands read; set by
     ``eval $(singularity-admin cluster env)``. Default: Slurm's own."""

@@ -28,7 +28,7 @@ from ..policy.install import install, installed_policy_path, restore
 from ..policy.load import load_policy
 from ..policy.render import UNIT_NAME, associations, render_policy_files, render_unit
 from ..policy.rules import Decision, decide
-from ..policy.sbatch_args import SbatchArgsError, parse_sbatch_args
+from ..policy.sbatch_args import parse_sbatch_args
 
 log = logging.getLogger(__name__)
 
@@ -311,7 +311,7 @@ def _explain(args: argparse.Namespace) -> int:
     try:
         policy = load_policy(args.policy or _explain_default())
         sub, ignored = parse_sbatch_args(argv, script)
-    except (PolicyError, SbatchArgsError) as exc:
+    except PolicyError as exc:   # SbatchArgsError is one
         return _error("job explain", exc)
     if ignored:
         print(f"job explain: ignored (not looked at by the policy): {' '.join(ignored)}",

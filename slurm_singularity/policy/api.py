@@ -35,7 +35,8 @@ MAX_SPLICE_FACTOR_MAX = 1024       # logical ranks time-sliced on one device
 
 
 class PolicyError(ValueError):
-    """A policy is invalid. ``key`` is the dotted key (``tiers.basic.grace_time_s``),
+    """Root of the policy's errors: a policy (or a submission's options,
+    ``SbatchArgsError``) is invalid. ``key`` is the dotted key (``tiers.basic.grace_time_s``),
     ``path`` and ``line`` say where, when known."""
 
     def __init__(self, message: str, *, key: str | None = None,

@@ -22,7 +22,7 @@ from typing import Callable
 
 from ..policy.api import Policy
 from ..slurm.api import SlurmClient, SlurmError
-from .api import Action, ActionKind, JobPhase
+from .api import Action, ActionKind, JobPhase, SchedError
 from .executor import Executor, ExecutorSettings
 from .journal import Journal
 from .observe import observe
@@ -142,7 +142,7 @@ class Daemon:
                 if repaired:
                     log.warning("[job %s] %s", job_id, repaired)
                 what = self.executor.continue_resize(view)
-            except (SlurmError, OSError) as exc:
+            except (SlurmError, SchedError, OSError) as exc:
                 self.metrics.errors.inc()
                 log.warning("[job %s] continuing its resize failed: %s", job_id, exc)
                 touched.add(job_id)
@@ -171,7 +171,7 @@ class Daemon:
                 continue
             try:
                 what = self.executor.execute(action, view)
-            except (SlurmError, OSError) as exc:
+            except (SlurmError, SchedError, OSError) as exc:
                 self.metrics.errors.inc()
                 log.warning("[job %s] %s failed: %s", action.job_id, action.kind.value, exc)
                 continue

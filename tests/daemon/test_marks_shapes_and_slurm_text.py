@@ -90,3 +90,15 @@ def test_job_show_pairs_runs_by_time_and_marks_a_run_killed_past_its_grace_time(
     assert [r.stopped for r in rows] == ["resized", "killed", "finished"]
     assert rows[1].steps == "12..?" and rows[1].time_lost_s == 39.0 and rows[1].checkpoint == "no"
     assert [r.devices for r in rows] == [4, 4, 8]
+
+
+def test_a_resize_step_out_of_order_is_refused_naming_the_transition():
+    from slurm_singularity.sched.api import SchedError
+
+    marked = Marks(TAG, resize_to=8, resize_at=5.0, step=ResizeStep.MARKED)
+    assert marked.at_step(ResizeStep.SIGNALLED, 6.0).step is ResizeStep.SIGNALLED
+    requeued = marked.at_step(ResizeStep.REQUEUED, 7.0)
+    for bad_from, bad_to in ((marked, ResizeStep.KILLED), (requeued, ResizeStep.SIGNALLED),
+                             (requeued, ResizeStep.REQUEUED)):
+        with pytest.raises(SchedError, match=f"{bad_from.step.value} -> {bad_to.value}"):
+            bad_from.at_step(bad_to, 9.0)
