@@ -391,9 +391,9 @@ def _merged(job: Submission, change: Submission, tag: str | None) -> Submission:
     options = dict(sla=job.sla, elastic=job.elastic, world_size=job.world_size,
                    partition=job.partition)
     if recorded is not None:
-        lo, hi = recorded["elastic"]
-        options = dict(sla=str(recorded["sla"]), elastic=f"{lo}:{hi}",
-                       world_size=str(recorded.get("ws", "")) or None, partition=None)
+        lo, hi = recorded.elastic
+        options = dict(sla=recorded.sla, elastic=f"{lo}:{hi}",
+                       world_size=str(recorded.world_size), partition=None)
     return Submission(
         **options, **merged, ckpt_dir=job.ckpt_dir, proxy=job.proxy,
         deterministic=job.deterministic, account=change.account or job.account,

@@ -159,11 +159,11 @@ def _view(job: Job, policy: Policy, devices: int, requested: int,
     try:
         tag = contract.parse_job_tag(marks.tag)
         if tag is not None:
-            Tier(str(tag["sla"]))
+            Tier(tag.sla)
     except (contract.ContractError, ValueError) as exc:
         if job.job_id not in warned:
             warned.add(job.job_id)
-            why = (f"unknown tier {_short(str(tag['sla']))}" if tag is not None
+            why = (f"unknown tier {_short(tag.sla)}" if tag is not None
                    else str(exc)[:300])
             log.warning("[job %s] job tag refused, the job is treated as untagged "
                         "(rigid, tier of its partition; the daemon will not resize or "
@@ -174,9 +174,8 @@ def _view(job: Job, policy: Policy, devices: int, requested: int,
         tier = policy.tier_of_partition(job.partition) or policy.defaults.tier
         return JobView(job, Marks(tag=job.admin_comment), tier, max(requested, 1), devices,
                        requested, None, tagged=False, slurm_marks=None)
-    world = int(tag["ws"])  # type: ignore[arg-type]
-    return JobView(job, marks, Tier(str(tag["sla"])), max(world, 1), devices, requested,
-                   tag["elastic"], tagged=True, slurm_marks=marks)  # type: ignore[arg-type]
+    return JobView(job, marks, Tier(tag.sla), max(tag.world_size, 1), devices, requested,
+                   tag.elastic, tagged=True, slurm_marks=marks)
 
 
 def _job_state(view: JobView, running: bool, held: int,
