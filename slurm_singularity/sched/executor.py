@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..policy.api import Policy
+from ..slurm import gres
 from ..slurm.api import SlurmClient, SlurmError, SlurmState
 from .api import Action, ActionKind
 from .journal import Journal, JournalEntry
@@ -268,7 +269,7 @@ class Executor:
     def _update_size(self, job_id: int, devices: int) -> str:
         nodes, per_node = request_shape(devices, self.settings.gpus_per_node)
         self.client.scontrol("update", f"JobId={job_id}", f"NumNodes={nodes}-{nodes}",
-                             f"TresPerNode=gres:gpu:{per_node}")
+                             f"TresPerNode={gres.request(per_node)}")
         return f"request set to {nodes} node(s) x {per_node} GPU(s)"
 
     def release(self, view: JobView) -> None:

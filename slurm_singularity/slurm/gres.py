@@ -139,3 +139,9 @@ def count(text: str | None, name: str = "gpu", source: str = "gres") -> int:
 def gpus(text: str | None, source: str = "gres") -> int:
     """GPUs in a GRES or TRES string; 0 for none. :raises SlurmOutputError:"""
     return count(text, "gpu", source)
+
+
+def request(count: int, name: str = "gpu") -> str:
+    """A GRES request as ``scontrol update TresPerNode=`` takes it in 22.05:
+    ``request(8)`` -> ``gres:gpu:8``."""
+    return f"gres:{name}:{count}"

@@ -48,6 +48,10 @@ def test_every_gres_spelling_of_slurm_22_05_gives_its_gpu_count(text, gpus, wher
     assert gres.gpus(text) == gpus, where
 
 
+def test_a_request_the_executor_writes_reads_back_as_its_count():
+    assert gres.request(6) == "gres:gpu:6" and gres.gpus(gres.request(6)) == 6
+
+
 def test_an_entry_keeps_its_type_sockets_and_indices():
     assert gres.parse("gpu:a100:4(S:0-1)") == (gres.Gres("gpu", "a100", 4, sockets="0-1"),)
     assert gres.parse("gpu:a100:2(S:0,IDX:0,3)") == (
