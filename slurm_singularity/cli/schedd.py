@@ -58,8 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from ..policy.api import PolicyError
-    from ..policy.install import check_enforced, installed_policy_path
-    from ..policy.load import load_policy
+    from ..policy.install import LivePolicy, installed_policy_path
     from ..sched.daemon import Daemon, DaemonSettings, install_signal_handlers
     from ..sched.executor import ExecutorSettings
     from ..slurm.cli import CliSlurmClient
@@ -67,8 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.policy is None:
         args.policy = installed_policy_path()
     try:
-        policy = load_policy(args.policy)
-        check_enforced(policy, args.policy)
+        live = LivePolicy(args.policy)
+        policy = live.current()
         settings = DaemonSettings(
             period_s=args.period, metrics_port=args.metrics_port,
             max_passes=1 if args.once else 0,
@@ -76,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
                                       min_grace_s=args.min_grace),
             journal_path=None if args.no_journal or args.dry_run
             else (args.journal or default_journal()))
-        daemon = Daemon(CliSlurmClient(), policy, settings)
+        daemon = Daemon(CliSlurmClient(), policy, settings, live_policy=live.current)
     except (PolicyError, ValueError) as exc:
         print(f"singularity-schedd: error: {exc}", file=sys.stderr)
         return 2

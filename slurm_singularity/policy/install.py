@@ -84,6 +84,48 @@ def check_enforced(policy: Policy, policy_path: Path, directory: Path | None = N
             f"{installed}", path=str(policy_path))
 
 
+class LivePolicy:
+    """The policy at ``policy_path`` as long as Slurm enforces it, re-read
+    when it or the installed ``job_submit.lua`` changes (a running daemon
+    follows a ``policy apply`` without a restart, and stops acting while the
+    two disagree, e.g. between ``policy apply`` writing one and the other)."""
+
+    def __init__(self, policy_path: Path, directory: Path | None = None) -> None:
+        self.policy_path = policy_path
+        self.directory = directory or conf_dir()
+        self._seen: tuple[int, int] | None = None
+        self._result: Policy | PolicyError | None = None
+
+    def _stamp(self) -> tuple[int, int]:
+        def mtime(path: Path) -> int:
+            try:
+                return path.stat().st_mtime_ns
+            except OSError:
+                return -1
+        return mtime(self.policy_path), mtime(self.directory / ENFORCED_FILE)
+
+    def current(self) -> Policy:
+        """The live policy (read again only when a file changed).
+
+        :raises PolicyError: it does not load, or Slurm enforces another
+            (``PolicyMismatch``, naming both files).
+        """
+        from .load import load_policy
+
+        stamp = self._stamp()
+        if stamp != self._seen or self._result is None:
+            self._seen = stamp
+            try:
+                policy = load_policy(self.policy_path)
+                check_enforced(policy, self.policy_path, self.directory)
+                self._result = policy
+            except PolicyError as exc:
+                self._result = exc
+        if isinstance(self._result, PolicyError):
+            raise self._result
+        return self._result
+
+
 def write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
     """Write ``text`` to ``path``: temporary name, fsync, chmod, rename."""
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
