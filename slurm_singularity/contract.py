@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal as _signal
+from dataclasses import dataclass, field
 from typing import Mapping
 
 #: Exit code with which the runtime asks Slurm to requeue the job after it
@@ -226,13 +227,6 @@ def slurm_job_id(environ: Mapping[str, str] | None = None) -> str | None:
     return _get("SLURM_JOB_ID", environ)
 
 
-def slurm_restart_count(environ: Mapping[str, str] | None = None) -> int:
-    """``SLURM_RESTART_COUNT``: times Slurm requeued the job; set by Slurm.
-    Default: 0."""
-    raw = _get("SLURM_RESTART_COUNT", environ)
-    return int(raw) if raw and raw.isdigit() else 0
-
-
 def slurm_conf(environ: Mapping[str, str] | None = None) -> str | None:
     """``SLURM_CONF``: which slurm.conf the Slurm commands read; set by
     ``eval $(singularity-admin cluster env)``. Default: Slurm's own."""
@@ -256,9 +250,27 @@ def state_dir(environ: Mapping[str, str] | None = None) -> str | None:
 JOB_TAG_PREFIX = "singularity:"
 
 
+@dataclass(frozen=True)
+class JobTag:
+    """The job tag as a typed record: the job's resolved tier (``sla``),
+    elastic range in devices (MIN, MAX) and world size. The daemon appends
+    its marks after it (``sched/marks.py``); ``parse_job_tag`` ignores them.
+    ``extra`` holds any other ``key=value`` fields, verbatim."""
+
+    sla: str
+    elastic: tuple[int, int]
+    world_size: int
+    extra: Mapping[str, str] = field(default_factory=dict, compare=False)
+
+    def render(self) -> str:
+        """``"singularity:sla=basic,elastic=2:8,ws=8"`` (without ``extra``)."""
+        lo, hi = self.elastic
+        return f"{JOB_TAG_PREFIX}sla={self.sla},elastic={lo}:{hi},ws={self.world_size}"
+
+
 def format_job_tag(sla: str, elastic: tuple[int, int], world: int) -> str:
     """``("basic", (2, 8), 8)`` -> ``"singularity:sla=basic,elastic=2:8,ws=8"``."""
-    return f"{JOB_TAG_PREFIX}sla={sla},elastic={elastic[0]}:{elastic[1]},ws={world}"
+    return JobTag(sla, elastic, world).render()
 
 
 def _brief(text: str, limit: int = 60) -> str:
@@ -269,33 +281,35 @@ def _brief(text: str, limit: int = 60) -> str:
     return f"{text[:limit]!r}... ({len(text)} characters)"
 
 
-def parse_job_tag(text: str | None) -> dict[str, object] | None:
-    """Inverse of ``format_job_tag``: ``{"sla": "basic", "elastic": (2, 8),
-    "ws": 8}``; None if ``text`` is not a job tag (another AdminComment, or
-    none: the job was not submitted through job_submit.lua).
+def parse_job_tag(text: str | None) -> JobTag | None:
+    """Inverse of ``JobTag.render``; None if ``text`` is not a job tag
+    (another AdminComment, or none: the job was not submitted through
+    job_submit.lua). Fields after the tag's own (the daemon's marks) are
+    kept in ``extra``.
 
-    :raises ContractError: a job tag with a malformed field (the message
-        quotes at most a few dozen characters of it).
+    :raises ContractError: a job tag with a malformed or missing field (the
+        message quotes at most a few dozen characters of it).
     """
     text = (text or "").strip()
     if not text.startswith(JOB_TAG_PREFIX):
         return None
-    fields: dict[str, object] = {}
+    fields: dict[str, str] = {}
     for item in text[len(JOB_TAG_PREFIX):].split(","):
         key, sep, value = item.partition("=")
         if not sep:
             raise ContractError(f"job tag {_brief(text)}: field {_brief(item)} is not key=value")
         fields[key] = value
     try:
-        fields["elastic"] = elastic({ELASTIC: str(fields["elastic"])[:40]})
-        fields["ws"] = _int(WORLD_SIZE, {WORLD_SIZE: str(fields["ws"])[:40]})
+        sla = fields.pop("sla")
+        lo_hi = elastic({ELASTIC: fields.pop("elastic")[:40]})
+        world = _int(WORLD_SIZE, {WORLD_SIZE: fields.pop("ws")[:40]})
     except KeyError as exc:
         raise ContractError(f"job tag {_brief(text)}: missing field {exc.args[0]!r}") from None
     except ContractError as exc:
         raise ContractError(f"job tag {_brief(text)}: {exc}") from None
-    if "sla" not in fields:
-        raise ContractError(f"job tag {_brief(text)}: missing field 'sla'")
-    return fields
+    if lo_hi is None or world is None:
+        raise ContractError(f"job tag {_brief(text)}: elastic and ws must not be empty")
+    return JobTag(sla, lo_hi, world, fields)
 
 
 # --- runtime (singularity-run and its workers) ---------------------------

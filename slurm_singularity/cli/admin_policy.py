@@ -24,15 +24,14 @@ from pathlib import Path
 from .. import contract
 from ..policy import default_policy_path
 from ..policy.api import Policy, PolicyError
+from ..policy.install import install, installed_policy_path, restore
 from ..policy.load import load_policy
-from ..policy.render import associations, render_policy_files
+from ..policy.render import UNIT_NAME, associations, render_policy_files, render_unit
 from ..policy.rules import Decision, decide
-from ..policy.sbatch_args import SbatchArgsError, parse_sbatch_args
+from ..policy.sbatch_args import parse_sbatch_args
 
 log = logging.getLogger(__name__)
 
-#: Files ``apply`` installs next to slurm.conf.
-POLICY_FILES = ("policy.conf", "job_submit.lua")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -43,8 +42,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     check.add_argument("file", type=Path, help="policy file (TOML)")
     check.set_defaults(func=_check)
     apply = psub.add_parser(
-        "apply", help="validate, render policy.conf and job_submit.lua next to slurm.conf, "
-                      "scontrol reconfigure")
+        "apply", help="validate, install the policy with the policy.conf and job_submit.lua "
+                      "rendered from it next to slurm.conf, scontrol reconfigure, install the "
+                      "daemon's systemd unit")
     apply.add_argument("file", type=Path, help="policy file (TOML)")
     apply.add_argument("--conf-dir", type=Path, default=None,
                        help="Slurm's configuration directory (default: that of $SLURM_CONF)")
@@ -53,6 +53,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                             "of slurm.conf in the conf dir)")
     apply.add_argument("--no-reconfigure", action="store_true",
                        help="only write the files")
+    apply.add_argument("--unit-dir", type=Path, default=None,
+                       help=f"where to install the daemon's systemd unit {UNIT_NAME} (default: "
+                            "the conf dir; `systemctl link` it, or give /etc/systemd/system)")
     apply.set_defaults(func=_apply)
 
     add_explain_parser(job_group(sub))
@@ -82,7 +85,8 @@ def add_explain_parser(jsub: argparse._SubParsersAction) -> None:
                     "are read); prints tier, partition, requeue, signal, elastic range and "
                     "world size, or the message sbatch would print. Exit 1 if rejected.")
     explain.add_argument("--policy", type=Path, default=None,
-                         help="policy file (default: templates/policy.toml)")
+                         help="policy file (default: the one `policy apply` installed beside "
+                              "$SLURM_CONF, else the packaged templates/policy.toml)")
     explain.add_argument("--json", action="store_true", help="machine-readable output")
     explain.add_argument("sbatch_args", nargs="*", metavar="SBATCH_OPTION",
                          help="sbatch options, e.g. --sla=basic --elastic=2:8 --gres=gpu:8")
@@ -171,50 +175,7 @@ def nodes_of_slurm_conf(text: str) -> str | None:
     return ",".join(names) or None
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def install(files: dict[str, str], conf_dir: Path) -> dict[str, str | None]:
-    """Write ``files`` into ``conf_dir`` atomically, one by one; returns the
-    previous contents (None = the file did not exist) for ``restore``."""
-    previous: dict[str, str | None] = {}
-    for name in files:
-        path = conf_dir / name
-        previous[name] = path.read_text(encoding="utf-8") if path.exists() else None
-    for name, text in files.items():
-        _write_atomic(conf_dir / name, text)
-    _fsync_dir(conf_dir)
-    return previous
-
-
-def restore(previous: dict[str, str | None], conf_dir: Path) -> None:
-    for name, text in previous.items():
-        if text is None:
-            (conf_dir / name).unlink(missing_ok=True)
-        else:
-            _write_atomic(conf_dir / name, text)
-    _fsync_dir(conf_dir)
-
-
 def _apply(args: argparse.Namespace) -> int:
-    from ..slurm.api import SlurmError
-    from ..slurm.cli import CliSlurmClient
-
     try:
         policy = load_policy(args.file)
     except PolicyError as exc:
@@ -236,13 +197,33 @@ def _apply(args: argparse.Namespace) -> int:
         if nodes is None:
             return _error("policy apply", f"{slurm_conf} has no NodeName line; give --nodes")
     files = render_policy_files(policy, nodes, source=str(args.file))
+    unit_dir = args.unit_dir or conf_dir
+    unit = render_unit(Path(sys.prefix), slurm_conf, installed_policy_path(conf_dir))
     try:
         previous = install(files, conf_dir)
     except OSError as exc:
         return _error("policy apply", f"cannot write into {conf_dir}: {exc}")
-    print(f"installed {', '.join(files)} into {conf_dir}")
-    if args.no_reconfigure:
-        return 0
+    print(f"installed {', '.join(files)} into {conf_dir} (policy sha256 {policy.sha256})")
+    if not args.no_reconfigure:
+        rc = _reconfigure(policy, slurm_conf, previous, conf_dir)
+        if rc:
+            return rc
+    try:
+        install({UNIT_NAME: unit}, unit_dir)
+    except OSError as exc:
+        return _error("policy apply", f"cannot write {unit_dir / UNIT_NAME}: {exc}")
+    print(f"installed {unit_dir / UNIT_NAME} (singularity-schedd on "
+          f"{installed_policy_path(conf_dir)})")
+    return 0
+
+
+def _reconfigure(policy: Policy, slurm_conf: Path, previous: dict[str, str | None],
+                 conf_dir: Path) -> int:
+    """``scontrol reconfigure``; on failure put ``previous`` back. Then the
+    policy's accounts in slurmdbd. Returns the exit status."""
+    from ..slurm.api import SlurmError
+    from ..slurm.cli import CliSlurmClient
+
     env = {"SLURM_CONF": str(slurm_conf)}
     client = CliSlurmClient(env)
     try:
@@ -311,6 +292,13 @@ def unprotected_warning(decision: Decision, argv: list[str], script: str | None)
             f"not protected (see docs/user-guide.md)"]
 
 
+def _explain_default() -> Path:
+    """The installed policy where there is one (a login node that shares
+    the controller's Slurm configuration), else the packaged default."""
+    installed = installed_policy_path()
+    return installed if installed.is_file() else default_policy_path()
+
+
 def _explain(args: argparse.Namespace) -> int:
     argv = list(args.sbatch_args)
     script = None
@@ -321,9 +309,9 @@ def _explain(args: argparse.Namespace) -> int:
             return _error("job explain", f"cannot read {argv[-1]}: {exc}")
         argv = argv[:-1]
     try:
-        policy = load_policy(args.policy or default_policy_path())
+        policy = load_policy(args.policy or _explain_default())
         sub, ignored = parse_sbatch_args(argv, script)
-    except (PolicyError, SbatchArgsError) as exc:
+    except PolicyError as exc:   # SbatchArgsError is one
         return _error("job explain", exc)
     if ignored:
         print(f"job explain: ignored (not looked at by the policy): {' '.join(ignored)}",

@@ -10,27 +10,28 @@ import sys
 import time
 from pathlib import Path
 
-from .. import paths
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("status", help="jobs, tiers and GPUs as the scheduler sees them")
-    p.add_argument("--policy", type=Path, default=paths.TEMPLATES_DIR / "policy.toml",
-                   help="policy file (default templates/policy.toml)")
+    p.add_argument("--policy", type=Path, default=None,
+                   help="policy file (default: the one `singularity-admin policy apply` "
+                        "installed, policy.toml beside $SLURM_CONF)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_status)
 
 
-def collect(policy_path: Path) -> dict:
+def collect(policy_path: Path | None) -> dict:
     """The status as a dict (what ``--json`` prints).
 
     :raises PolicyError, SlurmError:
     """
+    from ..policy.install import installed_policy_path
     from ..policy.load import load_policy
     from ..sched.observe import observe
     from ..slurm.cli import CliSlurmClient
 
-    policy = load_policy(policy_path)
+    policy = load_policy(policy_path or installed_policy_path())
     client = CliSlurmClient()
     now = time.time()
     obs = observe(client.jobs(), client.nodes(), policy, now)

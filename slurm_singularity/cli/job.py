@@ -31,17 +31,16 @@ import shlex
 import signal
 import subprocess
 import sys
-import tempfile
-from pathlib import Path
 from typing import MutableMapping
 
 from slurm_singularity import contract
 from slurm_singularity.sched.observe import read_marks
-from slurm_singularity.slurm.cli import parse_scontrol_record
+from slurm_singularity.slurm import gres
+from slurm_singularity.slurm.api import SlurmError
+from slurm_singularity.slurm.cli import CliSlurmClient
 
 log = logging.getLogger("singularity-job")
 
-_GPUS = re.compile(r"gpu(?::[^:,]+)?:(\d+)")
 _EXPORT = re.compile(r"^export (\w+)=(.*)$")
 _UNSET = re.compile(r"^unset (\w+)$")
 
@@ -52,10 +51,12 @@ def inplace_nodes(record: dict[str, str]) -> int | None:
     multiple of ``G`` and fewer nodes than now; else None."""
     target = read_marks(record.get("AdminComment", "")).resize_to
     nodes = int(record.get("NumNodes", "0").split("-")[0] or 0)
-    match = _GPUS.search(record.get("TresPerNode", ""))
-    if not target or not match or nodes < 2:
+    try:
+        per_node = gres.gpus(record.get("TresPerNode", ""), "scontrol TresPerNode")
+    except SlurmError:
         return None
-    per_node = int(match.group(1))
+    if not target or nodes < 2:
+        return None
     if per_node < 1 or target % per_node or target // per_node >= nodes:
         return None
     return target // per_node
@@ -69,15 +70,6 @@ def apply_resize_script(text: str, environ: MutableMapping[str, str]) -> None:
             environ[m.group(1)] = " ".join(shlex.split(m.group(2)))
         elif m := _UNSET.match(line):
             environ.pop(m.group(1), None)
-
-
-def shrink(job_id: str, nodes: int) -> str:
-    """Shrink this job to ``nodes``; returns the resize script scontrol
-    wrote. :raises subprocess.CalledProcessError, OSError: it failed."""
-    with tempfile.TemporaryDirectory(prefix="singularity-resize-") as tmp:
-        subprocess.run(["scontrol", "update", f"JobId={job_id}", f"NumNodes={nodes}"],
-                       cwd=tmp, check=True, capture_output=True, text=True)
-        return (Path(tmp) / f"slurm_job_{job_id}_resize.sh").read_text()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,17 +92,15 @@ def main(argv: list[str] | None = None) -> int:
             rc = 128 - rc
         if rc != contract.REQUEUE_EXIT_CODE or not job_id:
             return rc
+        slurm = CliSlurmClient()
         try:
-            record = parse_scontrol_record(subprocess.run(
-                ["scontrol", "show", "job", "-o", job_id], check=True, capture_output=True,
-                text=True).stdout)
-            nodes = inplace_nodes(record)
+            nodes = inplace_nodes(slurm.show_job(int(job_id)))
             if nodes is None:
                 return rc
-            apply_resize_script(shrink(job_id, nodes), os.environ)
-        except (subprocess.CalledProcessError, OSError) as exc:
+            apply_resize_script(slurm.shrink_in_place(int(job_id), nodes), os.environ)
+        except (SlurmError, ValueError) as exc:
             log.warning("cannot shrink job %s in place (%s); leaving it to a requeue",
-                        job_id, getattr(exc, "stderr", None) or exc)
+                        job_id, exc)
             return rc
         log.info("job %s shrunk in place to %d node(s) (%s); running the step again",
                  job_id, nodes, os.environ.get("SLURM_JOB_NODELIST", "?"))

@@ -8,7 +8,6 @@ import os
 import sys
 from pathlib import Path
 
-from .. import paths
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -16,8 +15,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="singularity-schedd",
         description="Grow elastic jobs into idle GPUs, shrink them instead of preempting, "
                     "and serve tiers and fairness by the policy.")
-    p.add_argument("--policy", type=Path, default=paths.TEMPLATES_DIR / "policy.toml",
-                   help="policy file (default templates/policy.toml)")
+    p.add_argument("--policy", type=Path, default=None,
+                   help="policy file (default: the one `singularity-admin policy apply` "
+                        "installed, policy.toml beside $SLURM_CONF); refused unless it is the "
+                        "policy that Slurm's installed job_submit.lua was generated from")
     p.add_argument("--period", type=float, default=2.0, help="seconds between passes (default 2)")
     p.add_argument("--gpus-per-node", type=int, default=8,
                    help="GPUs per node, to shape resized requests (default 8)")
@@ -57,13 +58,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from ..policy.api import PolicyError
-    from ..policy.load import load_policy
+    from ..policy.install import LivePolicy, installed_policy_path
     from ..sched.daemon import Daemon, DaemonSettings, install_signal_handlers
     from ..sched.executor import ExecutorSettings
     from ..slurm.cli import CliSlurmClient
 
+    if args.policy is None:
+        args.policy = installed_policy_path()
     try:
-        policy = load_policy(args.policy)
+        live = LivePolicy(args.policy)
+        policy = live.current()
         settings = DaemonSettings(
             period_s=args.period, metrics_port=args.metrics_port,
             max_passes=1 if args.once else 0,
@@ -71,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
                                       min_grace_s=args.min_grace),
             journal_path=None if args.no_journal or args.dry_run
             else (args.journal or default_journal()))
-        daemon = Daemon(CliSlurmClient(), policy, settings)
+        daemon = Daemon(CliSlurmClient(), policy, settings, live_policy=live.current)
     except (PolicyError, ValueError) as exc:
         print(f"singularity-schedd: error: {exc}", file=sys.stderr)
         return 2

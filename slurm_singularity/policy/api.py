@@ -9,6 +9,7 @@ name, key and line to the error.
 from __future__ import annotations
 
 import enum
+import hashlib
 import math
 import re
 import sys
@@ -34,7 +35,8 @@ MAX_SPLICE_FACTOR_MAX = 1024       # logical ranks time-sliced on one device
 
 
 class PolicyError(ValueError):
-    """A policy is invalid. ``key`` is the dotted key (``tiers.basic.grace_time_s``),
+    """Root of the policy's errors: a policy (or a submission's options,
+    ``SbatchArgsError``) is invalid. ``key`` is the dotted key (``tiers.basic.grace_time_s``),
     ``path`` and ``line`` say where, when known."""
 
     def __init__(self, message: str, *, key: str | None = None,
@@ -265,6 +267,18 @@ class Policy:
     #: Partitions the policy creates, by name. Empty: one partition per tier,
     #: named as the tier's ``partition``, over all nodes.
     partitions: Mapping[str, PartitionSpec] = field(default_factory=dict)
+    #: The TOML text the policy was parsed from ("" for one built in code).
+    #: ``policy apply`` installs it beside the files it renders, and its
+    #: sha256 goes into them, so that every reader can check it decides on
+    #: the policy Slurm enforces. Not part of equality.
+    source_text: str = field(default="", compare=False, repr=False)
+
+    @property
+    def sha256(self) -> str | None:
+        """sha256 (hex) of ``source_text``; None for a policy built in code."""
+        if not self.source_text:
+            return None
+        return hashlib.sha256(self.source_text.encode("utf-8")).hexdigest()
 
     def __post_init__(self) -> None:
         if not self.tiers:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import re
 import tomllib
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -62,7 +63,7 @@ def parse_policy(text: str, path: str = "<string>") -> Policy:
         raise PolicyError(f"not valid TOML: {exc}", path=path,
                           line=int(m.group(1)) if m else None) from None
     try:
-        return _build(data)
+        return replace(_build(data), source_text=text)
     except PolicyError as exc:
         raise PolicyError(exc.message, key=exc.key, path=path,
                           line=line_of(text, exc.key) if exc.key else None) from None

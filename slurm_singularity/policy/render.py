@@ -18,6 +18,11 @@ from .. import contract, paths
 from .api import Policy, PreemptMode
 from .rules import MAX_COUNT
 
+#: Name of the installed policy file, beside job_submit.lua and policy.conf.
+INSTALLED_POLICY = "policy.toml"
+#: The daemon's systemd unit that ``policy apply`` renders and installs.
+UNIT_NAME = "singularity-schedd.service"
+
 
 def templates_dir() -> Path:
     """The repository's ``templates/`` directory (policy.toml, the .j2 files)."""
@@ -111,7 +116,7 @@ def render_policy_conf(policy: Policy, nodes: str, source: str = "(policy)") -> 
             r["preempt_mode"] = "OFF"
     modes = {r["preempt_mode"] for r in rows} - {"OFF"}
     return _environment().get_template("policy.conf.j2").render(
-        source=source, partitions=rows,
+        source=source, partitions=rows, policy_sha256=policy.sha256,
         preempt_type="preempt/partition_prio" if modes else "preempt/none",
         preempt_mode="REQUEUE" if "REQUEUE" in modes else ("CANCEL" if modes else "OFF"))
 
@@ -123,6 +128,7 @@ def render_job_submit(policy: Policy, source: str = "(policy)") -> str:
                   "DETERMINISTIC")}
     return _environment().get_template("job_submit.lua.j2").render(
         source=source.replace("]]", "] ]"), policy_table=lua_literal(policy_table(policy)),
+        policy_sha256=policy.sha256,
         max_count=MAX_COUNT, plugin=contract.SPANK_PLUGIN_NAME, env=env_names,
         tag_prefix=contract.JOB_TAG_PREFIX)
 
@@ -151,6 +157,19 @@ def associations(policy: Policy, everyone: Sequence[str]
 def render_policy_files(policy: Policy, nodes: str, source: str = "(policy)") -> dict[str, str]:
     """``{"policy.conf": ..., "job_submit.lua": ...}`` for ``policy`` over
     the node list ``nodes``; ``source`` (the policy file's name) goes into
-    their header comments."""
-    return {"policy.conf": render_policy_conf(policy, nodes, source),
-            "job_submit.lua": render_job_submit(policy, source)}
+    their header comments. A policy parsed from a file (``source_text``) adds
+    ``policy.toml``, its text, and both headers carry its sha256
+    (``install.HASH_LINE``): what Slurm enforces names the policy it came from."""
+    files = {"policy.conf": render_policy_conf(policy, nodes, source),
+             "job_submit.lua": render_job_submit(policy, source)}
+    if policy.source_text:
+        # the policy itself, beside what it generates: the one live policy
+        files[INSTALLED_POLICY] = policy.source_text
+    return files
+
+
+def render_unit(venv: Path, slurm_conf: Path, policy: Path) -> str:
+    """The daemon's systemd unit: ``venv``'s singularity-schedd for the
+    Slurm of ``slurm_conf``, on the installed ``policy``."""
+    return _environment().get_template(f"{UNIT_NAME}.j2").render(
+        venv=venv, slurm_conf=slurm_conf, policy=policy)

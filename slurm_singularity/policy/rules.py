@@ -50,6 +50,8 @@ import re
 from dataclasses import dataclass, field
 
 from .. import contract
+from ..slurm import gres
+from ..slurm.api import SlurmOutputError
 from .api import Policy, PreemptMode, Tier
 
 #: Largest value of --world-size and of either end of --elastic. Keeps every
@@ -62,7 +64,6 @@ _UNSET_FROM = 65534
 # ASCII digits only, whole string (as Lua's %d and the C plugin).
 _ELASTIC = re.compile(r"([0-9]{1,6}):([0-9]{1,6})")
 _COUNT = re.compile(r"[0-9]{1,6}")
-_DIGITS = re.compile(r"[0-9]+")
 
 
 @dataclass(frozen=True)
@@ -193,18 +194,16 @@ def parse_ckpt_dir(text: str) -> str:
 # -- GPUs requested ----------------------------------------------------------
 
 def gpus_in_tres(tres: str | None) -> int:
-    """GPUs in a TRES request string: ``gres:gpu:4`` / ``gres/gpu:4`` -> 4,
-    ``gres:gpu:a100:2,gres:gpu:v100:1`` -> 3, ``gres:gpu`` -> 1, none -> 0."""
-    total = 0
-    for entry in (tres or "").split(","):
-        parts = entry.strip().replace("gres/", "gres:").split(":")
-        if parts and parts[0] == "gres":
-            parts = parts[1:]
-        if not parts or parts[0] != "gpu":
-            continue
-        last = parts[-1]
-        total += int(last) if len(parts) > 1 and _DIGITS.fullmatch(last) else 1
-    return total
+    """GPUs in a TRES request string (``gres:gpu:4``, ``gres/gpu:4``,
+    ``gres:gpu:a100:2,gres:gpu:v100:1``, ``gres:gpu``), read by the one
+    GRES/TRES reader, ``slurm/gres.py``.
+
+    :raises Rejected: a spelling it cannot read, naming ``--gres``.
+    """
+    try:
+        return gres.gpus(tres, "--gres")
+    except SlurmOutputError as exc:
+        raise Rejected("--gres", f"--gres: cannot read {exc.text}: {exc.reason}") from None
 
 
 def _set(n: int | None) -> int | None:
@@ -392,9 +391,9 @@ def _merged(job: Submission, change: Submission, tag: str | None) -> Submission:
     options = dict(sla=job.sla, elastic=job.elastic, world_size=job.world_size,
                    partition=job.partition)
     if recorded is not None:
-        lo, hi = recorded["elastic"]
-        options = dict(sla=str(recorded["sla"]), elastic=f"{lo}:{hi}",
-                       world_size=str(recorded.get("ws", "")) or None, partition=None)
+        lo, hi = recorded.elastic
+        options = dict(sla=recorded.sla, elastic=f"{lo}:{hi}",
+                       world_size=str(recorded.world_size), partition=None)
     return Submission(
         **options, **merged, ckpt_dir=job.ckpt_dir, proxy=job.proxy,
         deterministic=job.deterministic, account=change.account or job.account,

@@ -13,10 +13,11 @@ import re
 import shlex
 from dataclasses import replace
 
+from .api import PolicyError
 from .rules import Submission
 
 
-class SbatchArgsError(ValueError):
+class SbatchArgsError(PolicyError):
     """An option the rules need is malformed; the message names it."""
 
 

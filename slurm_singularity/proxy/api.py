@@ -45,7 +45,7 @@ class RemoteError(ProxyError):
     """An operation failed inside the proxy; carries the proxy's message."""
 
 
-class ProxySpecError(ValueError):
+class ProxySpecError(ProxyError, ValueError):
     """A proxy setting is invalid; names the setting."""
 
 

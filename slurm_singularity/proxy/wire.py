@@ -440,17 +440,3 @@ def decode_frame(payload: bytes | memoryview, max_tensor_bytes: int = 1 << 34
         raise WireError(f"DEF message of {len(payload)} bytes is larger than "
                         f"{MAX_TEMPLATE_BYTES} bytes")
     return decode_message(payload, max_tensor_bytes)
-
-
-def decode_value(payload: bytes, max_tensor_bytes: int = 1 << 34) -> Any:
-    reader = _Reader(memoryview(payload), max_tensor_bytes)
-    value = reader.value(0)
-    if reader.pos != len(payload):
-        raise WireError(f"{len(payload) - reader.pos} trailing bytes after the value")
-    return value
-
-
-def encode_value(value: Any) -> bytes:
-    out = bytearray()
-    _encode(value, out, 0)
-    return bytes(out)

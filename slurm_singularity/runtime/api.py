@@ -15,12 +15,16 @@ import enum
 from dataclasses import dataclass
 
 
-class RuntimeSetupError(ValueError):
+class JobRuntimeError(RuntimeError):
+    """Root of the runtime's errors: a caller catches this one class."""
+
+
+class RuntimeSetupError(JobRuntimeError, ValueError):
     """Bad job shape or arguments (W not a multiple of D, D < 1, ...); the
     message names the field or option."""
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(JobRuntimeError):
     """A checkpoint could not be written or none could be read."""
 
 

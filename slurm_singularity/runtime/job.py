@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from slurm_singularity import contract
-from slurm_singularity.runtime.api import BufferPolicy, JobShape
+from slurm_singularity.runtime.api import BufferPolicy, JobRuntimeError, JobShape
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ def select_device(explicit: torch.device | str | None = None) -> torch.device:
     return torch.device("cpu")
 
 
-class RendezvousError(RuntimeError):
+class RendezvousError(JobRuntimeError):
     """The devices of a job did not all meet within the rendezvous timeout
     (a node that never came, an address that refuses); the message names
     the address, the timeout and the setting."""

@@ -34,11 +34,13 @@ from typing import Any
 import numpy
 import torch
 
+from slurm_singularity.runtime.api import JobRuntimeError
+
 ALIGN = 64
 _LEN_DIGITS = 16
 
 
-class StateFormatError(ValueError):
+class StateFormatError(JobRuntimeError, ValueError):
     """The state holds something this format cannot store, or a payload's
     header is malformed; the message names the place."""
 

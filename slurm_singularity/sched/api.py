@@ -26,7 +26,9 @@ from ..policy.api import Tier
 
 
 class SchedError(ValueError):
-    """A scheduler value is invalid; the message names the field."""
+    """Root of the scheduler's errors (the simulator's ``TraceError`` and
+    ``SimError`` too): a scheduler value is invalid; the message names the
+    field."""
 
 
 class JobPhase(enum.Enum):
@@ -60,21 +62,6 @@ class JobPhase(enum.Enum):
     def terminal(self) -> bool:
         return self in (JobPhase.COMPLETED, JobPhase.FAILED, JobPhase.CANCELLED)
 
-    def can_become(self, other: "JobPhase") -> bool:
-        return other in _TRANSITIONS[self]
-
-
-_TRANSITIONS = {
-    JobPhase.HELD: {JobPhase.PENDING, JobPhase.CANCELLED},
-    JobPhase.PENDING: {JobPhase.RUNNING, JobPhase.HELD, JobPhase.CANCELLED},
-    JobPhase.RUNNING: {JobPhase.RESIZING, JobPhase.PREEMPTING, JobPhase.COMPLETED,
-                       JobPhase.FAILED, JobPhase.CANCELLED},
-    JobPhase.RESIZING: {JobPhase.RUNNING, JobPhase.FAILED, JobPhase.CANCELLED},
-    JobPhase.PREEMPTING: {JobPhase.PENDING, JobPhase.FAILED, JobPhase.CANCELLED},
-    JobPhase.COMPLETED: set(),
-    JobPhase.FAILED: set(),
-    JobPhase.CANCELLED: set(),
-}
 
 
 @dataclass(frozen=True, slots=True)

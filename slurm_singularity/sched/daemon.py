@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ..policy.api import Policy
+from ..policy.api import Policy, PolicyError
 from ..slurm.api import SlurmClient, SlurmError
-from .api import Action, ActionKind, JobPhase
+from .api import Action, ActionKind, JobPhase, SchedError
 from .executor import Executor, ExecutorSettings
 from .journal import Journal
 from .observe import observe
@@ -86,9 +86,16 @@ class Daemon:
     """One observe -> plan -> act loop."""
 
     def __init__(self, client: SlurmClient, policy: Policy, settings: DaemonSettings,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 live_policy: Callable[[], Policy] | None = None) -> None:
+        """``live_policy``, when given, is asked for the policy before each
+        pass (``policy.install.LivePolicy.current``): a new one is taken
+        over; while it raises ``PolicyError`` (Slurm enforces another) the
+        daemon observes nothing and acts on nothing."""
         self.client = client
         self.policy = policy
+        self.live_policy = live_policy
+        self._policy_refused: str | None = None
         self.settings = settings
         self.clock = clock
         self.journal = Journal(settings.journal_path) if settings.journal_path else None
@@ -127,6 +134,8 @@ class Daemon:
 
         :raises SlurmError: Slurm could not be read.
         """
+        if self.live_policy is not None and not self._take_live_policy():
+            return []
         now = self.clock()
         jobs = self.client.jobs()
         obs = observe(jobs, self.client.nodes(), self.policy, now, journal=self.journal,
@@ -142,7 +151,7 @@ class Daemon:
                 if repaired:
                     log.warning("[job %s] %s", job_id, repaired)
                 what = self.executor.continue_resize(view)
-            except (SlurmError, OSError) as exc:
+            except (SlurmError, SchedError, OSError) as exc:
                 self.metrics.errors.inc()
                 log.warning("[job %s] continuing its resize failed: %s", job_id, exc)
                 touched.add(job_id)
@@ -171,7 +180,7 @@ class Daemon:
                 continue
             try:
                 what = self.executor.execute(action, view)
-            except (SlurmError, OSError) as exc:
+            except (SlurmError, SchedError, OSError) as exc:
                 self.metrics.errors.inc()
                 log.warning("[job %s] %s failed: %s", action.job_id, action.kind.value, exc)
                 continue
@@ -181,6 +190,25 @@ class Daemon:
             done.append((action, what))
         self._update_gauges(obs.state, now)
         return done
+
+    def _take_live_policy(self) -> bool:
+        """Follow the live policy; False (and one warning per reason) while
+        Slurm enforces another policy than the daemon would act on."""
+        try:
+            policy = self.live_policy()  # type: ignore[misc]
+        except PolicyError as exc:
+            if str(exc) != self._policy_refused:
+                self._policy_refused = str(exc)
+                log.error("not acting until the policy is the one Slurm enforces: %s", exc)
+            return False
+        if self._policy_refused is not None:
+            log.info("acting again: the policy is the one Slurm enforces")
+            self._policy_refused = None
+        if policy.sha256 != self.policy.sha256:
+            log.info("new policy (sha256 %s) taken over: Slurm enforces it now",
+                     (policy.sha256 or "")[:12])
+            self.policy = self.executor.policy = policy
+        return True
 
     def _update_gauges(self, state, now: float) -> None:
         m = self.metrics

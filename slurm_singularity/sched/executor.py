@@ -28,11 +28,12 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..policy.api import Policy
-from ..slurm.api import SlurmClient, SlurmError
+from ..slurm import gres
+from ..slurm.api import SlurmClient, SlurmError, SlurmState
 from .api import Action, ActionKind
 from .journal import Journal, JournalEntry
 from .marks import Marks, ResizeStep
-from .observe import PENDING_STATES, JobView
+from .observe import JobView
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +148,7 @@ class Executor:
             return None
         job_id = view.job.job_id
         state = view.job.state
-        if state in PENDING_STATES:
+        if state.pending:
             done = []
             if marks.resize_to and marks.resize_to != view.requested:
                 done.append(self._update_size(job_id, marks.resize_to))
@@ -158,7 +159,7 @@ class Executor:
                 self.release(view)
                 done.append("released it to start now")
             return "requeued; " + "; ".join(done or ["mark cleared"])
-        if state != "RUNNING":
+        if state != SlurmState.RUNNING:
             return None        # starting or completing: seen anew next pass
         if view.job.start_time > marks.step_time + RUN_AFTER_MARK_S:
             # requeued and started again while the daemon was away: the mark
@@ -268,7 +269,7 @@ class Executor:
     def _update_size(self, job_id: int, devices: int) -> str:
         nodes, per_node = request_shape(devices, self.settings.gpus_per_node)
         self.client.scontrol("update", f"JobId={job_id}", f"NumNodes={nodes}-{nodes}",
-                             f"TresPerNode=gres:gpu:{per_node}")
+                             f"TresPerNode={gres.request(per_node)}")
         return f"request set to {nodes} node(s) x {per_node} GPU(s)"
 
     def release(self, view: JobView) -> None:

@@ -20,6 +20,7 @@ import re
 from dataclasses import dataclass
 
 from .. import contract
+from .api import SchedError
 
 _RESIZE = re.compile(r"(\d+)@(\d+(?:\.\d+)?)")
 _STEP = re.compile(r"([a-z]+)@(\d+(?:\.\d+)?)")
@@ -88,6 +89,15 @@ class Marks:
         return Marks(self.tag, None, 0.0, self.work_s if work_s is None else work_s)
 
     def at_step(self, step: ResizeStep, when: float) -> "Marks":
+        """The marks with the action taken one step further, at ``when``.
+
+        :raises SchedError: ``step`` is not a legal next step of ``self.step``
+            (ResizeStep's transitions): the executor never sends a signal,
+            requeue or kill out of order.
+        """
+        if not self.step.can_become(step):
+            raise SchedError(f"resize step {self.step.value} -> {step.value} is not a legal "
+                             "transition (ResizeStep)")
         return Marks(self.tag, self.resize_to, self.resize_at, self.work_s, step, when)
 
     def render(self) -> str:

@@ -20,27 +20,20 @@ user's ``--begin``.
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass, replace
 from typing import Iterable
 
 from .. import contract
 from ..policy.api import Policy, Tier
-from ..slurm.api import Job, Node
-from ..slurm.cli import gpus_in
+from ..slurm.api import Job, Node, SlurmState
 from .api import ClusterState, JobPhase, JobState, NodeState
 from .journal import Journal, merge, same_run
 from .marks import Marks, ResizeStep, read_marks
 
-__all__ = ["JobView", "Marks", "Observation", "ResizeStep", "observe", "read_marks",
-           "requested_gpus"]
+__all__ = ["JobView", "Marks", "Observation", "ResizeStep", "observe", "read_marks"]
 
 log = logging.getLogger(__name__)
 
-_IDX = re.compile(r"^gpu(?::[^:(]+)?:(\d+)")
-
-RUNNING_STATES = {"RUNNING", "COMPLETING", "CONFIGURING"}
-PENDING_STATES = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"}
 #: Pending reasons of a job that does not want to start now: held by its
 #: user or an admin (priority 0), so it is no demand.
 HELD_REASONS = {"JobHeldUser", "JobHeldAdmin", "JobHeld"}
@@ -85,35 +78,6 @@ def node_states(nodes: Iterable[Node], used: dict[str, int]) -> tuple[NodeState,
     return tuple(out)
 
 
-def placement_of(job: Job) -> tuple[tuple[str, int], ...]:
-    """(node, gpus) pairs of a running job from squeue's gres_detail."""
-    detail = job.extra.get("gres_detail") or []
-    res = job.extra.get("job_resources") or {}
-    names = [n.get("nodename") for n in res.get("allocated_nodes", []) if isinstance(n, dict)]
-    out = []
-    for name, gres in zip(names, detail):
-        m = _IDX.match(str(gres))
-        if name and m and int(m.group(1)):
-            out.append((name, int(m.group(1))))
-    return tuple(out)
-
-
-_REQ_GPUS = re.compile(r"(?:^|,)gres/gpu=(\d+)")
-
-
-def requested_gpus(job: Job) -> int:
-    """GPUs the job's request asks for in all. ``tres_req_str`` has the
-    total after an update; a requeued job's ``node_count`` still shows its
-    previous allocation until it starts again."""
-    m = _REQ_GPUS.search(str(job.extra.get("tres_req_str") or ""))
-    if m:
-        return int(m.group(1))
-    per_node = job.extra.get("tres_per_node")
-    if per_node:
-        return gpus_in(str(per_node)) * int(job.extra.get("node_count") or 1)
-    return gpus_in(str(job.extra.get("tres_per_job") or ""))
-
-
 #: Most seconds between a job's requeue and the time Slurm lets it start
 #: again (cred_expire + 1; cred_expire is 120 s by default). A pending job
 #: that may start later than that was given its begin time by someone (a
@@ -132,7 +96,7 @@ def requeued_by_slurm(job: Job) -> bool:
 
 
 def is_held(job: Job) -> bool:
-    return job.reason in HELD_REASONS or job.priority == 0 or job.state == "REQUEUE_HOLD"
+    return job.reason in HELD_REASONS or job.priority == 0 or job.state == SlurmState.REQUEUE_HOLD
 
 
 def observe(jobs: Iterable[Job], nodes: Iterable[Node], policy: Policy,
@@ -150,12 +114,11 @@ def observe(jobs: Iterable[Job], nodes: Iterable[Node], policy: Policy,
     views: dict[int, JobView] = {}
     warned = set() if warned is None else warned
     for job in jobs:
-        running = job.state in RUNNING_STATES
-        pending = job.state in PENDING_STATES
+        running, pending = job.state.running, job.state.pending
         if not (running or pending):
             continue
-        requested = requested_gpus(job)
-        placement = placement_of(job) if running else ()
+        requested = job.gpus
+        placement = job.placement if running else ()
         held = sum(g for _, g in placement) if placement else (requested if running else 0)
         for name, g in placement:
             used[name] = used.get(name, 0) + g
@@ -196,11 +159,11 @@ def _view(job: Job, policy: Policy, devices: int, requested: int,
     try:
         tag = contract.parse_job_tag(marks.tag)
         if tag is not None:
-            Tier(str(tag["sla"]))
+            Tier(tag.sla)
     except (contract.ContractError, ValueError) as exc:
         if job.job_id not in warned:
             warned.add(job.job_id)
-            why = (f"unknown tier {_short(str(tag['sla']))}" if tag is not None
+            why = (f"unknown tier {_short(tag.sla)}" if tag is not None
                    else str(exc)[:300])
             log.warning("[job %s] job tag refused, the job is treated as untagged "
                         "(rigid, tier of its partition; the daemon will not resize or "
@@ -211,9 +174,8 @@ def _view(job: Job, policy: Policy, devices: int, requested: int,
         tier = policy.tier_of_partition(job.partition) or policy.defaults.tier
         return JobView(job, Marks(tag=job.admin_comment), tier, max(requested, 1), devices,
                        requested, None, tagged=False, slurm_marks=None)
-    world = int(tag["ws"])  # type: ignore[arg-type]
-    return JobView(job, marks, Tier(str(tag["sla"])), max(world, 1), devices, requested,
-                   tag["elastic"], tagged=True, slurm_marks=marks)  # type: ignore[arg-type]
+    return JobView(job, marks, Tier(tag.sla), max(tag.world_size, 1), devices, requested,
+                   tag.elastic, tagged=True, slurm_marks=marks)
 
 
 def _job_state(view: JobView, running: bool, held: int,

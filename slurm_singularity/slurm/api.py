@@ -9,19 +9,92 @@ Slurm matches a pyslurm release.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import enum
+from dataclasses import dataclass
 from typing import Mapping, Protocol, Sequence
 
 
 class SlurmError(RuntimeError):
-    """A Slurm command failed. ``command`` is what ran, ``stderr`` what Slurm
-    said (already stripped), ``returncode`` its exit status."""
+    """The root of this subsystem's errors, and itself: a Slurm command
+    failed. ``command`` is what ran, ``stderr`` what Slurm said (already
+    stripped), ``returncode`` its exit status."""
 
     def __init__(self, command: Sequence[str], returncode: int, stderr: str) -> None:
         self.command = list(command)
         self.returncode = returncode
         self.stderr = stderr.strip()
         super().__init__(f"{self.command[0]} failed ({returncode}): {self.stderr}")
+
+
+class SlurmOutputError(SlurmError):
+    """Slurm printed something this layer cannot read: ``field`` (where it
+    came from, e.g. ``squeue tres_per_node``) held ``text``."""
+
+    def __init__(self, field: str, text: str, reason: str) -> None:
+        self.field = field
+        self.text = text
+        self.reason = reason
+        RuntimeError.__init__(self, f"{field}: cannot read {text[:80]}: {reason}")
+        self.command, self.returncode, self.stderr = [field], 0, str(self)
+
+
+class SlurmState(enum.StrEnum):
+    """A job's state as Slurm 22.05 names it (``JOB_STATE_BASE`` and the
+    flags squeue shows as states). A ``str`` whose value is Slurm's own
+    spelling, so it prints and compares as Slurm's word. Slurm moves a job PENDING -> CONFIGURING ->
+    RUNNING -> COMPLETING -> one of the terminal states; REQUEUED and the
+    ``REQUEUE_*`` holds lead back to PENDING. ``UNKNOWN`` stands for a state
+    this list lacks (a later Slurm's)."""
+
+    PENDING = "PENDING"
+    CONFIGURING = "CONFIGURING"
+    RUNNING = "RUNNING"
+    RESIZING = "RESIZING"
+    SIGNALING = "SIGNALING"
+    STAGE_OUT = "STAGE_OUT"
+    COMPLETING = "COMPLETING"
+    SUSPENDED = "SUSPENDED"
+    STOPPED = "STOPPED"
+    REQUEUED = "REQUEUED"
+    REQUEUE_HOLD = "REQUEUE_HOLD"
+    REQUEUE_FED = "REQUEUE_FED"
+    RESV_DEL_HOLD = "RESV_DEL_HOLD"
+    SPECIAL_EXIT = "SPECIAL_EXIT"
+    COMPLETED = "COMPLETED"
+    CANCELLED = "CANCELLED"
+    FAILED = "FAILED"
+    TIMEOUT = "TIMEOUT"
+    PREEMPTED = "PREEMPTED"
+    NODE_FAIL = "NODE_FAIL"
+    BOOT_FAIL = "BOOT_FAIL"
+    DEADLINE = "DEADLINE"
+    OUT_OF_MEMORY = "OUT_OF_MEMORY"
+    REVOKED = "REVOKED"
+    UNKNOWN = "UNKNOWN"
+
+    @classmethod
+    def parse(cls, text: str) -> "SlurmState":
+        """Slurm's spelling (any case; sacct's ``CANCELLED by 0`` too)."""
+        word = (text or "").strip().split(" ")[0].upper()
+        try:
+            return cls(word)
+        except ValueError:
+            return cls.UNKNOWN
+
+    @property
+    def running(self) -> bool:
+        """Holds its nodes and GPUs now."""
+        return self in _RUNNING
+
+    @property
+    def pending(self) -> bool:
+        """Waits to start (a requeued job too)."""
+        return self in _PENDING
+
+
+_RUNNING = frozenset({SlurmState.RUNNING, SlurmState.COMPLETING, SlurmState.CONFIGURING})
+_PENDING = frozenset({SlurmState.PENDING, SlurmState.REQUEUED, SlurmState.REQUEUE_HOLD,
+                      SlurmState.REQUEUE_FED})
 
 
 @dataclass(frozen=True)
@@ -41,7 +114,7 @@ class Job:
 
     job_id: int
     name: str
-    state: str                 # upper case, e.g. "PENDING", "RUNNING"
+    state: SlurmState
     partition: str
     account: str
     user: str
@@ -49,7 +122,9 @@ class Job:
     comment: str = ""
     reason: str = ""
     restart_count: int = 0
-    gpus: int = 0              # GPUs requested (all nodes)
+    #: GPUs the job's request asks for in all (the request as updated, not
+    #: a requeued job's stale node count).
+    gpus: int = 0
     #: Set by job_submit.lua (the job tag) and the daemon (its marks); users
     #: cannot write it, Slurm operators and other tools can.
     admin_comment: str = ""
@@ -61,7 +136,17 @@ class Job:
     eligible_time: float = 0.0
     #: Scheduling priority; 0 = held. None = not reported.
     priority: int | None = None
-    extra: Mapping[str, object] = field(default_factory=dict)
+    #: ``(node, GPUs)`` held on each node while running; () otherwise.
+    placement: tuple[tuple[str, int], ...] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.state, SlurmState):
+            object.__setattr__(self, "state", SlurmState.parse(str(self.state)))
+
+    @property
+    def allocated_gpus(self) -> int:
+        """GPUs held now (0 unless running)."""
+        return sum(g for _, g in self.placement)
 
 
 @dataclass(frozen=True)
@@ -72,7 +157,7 @@ class JobRun:
     start: str                 # ISO time, or "Unknown"/"None"
     end: str
     elapsed_s: int
-    state: str                 # REQUEUED, PREEMPTED, COMPLETED, FAILED, RUNNING, ...
+    state: SlurmState
     exit_code: str             # "75:0"
     nodes: str
     gpus: int

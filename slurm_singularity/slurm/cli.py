@@ -12,29 +12,16 @@ import logging
 import os
 import re
 import subprocess
+import tempfile
+from pathlib import Path
 from typing import Mapping, Sequence
 
-from .api import Job, JobRun, Node, SlurmError
+from . import gres
+from .api import Job, JobRun, Node, SlurmError, SlurmOutputError, SlurmState
 
 log = logging.getLogger(__name__)
 
 _JOB_ID = re.compile(r"Submitted batch job (\d+)")
-_GPU = re.compile(r"gpu(?::[^:,()]+)?:(\d+)")
-
-
-def gpus_in(tres: str | None) -> int:
-    """GPUs in a gres/tres string such as ``gpu:8(S:0-1)``, ``gres:gpu:3``
-    or ``gres/gpu=2``; 0 when none."""
-    if not tres:
-        return 0
-    total = 0
-    for part in re.split(r",(?![^(]*\))", tres):
-        part = part.replace("gres/gpu=", "gpu:").replace("gres:", "")
-        m = _GPU.search(part)
-        if m:
-            total += int(m.group(1))
-    return total
-
 
 class CliSlurmClient:
     """Talks to the Slurm named by ``env`` (``SLURM_CONF``) through its CLI."""
@@ -43,12 +30,12 @@ class CliSlurmClient:
         self.env = dict(env or {})
         self.timeout_s = timeout_s
 
-    def _run(self, cmd: Sequence[str], stdin: str | None = None) -> str:
+    def _run(self, cmd: Sequence[str], stdin: str | None = None, cwd: str | None = None) -> str:
         full_env = dict(os.environ)
         full_env.update(self.env)
         try:
             proc = subprocess.run(list(cmd), input=stdin, capture_output=True, text=True,
-                                  env=full_env, timeout=self.timeout_s, check=False)
+                                  env=full_env, timeout=self.timeout_s, check=False, cwd=cwd)
         except FileNotFoundError:
             raise SlurmError(cmd, 127, f"{cmd[0]} is not installed") from None
         except subprocess.TimeoutExpired:
@@ -81,6 +68,21 @@ class CliSlurmClient:
 
     def show_job(self, job_id: int) -> dict[str, str]:
         return parse_scontrol_record(self.scontrol("show", "job", "-o", str(job_id)))
+
+    def shrink_in_place(self, job_id: int, nodes: int) -> str:
+        """From inside job ``job_id``: give up nodes so that it keeps
+        ``nodes`` (``scontrol update NumNodes=N``; only the job itself may do
+        that without a requeue). Returns the resize script Slurm writes (the
+        ``export``/``unset`` lines that make the job's environment match).
+
+        :raises SlurmError: scontrol refused, or wrote no resize script."""
+        cmd = ["scontrol", "update", f"JobId={job_id}", f"NumNodes={nodes}"]
+        with tempfile.TemporaryDirectory(prefix="singularity-resize-") as tmp:
+            self._run(cmd, cwd=tmp)
+            try:
+                return (Path(tmp) / f"slurm_job_{job_id}_resize.sh").read_text()
+            except OSError as exc:
+                raise SlurmError(cmd, 0, f"wrote no resize script: {exc.strerror}") from None
 
     def hostnames(self, nodelist: str) -> list[str]:
         names = self.scontrol("show", "hostnames", nodelist).split()
@@ -174,13 +176,9 @@ class CliSlurmClient:
 def parse_sacct_run(line: str) -> JobRun:
     """One ``sacct -P`` line with the fields ``job_runs`` asks for."""
     jid, start, end, elapsed, state, code, nodes, tres, part, workdir = (line.split("|") + [""] * 10)[:10]
-    gpus = 0
-    for item in tres.split(","):
-        if item.startswith("gres/gpu="):
-            gpus = int(item.split("=", 1)[1])
     return JobRun(int(jid.split("_")[0].split(".")[0]), start, end,
-                  int(elapsed) if elapsed.isdigit() else 0, state.split()[0] if state else "",
-                  code, nodes, gpus, part, workdir)
+                  int(elapsed) if elapsed.isdigit() else 0, SlurmState.parse(state),
+                  code, nodes, gres.gpus(tres, "sacct AllocTRES"), part, workdir)
 
 
 def parse_elapsed(text: str) -> float:
@@ -222,10 +220,11 @@ def _sinfo_nodes(entry: dict) -> list[tuple[str, Node]]:
     if isinstance(state, list):
         state = "+".join(state)
     state = str(state or "unknown").lower()
-    gres = entry.get("gres", {}).get("total") if isinstance(entry.get("gres"), dict) else entry.get("gres")
+    gpus_text = entry.get("gres", {}).get("total") if isinstance(entry.get("gres"), dict) else entry.get("gres")
     cpus = entry.get("cpus", {}).get("total") if isinstance(entry.get("cpus"), dict) else entry.get("cpus", 0)
     part = entry.get("partition", {}).get("name") if isinstance(entry.get("partition"), dict) else entry.get("partition")
-    return [(n, Node(n, state, gpus_in(gres), int(cpus or 0), (part,) if part else ()))
+    return [(n, Node(n, state, gres.gpus(gpus_text, "sinfo gres"), int(cpus or 0),
+                     (part,) if part else ()))
             for n in names]
 
 
@@ -239,13 +238,52 @@ def _epoch(value: object) -> float:
         return 0.0
 
 
+def requested_gpus(j: dict) -> int:
+    """GPUs a squeue --json job asks for in all. ``tres_req_str`` has the
+    whole job's total after an update; a requeued job's ``node_count`` still
+    shows its previous allocation until it starts again, so the per-node
+    request is multiplied by it only when there is no total.
+
+    :raises SlurmOutputError: a field that is no GRES/TRES spelling."""
+    total = gres.parse(str(j.get("tres_req_str") or ""), "squeue tres_req_str")
+    if any(g.name == "gpu" for g in total):
+        return gres.count(str(j.get("tres_req_str")), "gpu", "squeue tres_req_str")
+    per_node = gres.gpus(str(j.get("tres_per_node") or ""), "squeue tres_per_node")
+    if per_node:
+        return per_node * int(j.get("node_count") or 1)
+    return gres.gpus(str(j.get("tres_per_job") or ""), "squeue tres_per_job")
+
+
+def placement(j: dict) -> tuple[tuple[str, int], ...]:
+    """``(node, GPUs)`` of a running squeue --json job: ``gres_detail``
+    (``gpu:2(IDX:0-1)``, one per allocated node) paired with
+    ``job_resources.allocated_nodes``. :raises SlurmOutputError:"""
+    detail = j.get("gres_detail") or []
+    res = j.get("job_resources") or {}
+    names = [n.get("nodename") for n in res.get("allocated_nodes", []) if isinstance(n, dict)]
+    out = []
+    for name, text in zip(names, detail):
+        g = gres.gpus(str(text), "squeue gres_detail")
+        if name and g:
+            out.append((str(name), g))
+    return tuple(out)
+
+
 def _job(j: dict) -> Job:
-    gres = j.get("tres_per_node") or j.get("tres_per_job") or ""
-    nodes_count = int(j.get("node_count") or 1) if j.get("tres_per_node") else 1
+    """One squeue --json job as the typed record. A GRES field this layer
+    cannot read makes a job of no GPUs (which the daemon leaves alone),
+    with a warning, rather than a failed pass over every job."""
+    state = SlurmState.parse(str(j.get("job_state", "")))
+    try:
+        gpus = requested_gpus(j)
+        where = placement(j) if state.running else ()
+    except SlurmOutputError as exc:
+        log.warning("[job %s] %s; taken as a job without GPUs", j.get("job_id"), exc)
+        gpus, where = 0, ()
     return Job(
         job_id=int(j["job_id"]),
         name=str(j.get("name", "")),
-        state=str(j.get("job_state", "")).upper(),
+        state=state,
         partition=str(j.get("partition", "")),
         account=str(j.get("account", "")),
         user=str(j.get("user_name", "")),
@@ -253,11 +291,11 @@ def _job(j: dict) -> Job:
         comment=str(j.get("comment", "") or ""),
         reason=str(j.get("state_reason", "") or ""),
         restart_count=int(j.get("restart_cnt", 0) or 0),
-        gpus=gpus_in(gres) * nodes_count,
+        gpus=gpus,
         admin_comment=str(j.get("admin_comment") or ""),
         submit_time=_epoch(j.get("submit_time")),
         start_time=_epoch(j.get("start_time")),
         eligible_time=_epoch(j.get("eligible_time")),
         priority=int(_epoch(j["priority"])) if j.get("priority") is not None else None,
-        extra=j,
+        placement=where,
     )

@@ -243,18 +243,12 @@ class FakeSlurm:
         j.exit_at = None
 
     def _job(self, j: FakeJob) -> Job:
-        extra: dict[str, object] = {
-            "tres_req_str": f"cpu=1,node={j.nodes},gres/gpu={j.gpus}",
-            "tres_per_node": f"gres:gpu:{j.per_node}", "node_count": j.nodes,
-        }
-        if j.placement:
-            extra["gres_detail"] = [f"gpu:{g}(IDX:0-{g - 1})" for _, g in j.placement]
-            extra["job_resources"] = {"allocated_nodes": [{"nodename": n} for n, _ in j.placement]}
         return Job(j.job_id, f"job{j.job_id}", j.state, j.partition, j.account, "u1",
                    ",".join(n for n, _ in j.placement), reason=j.reason,
                    restart_count=j.restart_count, gpus=j.gpus, admin_comment=j.admin_comment,
                    submit_time=j.submit_time, start_time=j.start_time,
-                   eligible_time=j.eligible_time, priority=j.priority, extra=extra)
+                   eligible_time=j.eligible_time, priority=j.priority,
+                   placement=tuple(j.placement) if j.state == "RUNNING" else ())
 
     # -- what a test reads -----------------------------------------------------
 

@@ -1,5 +1,6 @@
-"""Killed at any point, the daemon converges on restart without repeating an
-action (invariant 5), and without waiting out a timeout; slurmctld killed
+"""Killed between its mark and its signal, the daemon signals on its next
+pass (no timeout; every other kill point of every action is in
+test_every_crash_point.py); slurmctld killed
 before it saved the daemon's mark does not make the daemon act twice
 (issue 19, item 9: the job was signalled a second time and FAILED)."""
 
@@ -25,31 +26,6 @@ def assert_converged_once(slurm: FakeSlurm) -> None:
     assert basic.restart_count == 1                          # one requeue, its own
     assert (basic.state, basic.gpus, premium.state) == ("RUNNING", 16, "RUNNING"), slurm.calls
     assert read_marks(basic.admin_comment).resize_to is None, basic.admin_comment
-
-
-def calls_of_an_uninterrupted_shrink(tmp_path) -> int:
-    slurm = shrink_for_premium()
-    run_for(slurm, 60, tmp_path / "uninterrupted")
-    assert_converged_once(slurm)
-    return len(slurm.calls)
-
-
-def test_an_uninterrupted_shrink_signals_once_and_converges(tmp_path):
-    assert calls_of_an_uninterrupted_shrink(tmp_path) >= 5
-
-
-def test_a_daemon_killed_after_any_slurm_call_of_a_shrink_converges_without_repeating_it(
-        tmp_path):
-    total = calls_of_an_uninterrupted_shrink(tmp_path)
-    for after_call in range(1, total + 1):
-        slurm = shrink_for_premium()
-        slurm.crash_after = after_call
-        run_for(slurm, 60, tmp_path / f"journal-{after_call}")
-        assert slurm.crash_after is None, "the daemon was never killed"
-        try:
-            assert_converged_once(slurm)
-        except AssertionError as exc:
-            raise AssertionError(f"killed after call {after_call} of {total}: {exc}") from None
 
 
 def test_a_daemon_killed_between_mark_and_signal_signals_on_its_next_pass(tmp_path):

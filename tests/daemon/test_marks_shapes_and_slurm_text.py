@@ -7,9 +7,8 @@ from __future__ import annotations
 import pytest
 
 from slurm_singularity.sched.executor import request_shape
-from slurm_singularity.sched.observe import Marks, ResizeStep, read_marks, requested_gpus
-from slurm_singularity.slurm.api import Job
-from slurm_singularity.slurm.cli import gpus_in, parse_sacct_run, parse_scontrol_record
+from slurm_singularity.sched.observe import Marks, ResizeStep, read_marks
+from slurm_singularity.slurm.cli import parse_sacct_run, parse_scontrol_record
 
 TAG = "singularity:sla=basic,elastic=8:32,ws=32"
 
@@ -61,34 +60,6 @@ def test_a_size_becomes_the_fewest_nodes_with_equal_gpus_each(devices, shape):
     assert request_shape(devices, 8) == shape
 
 
-def test_a_requeued_jobs_requested_gpus_come_from_its_tres_request_not_its_stale_node_count():
-    # squeue --json of a job requeued from 4 nodes and set to 2 x 8 GPUs
-    job = Job(1, "j", "PENDING", "basic", "default", "root", "", extra={
-        "node_count": 4, "tres_per_node": "gres:gpu:8",
-        "tres_req_str": "cpu=4,mem=250G,node=2,billing=4,gres/gpu=16"})
-    assert requested_gpus(job) == 16
-    plain = Job(2, "j", "PENDING", "basic", "default", "root", "",
-                extra={"node_count": 2, "tres_per_node": "gres:gpu:3"})
-    assert requested_gpus(plain) == 6
-
-
-@pytest.mark.parametrize("text, gpus", [
-    ("gpu:8", 8), ("gres:gpu:3", 3), ("gpu:8(S:0-1)", 8), ("gres/gpu=2", 2),
-    ("gpu:a100:4,gpu:v100:2", 6), ("", 0), (None, 0), ("craynetwork:1", 0),
-])
-def test_gpu_counts_are_read_from_every_gres_spelling(text, gpus):
-    assert gpus_in(text) == gpus
-
-
-def test_sacct_lines_become_runs_with_their_gpus():
-    run = parse_sacct_run("11|2026-11-26T21:58:09|2026-11-26T21:58:15|6|REQUEUED|75:0|n1|"
-                          "billing=1,cpu=1,gres/gpu=4,node=1|basic|/work")
-    assert (run.job_id, run.state, run.exit_code, run.gpus, run.elapsed_s) == \
-        (11, "REQUEUED", "75:0", 4, 6)
-    cancelled = parse_sacct_run("12|2026-11-26T21:58:09|Unknown|0|CANCELLED by 0|0:0|n1||basic|/w")
-    assert cancelled.state == "CANCELLED" and cancelled.gpus == 0
-
-
 def test_scontrol_records_keep_values_with_spaces():
     rec = parse_scontrol_record("JobId=5 JobName=a b Comment=x y z Partition=basic "
                                 "AdminComment=singularity:sla=basic,elastic=8:32,ws=32 ")
@@ -119,3 +90,15 @@ def test_job_show_pairs_runs_by_time_and_marks_a_run_killed_past_its_grace_time(
     assert [r.stopped for r in rows] == ["resized", "killed", "finished"]
     assert rows[1].steps == "12..?" and rows[1].time_lost_s == 39.0 and rows[1].checkpoint == "no"
     assert [r.devices for r in rows] == [4, 4, 8]
+
+
+def test_a_resize_step_out_of_order_is_refused_naming_the_transition():
+    from slurm_singularity.sched.api import SchedError
+
+    marked = Marks(TAG, resize_to=8, resize_at=5.0, step=ResizeStep.MARKED)
+    assert marked.at_step(ResizeStep.SIGNALLED, 6.0).step is ResizeStep.SIGNALLED
+    requeued = marked.at_step(ResizeStep.REQUEUED, 7.0)
+    for bad_from, bad_to in ((marked, ResizeStep.KILLED), (requeued, ResizeStep.SIGNALLED),
+                             (requeued, ResizeStep.REQUEUED)):
+        with pytest.raises(SchedError, match=f"{bad_from.step.value} -> {bad_to.value}"):
+            bad_from.at_step(bad_to, 9.0)

@@ -44,7 +44,7 @@ def test_sbatch_does_what_the_rules_say(slurm_cluster, case):
         assert rec["Partition"] == case.partition
         assert rec["Requeue"] == "1"
         assert rec["AdminComment"].strip() == case.expect
-        assert contract.parse_job_tag(rec["AdminComment"])["ws"] == decision.world_size
+        assert contract.parse_job_tag(rec["AdminComment"]).world_size == decision.world_size
     finally:
         slurm_cluster.run("scancel", str(job_id))
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ...policy.api import Policy
+from ..api import SchedError
 from . import constants
 from .engine import Engine
 from .metrics import summarize
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 MAX_GPUS_PER_NODE = 128
 
 
-class SimError(ValueError):
+class SimError(SchedError):
     """A simulation cannot run as asked (bad option, bad --compare folder)."""
 
 

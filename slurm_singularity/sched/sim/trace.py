@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from ...policy.api import Tier
+from ..api import SchedError
 from .constants import ELASTIC_MAX_SPLICE
 
 FORMATS = ("philly", "alibaba-v2023")
@@ -38,7 +39,7 @@ MAX_SPAN_S = 10 * 365 * 86400.0
 MAX_TIME_S = 1e11
 
 
-class TraceError(ValueError):
+class TraceError(SchedError):
     """A trace (or a tier rule) is malformed; the message says where."""
 
 
