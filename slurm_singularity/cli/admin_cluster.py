@@ -43,6 +43,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     up.add_argument("--name", default="singularity", help="Slurm ClusterName (default singularity)")
     up.add_argument("--policy", type=Path, default=None,
                     help="policy file (default templates/policy.toml)")
+    up.add_argument("--federation", metavar="NAME", default=None,
+                    help="bring up a Slurm federation NAME of the --clusters instead, sharing "
+                         "one slurmdbd; member i's slurmctld on --ctld-port + 100 i")
+    up.add_argument("--clusters", metavar="NAME:NODESxGPUS,...", default=None,
+                    help="with --federation: its member clusters, e.g. east:2x8,west:2x8")
     up.set_defaults(func=_up)
 
     down = with_state_dir(csub.add_parser("down", help="stop the daemons that `up` started"))
@@ -51,6 +56,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     st.add_argument("--json", action="store_true", help="machine-readable output")
     st.set_defaults(func=_status)
     env = with_state_dir(csub.add_parser("env", help="print `export SLURM_CONF=...` for eval"))
+    env.add_argument("--cluster", metavar="NAME", default=None,
+                     help="in a federation: the member to point at (default: the first)")
     env.set_defaults(func=_env)
 
 
@@ -68,6 +75,8 @@ def _up(args: argparse.Namespace) -> int:
     from ..policy.api import PolicyError
     from ..policy.load import load_policy
 
+    if args.federation is not None or args.clusters is not None:
+        return _up_federation(args)
     try:
         spec = ClusterSpec(
             state_dir=(args.state_dir or _default_state_dir()).absolute(),
@@ -90,20 +99,61 @@ def _up(args: argparse.Namespace) -> int:
     return 0
 
 
+def _up_federation(args: argparse.Namespace) -> int:
+    from ..cluster import federation
+    from ..policy.api import PolicyError
+    from ..policy.load import load_policy
+
+    try:
+        if args.federation is None:
+            raise ValueError("--clusters needs --federation NAME")
+        if args.clusters is None:
+            raise ValueError("--federation needs --clusters NAME:NODESxGPUS,... "
+                             "(for example east:2x8,west:2x8)")
+        spec = federation.FederationSpec(
+            name=args.federation, state_dir=(args.state_dir or _default_state_dir()).absolute(),
+            members=federation.parse_members(args.clusters), base_port=args.ctld_port)
+        policy = load_policy(args.policy or paths.TEMPLATES_DIR / "policy.toml")
+        statuses = federation.up(spec, policy, progress=_progress)
+    except (ValueError, ClusterError, PolicyError) as exc:
+        return _fail(exc)
+    sd = shlex.quote(str(spec.state_dir))
+    print(f"Local Slurm federation {spec.name} up:")
+    for member, st in zip(spec.member_specs(), statuses.values()):
+        idle = sum(1 for n in st.nodes if n.state == "idle")
+        print(f"  {member.cluster_name}: {len(st.nodes)} nodes ({idle} idle), "
+              f"{member.gpus_per_node} GPUs each, slurmctld on port {member.ctld_port}")
+    print("Use a member from a shell with:")
+    print(f"  eval $(singularity-admin cluster env --state-dir {sd} "
+          f"--cluster {spec.members[0].name})")
+    print("  sbatch --gres=gpu:2 --wrap hostname; squeue --federation")
+    print(f"Stop it with: singularity-admin cluster down --state-dir {sd}")
+    return 0
+
+
 def _down(args: argparse.Namespace) -> int:
-    from ..cluster import local
+    from ..cluster import federation, local
 
     state_dir = (args.state_dir or _default_state_dir()).absolute()
-    stopped = local.down(state_dir, progress=_progress)
+    if federation.is_federation(state_dir):
+        try:
+            stopped = federation.down(state_dir, progress=_progress)
+        except ClusterError as exc:
+            return _fail(exc)
+    else:
+        stopped = local.down(state_dir, progress=_progress)
     print(f"stopped {len(stopped)} daemon(s)" if stopped else "nothing was running")
     return 0
 
 
 def _status(args: argparse.Namespace) -> int:
-    from ..cluster import local
+    from ..cluster import federation, local
 
+    state_dir = (args.state_dir or _default_state_dir()).absolute()
     try:
-        st = local.status((args.state_dir or _default_state_dir()).absolute())
+        if federation.is_federation(state_dir):
+            return _federation_status(federation.status(state_dir), args.json)
+        st = local.status(state_dir)
     except ClusterError as exc:
         return _fail(exc)
     if args.json:
@@ -119,11 +169,34 @@ def _status(args: argparse.Namespace) -> int:
     return 0 if st.running else 3
 
 
-def _env(args: argparse.Namespace) -> int:
-    from ..cluster import local
+def _federation_status(statuses: dict, as_json: bool) -> int:
+    running = any(st.running for st in statuses.values())
+    if as_json:
+        print(json.dumps({name: {"daemons": st.daemons, "nodes": [n.__dict__ for n in st.nodes]}
+                          for name, st in statuses.items()}, indent=2))
+        return 0 if running else 3
+    for name, st in statuses.items():
+        print(f"cluster {name}: {'running' if st.running else 'not running'}")
+        for daemon, pid in st.daemons.items():
+            print(f"  {daemon:<12} {'pid ' + str(pid) if pid else 'not running'}")
+        for node in st.nodes:
+            print(f"  {node.name:<12} {node.state:<10} gpu:{node.gpus}")
+    return 0 if running else 3
 
+
+def _env(args: argparse.Namespace) -> int:
+    from ..cluster import federation, local
+
+    state_dir = (args.state_dir or _default_state_dir()).absolute()
     try:
-        spec = local.load_spec((args.state_dir or _default_state_dir()).absolute())
+        if federation.is_federation(state_dir):
+            fed = federation.load_spec(state_dir)
+            spec = fed.member(args.cluster or fed.members[0].name)
+        elif args.cluster is not None:
+            raise ClusterError(f"--cluster {args.cluster!r}: {state_dir} holds one cluster, "
+                               f"not a federation")
+        else:
+            spec = local.load_spec(state_dir)
     except ClusterError as exc:
         return _fail(exc)
     for key, value in spec.env().items():
