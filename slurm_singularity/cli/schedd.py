@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -37,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-journal", action="store_true",
                    help="run without the journal (then a slurmctld killed before it saved "
                         "the daemon's mark may see an action repeated)")
+    p.add_argument("--federation", type=Path, default=None, metavar="STATE_DIR",
+                   help="place the pending jobs of the local federation brought up in STATE_DIR "
+                        "(`singularity-admin cluster up --federation`) across its clusters")
     p.add_argument("--pid-file", type=Path, default=None, help="write the daemon's pid here")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
@@ -62,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     from ..sched.executor import ExecutorSettings
     from ..slurm.cli import CliSlurmClient
 
+    if args.federation is not None:
+        return _run_placer(args)
     try:
         policy = load_policy(args.policy)
         settings = DaemonSettings(
@@ -84,6 +90,40 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger(__name__).info("started (policy %s, period %g s, journal %s)", args.policy,
                                      args.period, settings.journal_path or "off")
     return daemon.run()
+
+
+def _run_placer(args: argparse.Namespace) -> int:
+    """The federation mode: one placer for every member cluster."""
+    from ..policy.api import PolicyError
+    from ..policy.load import load_policy
+    from ..sched.federation import FederationPlacer, Member
+    from ..slurm.cli import CliSlurmClient
+
+    try:
+        from ..cluster import federation
+        from ..cluster.api import ClusterError
+    except ImportError:
+        print("singularity-schedd: error: --federation needs the local cluster harness "
+              "(a source checkout)", file=sys.stderr)
+        return 2
+    try:
+        policy = load_policy(args.policy)
+        fed = federation.load_spec(args.federation.absolute())
+        members = [Member(spec.cluster_name, CliSlurmClient(spec.env()), spec.storage_root)
+                   for spec in fed.member_specs()]
+        placer = FederationPlacer(members, policy, period_s=args.period, dry_run=args.dry_run)
+    except (PolicyError, ValueError, ClusterError) as exc:
+        print(f"singularity-schedd: error: {exc}", file=sys.stderr)
+        return 2
+    if args.metrics_port:
+        placer.metrics.serve(args.metrics_port)
+    if args.pid_file:
+        args.pid_file.write_text(f"{os.getpid()}\n")
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda s, f: placer.stop(f"received {signal.Signals(s).name}"))
+    logging.getLogger(__name__).info("placing for federation %s (%s), period %g s", fed.name,
+                                     ", ".join(m.name for m in members), args.period)
+    return placer.run(max_passes=1 if args.once else 0)
 
 
 if __name__ == "__main__":

@@ -133,6 +133,12 @@ class ClusterSpec:
         return self.conf_dir / "slurm.conf"
 
     @property
+    def storage_root(self) -> Path:
+        """Where this cluster's jobs keep checkpoints (a federation member's
+        own storage: a checkpoint is read on the cluster that holds it)."""
+        return self.state_dir / "storage"
+
+    @property
     def munge_socket(self) -> Path:
         """munged's socket, in a directory of its own (0755) so that every
         local user can authenticate; the key's directory stays 0700. That of

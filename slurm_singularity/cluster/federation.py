@@ -225,7 +225,15 @@ def down(state_dir: Path, progress: Callable[[str], None] = lambda msg: None) ->
     for member in reversed(spec.member_specs()):
         if not (member.state_dir / local.SPEC_FILE).exists():
             continue
-        names = local.down(member.state_dir, progress=_prefixed(progress, member.cluster_name))
+        say = _prefixed(progress, member.cluster_name)
+        try:
+            names = local.down(member.state_dir, progress=say)
+        except Exception as exc:        # noqa: BLE001 - whatever failed, stop the daemons
+            log.warning("%s: cluster down failed (%s); stopping its daemons by pid",
+                        member.cluster_name, exc)
+            live = {n: r for n, r in local._read_daemons(member.state_dir).items()
+                    if local._alive(r)}
+            names = local._stop_all(member.state_dir, live, say)
         stopped += [f"{member.cluster_name}/{n}" for n in names]
     return stopped
 

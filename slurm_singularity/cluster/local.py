@@ -149,6 +149,8 @@ def _prepare(spec: ClusterSpec, policy: Policy) -> None:
     sd = spec.state_dir
     for sub in ("etc", "run", "log", "spool/ctld", "dev"):
         (sd / sub).mkdir(parents=True, exist_ok=True)
+    spec.storage_root.mkdir(exist_ok=True)
+    os.chmod(spec.storage_root, 0o1777)      # every user's jobs write there, like /tmp
     for node in spec.node_names:
         (sd / "spool" / f"slurmd-{node}").mkdir(parents=True, exist_ok=True)
     if spec.owns_services:

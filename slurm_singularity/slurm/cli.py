@@ -67,7 +67,8 @@ class CliSlurmClient:
 
     def jobs(self) -> list[Job]:
         data = json.loads(self._run(["squeue", "--all", "--json"]))
-        return [_job(j) for j in data.get("jobs", [])]
+        # a federation sibling's revoked copy has "job_id": null (22.05)
+        return [_job(j) for j in data.get("jobs", []) if j.get("job_id") is not None]
 
     def submit(self, args: Sequence[str], script: str | None = None) -> int:
         out = self._run(["sbatch", *args], stdin=script)
