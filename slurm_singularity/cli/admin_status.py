@@ -1,6 +1,8 @@
 """``singularity-admin status``: jobs with tier, account, D/W, GPU fraction
 against the promise, state; GPUs per tier; pending reasons. Read from Slurm
-through the same observation the daemon uses, so both see the same."""
+through the same observation the daemon uses, so both see the same. With
+``--federation STATE_DIR``, the same for every cluster of a local federation,
+each job under the cluster where it runs (or, pending, its origin)."""
 
 from __future__ import annotations
 
@@ -18,11 +20,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--policy", type=Path, default=paths.TEMPLATES_DIR / "policy.toml",
                    help="policy file (default templates/policy.toml)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--federation", type=Path, default=None, metavar="STATE_DIR",
+                   help="every cluster of the local federation in STATE_DIR "
+                        "(`singularity-admin cluster up --federation`)")
     p.set_defaults(func=_status)
 
 
-def collect(policy_path: Path) -> dict:
-    """The status as a dict (what ``--json`` prints).
+def collect(policy_path: Path, client=None, *, show_pending=None) -> dict:
+    """The status as a dict (what ``--json`` prints), of the cluster
+    ``client`` talks to (default: ``$SLURM_CONF``'s). ``show_pending(job)``
+    false leaves a pending job out (a federation member's copy of a job
+    another member is the origin of); None shows every one.
 
     :raises PolicyError, SlurmError:
     """
@@ -31,13 +39,16 @@ def collect(policy_path: Path) -> dict:
     from ..slurm.cli import CliSlurmClient
 
     policy = load_policy(policy_path)
-    client = CliSlurmClient()
+    client = client or CliSlurmClient()
     now = time.time()
     obs = observe(client.jobs(), client.nodes(), policy, now)
     jobs = []
     per_tier = {t.value: 0 for t in policy.tiers}
     for st in obs.state.jobs:
         view = obs.views[st.job_id]
+        if st.phase.value in ("pending", "held") and show_pending is not None and \
+                not show_pending(view.job):
+            continue
         promise = policy.tiers[st.tier].gpu_fraction
         fraction = st.gpu_fraction(now)
         per_tier[st.tier.value] = per_tier.get(st.tier.value, 0) + st.devices
@@ -54,18 +65,53 @@ def collect(policy_path: Path) -> dict:
             "gpus_per_tier": per_tier, "jobs": jobs}
 
 
+def collect_federation(policy_path: Path, state_dir: Path) -> dict:
+    """Cluster name -> ``collect`` of that member; a pending job is shown
+    once, under its origin cluster.
+
+    :raises PolicyError, SlurmError, ClusterError:
+    """
+    from ..cluster import federation
+    from ..slurm.cli import CliSlurmClient
+
+    fed = federation.load_spec(state_dir)
+    out = {}
+    for spec in fed.member_specs():
+        name = spec.cluster_name
+        out[name] = collect(policy_path, CliSlurmClient(spec.env()), show_pending=lambda job, n=name:
+                            str(job.extra.get("federation_origin") or n) == n)
+    return {"federation": fed.name, "clusters": out}
+
+
 def _status(args: argparse.Namespace) -> int:
     from ..policy.api import PolicyError
     from ..slurm.api import SlurmError
 
+    errors: tuple[type[Exception], ...] = (PolicyError, SlurmError)
     try:
-        data = collect(args.policy)
-    except (PolicyError, SlurmError) as exc:
+        if args.federation is not None:
+            from ..cluster.api import ClusterError
+            errors += (ClusterError,)
+            data = collect_federation(args.policy, args.federation.absolute())
+        else:
+            data = collect(args.policy)
+    except errors as exc:
         print(f"singularity-admin status: error: {exc}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(data, indent=2))
         return 0
+    if args.federation is not None:
+        print(f"Federation {data['federation']}: {len(data['clusters'])} clusters")
+        for name, one in data["clusters"].items():
+            print(f"\n== cluster {name} ==")
+            _print(one)
+        return 0
+    _print(data)
+    return 0
+
+
+def _print(data: dict) -> None:
     print(f"GPUs: {data['total_gpus']} total, {data['free_gpus']} free; by tier: " +
           ", ".join(f"{t} {n}" for t, n in data["gpus_per_tier"].items()))
     header = f"{'JOBID':>7} {'TIER':<9} {'ACCOUNT':<10} {'D/W':>7} {'ELASTIC':>8} " \
@@ -78,4 +124,3 @@ def _status(args: argparse.Namespace) -> int:
               f"{str(j['devices']) + '/' + str(j['world_size']):>7} "
               f"{'%d:%d' % tuple(j['elastic']):>8} {j['gpu_fraction']:>8.2f} "
               f"{j['promise']:>7.2f}{mark:<2}{j['state']:<10} {reason}")
-    return 0
