@@ -55,6 +55,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     st = with_state_dir(csub.add_parser("status", help="daemons and nodes"))
     st.add_argument("--json", action="store_true", help="machine-readable output")
     st.set_defaults(func=_status)
+    mig = with_state_dir(csub.add_parser(
+        "migrate", help="in a federation: move a running job to another cluster"))
+    mig.add_argument("job_id", type=int, help="the running job")
+    mig.add_argument("--to", required=True, metavar="NAME", help="the destination cluster")
+    mig.add_argument("--ckpt", required=True, type=Path, metavar="RELATIVE",
+                     help="the job's checkpoint directory relative to its cluster's storage "
+                          "root (STATE_DIR/NAME/storage)")
+    mig.add_argument("--timeout", type=float, default=120.0,
+                     help="seconds to wait for its checkpoint and requeue (default 120)")
+    mig.add_argument("--policy", type=Path, default=None,
+                     help="policy file, for the tier's signal (default templates/policy.toml)")
+    mig.set_defaults(func=_migrate)
     env = with_state_dir(csub.add_parser("env", help="print `export SLURM_CONF=...` for eval"))
     env.add_argument("--cluster", metavar="NAME", default=None,
                      help="in a federation: the member to point at (default: the first)")
@@ -167,6 +179,45 @@ def _status(args: argparse.Namespace) -> int:
     for node in st.nodes:
         print(f"{node.name:<12} {node.state:<10} gpu:{node.gpus}")
     return 0 if st.running else 3
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    from ..cluster import federation
+    from ..policy.api import PolicyError
+    from ..policy.load import load_policy
+    from ..sched.federation import Member
+    from ..sched.migrate import MigrationError, migrate
+    from ..sched.observe import observe
+    from ..slurm.api import SlurmError
+    from ..slurm.cli import CliSlurmClient
+
+    state_dir = (args.state_dir or _default_state_dir()).absolute()
+    try:
+        if args.ckpt.is_absolute() or ".." in args.ckpt.parts:
+            raise ValueError(f"--ckpt {args.ckpt} must be relative to the storage root, "
+                             f"without '..'")
+        policy = load_policy(args.policy or paths.TEMPLATES_DIR / "policy.toml")
+        fed = federation.load_spec(state_dir)
+        members = {m.cluster_name: Member(m.cluster_name, CliSlurmClient(m.env()),
+                                          m.storage_root) for m in fed.member_specs()}
+        destination = members.get(args.to) or fed.member(args.to)
+        source = None
+        for member in members.values():
+            obs = observe(member.client.jobs(), member.client.nodes(), policy, 0.0)
+            st = next((j for j in obs.state.jobs if j.job_id == args.job_id and j.devices), None)
+            if st is not None:
+                source, tier = member, st.tier
+        if source is None:
+            raise ValueError(f"job {args.job_id} runs on no cluster of federation {fed.name}")
+        if source.name == args.to:
+            raise ValueError(f"--to {args.to}: job {args.job_id} already runs there")
+        report = migrate(args.job_id, source, destination, args.ckpt, policy.tiers[tier].signal,
+                         timeout_s=args.timeout, progress=_progress)
+    except (ValueError, ClusterError, PolicyError, MigrationError, SlurmError) as exc:
+        return _fail(exc)
+    print(f"job {report.job_id} moved {report.source} -> {report.destination} in "
+          f"{report.seconds:.1f} s ({report.files} checkpoint files, {report.bytes} bytes)")
+    return 0
 
 
 def _federation_status(statuses: dict, as_json: bool) -> int:

@@ -13,16 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from slurm_singularity import paths
-from slurm_singularity.sched.federation import Member
-from slurm_singularity.sched.migrate import (MigrationError, MigrationStep, copy_checkpoint,
-                                              migrate, tree_digest)
-from slurm_singularity.slurm.cli import CliSlurmClient
+from cluster.test_preemption import BIN, FINAL, TRAIN, reference_sha, steps_done
+from slurm_singularity.sched.migrate import MigrationError, copy_checkpoint, tree_digest
 
-BIN = Path(sys.executable).parent
-TRAIN = paths.REPO_ROOT / "examples" / "train_lm.py"
-FINAL = re.compile(r"final step=(\d+) params_sha256=([0-9a-f]{64})")
 STEPS = 30
+ADMIN = [sys.executable, "-m", "slurm_singularity.cli.admin"]
 
 
 def test_a_checkpoint_copy_is_whole_verified_and_replaces_an_older_one(tmp_path):
@@ -47,26 +42,9 @@ def test_an_empty_checkpoint_is_not_copied_and_the_destination_is_untouched(tmp_
     assert not (tmp_path / "dst").exists()
 
 
-def reference_sha(tmp_path: Path) -> str:
-    r = subprocess.run([str(BIN / "singularity-run"), "--devices", "8", "--world-size", "8",
-                        "--ckpt-dir", str(tmp_path / "ref"), str(TRAIN), "--steps", str(STEPS)],
-                       capture_output=True, text=True, timeout=300)
-    m = FINAL.search(r.stdout)
-    assert m, r.stdout + r.stderr
-    return m.group(2)
-
-
-def steps_done(out: Path) -> int:
-    try:
-        found = re.findall(r"^step (\d+) ", out.read_text(), re.M)
-    except FileNotFoundError:
-        return -1
-    return int(found[-1]) if found else -1
-
-
 @pytest.mark.cluster
 def test_a_training_job_migrated_from_east_to_west_ends_as_if_uninterrupted(fed, tmp_path):
-    want = reference_sha(tmp_path)
+    want = reference_sha(tmp_path, STEPS)   # on 2 devices: the result does not depend on D
     root = fed.spec.state_dir
     relative = Path("ckpt") / "train"
     script = tmp_path / "train.sh"
@@ -82,13 +60,14 @@ srun --ntasks-per-node=1 {BIN / 'singularity-run'} {TRAIN} --steps {STEPS} --ste
     job = int(r.stdout.strip().split(";")[0])
     fed.wait_until(lambda: steps_done(out) >= 6, "step 6 on east", timeout=180)
 
-    east, west = (Member(n, CliSlurmClient(fed.member(n).env()), fed.member(n).storage_root)
-                  for n in ("east", "west"))
-    report = migrate(job, east, west, relative, fed.policy.tiers[
-        __import__("slurm_singularity.policy.api", fromlist=["Tier"]).Tier.BASIC].signal)
-    assert report.steps == tuple(MigrationStep)
-    assert report.files > 0 and report.bytes > 0
-    assert tree_digest(west.storage_root / relative) == tree_digest(east.storage_root / relative)
+    r = subprocess.run([*ADMIN, "cluster", "migrate", "--state-dir", str(root), str(job),
+                        "--to", "west", "--ckpt", str(relative)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert re.match(rf"job {job} moved east -> west in [0-9.]+ s \(\d+ checkpoint files", r.stdout)
+    assert "copied its checkpoint" in r.stderr and "verified" in r.stderr
+    east, west = fed.member("east").storage_root, fed.member("west").storage_root
+    assert tree_digest(west / relative) == tree_digest(east / relative)
 
     fed.wait_until(lambda: FINAL.search(out.read_text()), "the job's final line", timeout=240)
     text = out.read_text()
@@ -96,3 +75,12 @@ srun --ntasks-per-node=1 {BIN / 'singularity-run'} {TRAIN} --steps {STEPS} --ste
     assert text.index("cluster west") > text.index("cluster east")
     assert "restored step" in text.split("cluster west", 1)[1]
     assert FINAL.search(text).group(2) == want
+
+
+def test_migrate_refuses_a_checkpoint_path_outside_the_storage_root_naming_it(tmp_path):
+    for bad in ("/abs/ckpt", "../elsewhere"):
+        r = subprocess.run([*ADMIN, "cluster", "migrate", "--state-dir", str(tmp_path), "7",
+                            "--to", "west", "--ckpt", bad], capture_output=True, text=True,
+                           timeout=60)
+        assert r.returncode == 1
+        assert f"error: --ckpt {bad} must be relative to the storage root" in r.stderr
