@@ -92,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     return daemon.run()
 
 
+#: The placer's journal of migrations in flight, in the federation's state directory.
+MIGRATIONS_FILE = "migrations.json"
+
+
 def _run_placer(args: argparse.Namespace) -> int:
     """The federation mode: one placer for every member cluster."""
     from ..policy.api import PolicyError
@@ -111,7 +115,9 @@ def _run_placer(args: argparse.Namespace) -> int:
         fed = federation.load_spec(args.federation.absolute())
         members = [Member(spec.cluster_name, CliSlurmClient(spec.env()), spec.storage_root)
                    for spec in fed.member_specs()]
-        placer = FederationPlacer(members, policy, period_s=args.period, dry_run=args.dry_run)
+        placer = FederationPlacer(
+            members, policy, period_s=args.period, dry_run=args.dry_run,
+            journal_path=args.journal or args.federation.absolute() / MIGRATIONS_FILE)
     except (PolicyError, ValueError, ClusterError) as exc:
         print(f"singularity-schedd: error: {exc}", file=sys.stderr)
         return 2

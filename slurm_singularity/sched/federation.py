@@ -66,11 +66,14 @@ class PendingJob:
 
 @dataclass(frozen=True)
 class Placement:
-    """Narrow ``job_id``'s siblings to ``cluster``, for ``reason``."""
+    """Narrow ``job_id``'s siblings to ``cluster``, for ``reason``; with
+    ``migrate_from``, first copy its checkpoint from that member's storage
+    to ``cluster``'s (the job is held meanwhile: ``migrate.py``)."""
 
     job_id: int
     cluster: str
     reason: str
+    migrate_from: str | None = None
 
 
 def account_usage(members: Mapping[str, ClusterState]) -> dict[str, int]:
@@ -100,9 +103,17 @@ def place(members: Mapping[str, ClusterState], pending: Sequence[PendingJob]) ->
             _take(free[viable[0]], job)
             continue
         room = [m for m in viable if _fits(free[m], job)]
-        if job.checkpoint_at in viable:
+        moved_from = None
+        if job.checkpoint_at in viable and (job.checkpoint_at in room or not room):
             chosen = job.checkpoint_at
             reason = f"its checkpoint lies in {chosen}'s storage"
+        elif job.checkpoint_at in viable:
+            # its checkpoint's cluster is full (a higher tier took it):
+            # resume where there is room, after copying the checkpoint there
+            chosen = max(room, key=lambda m: (sum(free[m]), -viable.index(m)))
+            moved_from = job.checkpoint_at
+            reason = (f"its checkpoint lies in {moved_from}'s storage but {moved_from} has no "
+                      f"room; {chosen} has {sum(free[chosen])} GPUs free: copy it there")
         elif room:
             chosen = max(room, key=lambda m: (sum(free[m]), -viable.index(m)))
             reason = (f"{chosen} has room for its {job.nodes}x{job.gpus_per_node} GPUs "
@@ -111,7 +122,7 @@ def place(members: Mapping[str, ClusterState], pending: Sequence[PendingJob]) ->
             continue            # left to Slurm's first sibling that can start it
         _take(free[chosen], job)
         usage[job.account] = usage.get(job.account, 0) + job.gpus
-        out.append(Placement(job.job_id, chosen, reason))
+        out.append(Placement(job.job_id, chosen, reason, moved_from))
     return tuple(out)
 
 
@@ -143,26 +154,26 @@ class Member:
     storage_root: Path | None = None
 
 
-def default_checkpoint_dir(work_dir: str, job_id: int) -> Path:
-    """The runtime's default checkpoint directory of a job (``singularity-run``
-    without ``--ckpt-dir``)."""
-    return Path(work_dir) / ".singularity" / "ckpt" / f"job-{job_id}"
+def federated_checkpoint_dir(job_id: int) -> Path:
+    """Where a federated job keeps its checkpoint, relative to the storage
+    root of the cluster it runs on (its script sets
+    ``SINGULARITY_CKPT_DIR=<that root>/ckpt/job-$SLURM_JOB_ID``); a
+    migration copies it to the same place under the destination's root."""
+    return Path("ckpt") / f"job-{job_id}"
 
 
-def checkpoint_member(members: Sequence[Member], work_dir: str, job_id: int) -> str | None:
-    """The member whose storage root holds the job's checkpoint directory,
-    when it holds anything."""
-    if not work_dir:
-        return None
-    ckpt = default_checkpoint_dir(work_dir, job_id)
+def checkpoint_member(members: Sequence[Member], job_id: int) -> str | None:
+    """The member whose storage root holds the job's checkpoint (its
+    ``federated_checkpoint_dir``), when it holds anything."""
     for m in members:
-        if m.storage_root is None or not ckpt.is_relative_to(m.storage_root):
+        if m.storage_root is None:
             continue
+        ckpt = m.storage_root / federated_checkpoint_dir(job_id)
         try:
             if ckpt.is_dir() and any(ckpt.iterdir()):
                 return m.name
         except OSError:
-            return None
+            continue
     return None
 
 
@@ -205,8 +216,7 @@ def observe_federation(members: Sequence[Member], policy: Policy, now: float) ->
             nodes = max(1, int(job.extra.get("node_count") or 1))
             pending[st.job_id] = PendingJob(
                 st.job_id, st.tier, st.account, nodes, requested // nodes, st.submit_time,
-                viable, checkpoint_member(members, str(job.extra.get(
-                    "current_working_directory") or ""), st.job_id))
+                viable, checkpoint_member(members, st.job_id))
             origin[st.job_id] = str(job.extra.get("federation_origin") or m.name)
     for name, state in states.items():
         # pending copies are the federation's demand, not one member's
@@ -237,6 +247,11 @@ class PlacerMetrics:
                                   registry=self.registry)
         self.errors = Counter("singularity_errors_total", "Failed Slurm calls", ["cluster"],
                               registry=self.registry)
+        self.migrations = Counter("singularity_migrations_total",
+                                  "Jobs moved between clusters", ["source", "destination"],
+                                  registry=self.registry)
+        self.migrating = Gauge("singularity_migrations_in_flight",
+                               "Migrations under way", registry=self.registry)
 
     def serve(self, port: int) -> None:
         from prometheus_client import start_http_server
@@ -248,7 +263,8 @@ class FederationPlacer:
     """Observe every member, place, narrow: one pass per period."""
 
     def __init__(self, members: Sequence[Member], policy: Policy, *, period_s: float = 2.0,
-                 dry_run: bool = False, clock: Callable[[], float] = time.time) -> None:
+                 dry_run: bool = False, clock: Callable[[], float] = time.time,
+                 journal_path: Path | None = None) -> None:
         if not members:
             raise ValueError("--federation names no member cluster")
         if not 0.2 <= period_s <= 3600:
@@ -261,6 +277,9 @@ class FederationPlacer:
         self.clock = clock
         self.metrics = PlacerMetrics()
         self._stop = threading.Event()
+        from .migrate import MigrationJournal
+        #: migrations in flight; None = the placer moves no checkpoint
+        self.journal = MigrationJournal(journal_path) if journal_path else None
 
     def stop(self, reason: str) -> None:
         log.info("stopping: %s", reason)
@@ -284,12 +303,20 @@ class FederationPlacer:
 
         :raises SlurmError: a member could not be read.
         """
+        in_flight = self._continue_migrations()
         seen = observe_federation(self.members, self.policy, self.clock())
         done = []
-        for p in place(seen.states, seen.pending):
+        pending = [j for j in seen.pending if j.job_id not in in_flight]
+        for p in place(seen.states, pending):
             member = self.by_name.get(seen.origin.get(p.job_id, ""), self.members[0])
             if self.dry_run:
                 log.info("[job %s] would place on %s: %s", p.job_id, p.cluster, p.reason)
+                continue
+            if p.migrate_from is not None:
+                if self.journal is None:
+                    continue              # no journal: never move a checkpoint
+                self._start_migration(p, self.journal)
+                done.append(p)
                 continue
             try:
                 member.client.scontrol("update", f"JobId={p.job_id}", f"Clusters={p.cluster}")
@@ -302,6 +329,59 @@ class FederationPlacer:
             done.append(p)
         self._update_gauges(seen.states)
         return done
+
+    def _start_migration(self, p: Placement, journal) -> None:
+        from .migrate import InFlight, MigrationStep
+
+        entry = InFlight(p.job_id, p.migrate_from or "", p.cluster,
+                         str(federated_checkpoint_dir(p.job_id)), MigrationStep.SIGNALLED,
+                         self.clock())
+        journal.put(entry)              # before any step: a restart resumes it
+        self.metrics.migrations.labels(entry.source, entry.destination).inc()
+        log.info("[job %s] migrating %s -> %s: %s", p.job_id, entry.source, p.cluster, p.reason)
+        self._advance(entry, journal)
+
+    def _continue_migrations(self) -> set[int]:
+        """Advance every migration in flight; returns their job ids."""
+        if self.journal is None:
+            return set()
+        entries = self.journal.load()
+        for entry in entries.values():
+            self._advance(entry, self.journal)
+        left = self.journal.load()
+        self.metrics.migrating.set(len(left))
+        return set(entries)
+
+    def _advance(self, entry, journal) -> None:
+        from .migrate import MigrationError, advance
+
+        source, dest = self.by_name.get(entry.source), self.by_name.get(entry.destination)
+        if source is None or dest is None:
+            log.warning("[job %s] migration %s -> %s names a cluster not in the federation; "
+                        "dropped", entry.job_id, entry.source, entry.destination)
+            journal.drop(entry.job_id)
+            return
+        try:
+            after = advance(entry, source, dest, lambda msg: log.info("%s", msg))
+        except SlurmError as exc:
+            self.metrics.errors.labels(source.name).inc()
+            log.warning("[job %s] migration step after %s failed, retrying next pass: %s",
+                        entry.job_id, entry.step.value, exc)
+            return
+        except (MigrationError, OSError) as exc:
+            log.warning("[job %s] migration %s -> %s abandoned: %s; releasing it where it "
+                        "was", entry.job_id, entry.source, entry.destination, exc)
+            try:
+                source.client.scontrol("release", str(entry.job_id))
+            except SlurmError:
+                pass
+            journal.drop(entry.job_id)
+            return
+        if after is None:
+            journal.drop(entry.job_id)
+            log.info("[job %s] migrated %s -> %s", entry.job_id, entry.source, entry.destination)
+        elif after != entry:
+            journal.put(after)
 
     def _update_gauges(self, states: Mapping[str, ClusterState]) -> None:
         m = self.metrics

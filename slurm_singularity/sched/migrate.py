@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -120,55 +121,141 @@ def _state(member: Member, job_id: int) -> tuple[str, str]:
     return "", ""
 
 
+@dataclass(frozen=True)
+class InFlight:
+    """A migration under way, as its journal keeps it: ``step`` is the last
+    step done."""
+
+    job_id: int
+    source: str
+    destination: str
+    #: The job's checkpoint directory relative to each member's storage root.
+    relative: str
+    step: MigrationStep
+    #: When it began, epoch seconds.
+    since: float
+
+
+class MigrationJournal:
+    """Migrations in flight, one JSON file rewritten atomically at each step,
+    so that a placer killed at any point resumes each migration at its next
+    step (every step is idempotent) and never starts a second one."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def load(self) -> dict[int, InFlight]:
+        try:
+            data = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            raise MigrationError(f"cannot read the migration journal {self.path}: {exc}") from None
+        return {int(k): InFlight(int(k), v["source"], v["destination"], v["relative"],
+                                 MigrationStep(v["step"]), float(v["since"]))
+                for k, v in data.items()}
+
+    def put(self, entry: InFlight) -> None:
+        entries = self.load()
+        entries[entry.job_id] = entry
+        self._write(entries)
+
+    def drop(self, job_id: int) -> None:
+        entries = self.load()
+        if entries.pop(job_id, None) is not None:
+            self._write(entries)
+
+    def _write(self, entries: dict[int, InFlight]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "w") as fh:
+            json.dump({str(e.job_id): {"source": e.source, "destination": e.destination,
+                                       "relative": e.relative, "step": e.step.value,
+                                       "since": e.since} for e in entries.values()}, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.path)
+
+
+def advance(entry: InFlight, source: Member, destination: Member,
+            progress: Callable[[str], None] = lambda m: None) -> InFlight | None:
+    """Take the migration's next step if it can be taken now; returns the
+    entry as it stands after it (unchanged: waiting for the job's requeue),
+    or None once the job is released on the destination. Idempotent: a step
+    redone after a crash finds its work done.
+
+    :raises MigrationError: the job ended, or the checkpoint cannot be copied.
+    :raises SlurmError: a Slurm call failed (try again next pass).
+    """
+    job_id = entry.job_id
+    step = entry.step
+    if step is MigrationStep.SIGNALLED:
+        state, _ = _state(source, job_id)
+        if state in ("RUNNING", "COMPLETING", "CONFIGURING"):
+            return entry                       # still checkpointing
+        if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", ""):
+            raise MigrationError(f"job {job_id} ended ({state or 'gone'}) instead of being "
+                                 f"requeued")
+        source.client.scontrol("hold", str(job_id))
+        progress(f"[job {job_id}] requeued; held until its checkpoint is on {destination.name}")
+        step = MigrationStep.REQUEUED
+    if step is MigrationStep.REQUEUED:
+        source.client.scontrol("update", f"JobId={job_id}", f"Clusters={destination.name}")
+        progress(f"[job {job_id}] its only sibling is now {destination.name}")
+        step = MigrationStep.NARROWED
+    if step is MigrationStep.NARROWED:
+        if source.storage_root is None or destination.storage_root is None:
+            raise MigrationError(f"{source.name} or {destination.name} has no storage root")
+        files, size = copy_checkpoint(source.storage_root / entry.relative,
+                                      destination.storage_root / entry.relative)
+        progress(f"[job {job_id}] copied its checkpoint ({files} files, {size} bytes, verified) "
+                 f"to {destination.storage_root / entry.relative}")
+        step = MigrationStep.COPIED
+    if step is MigrationStep.COPIED:
+        try:
+            source.client.scontrol("release", str(job_id))
+        except SlurmError as exc:
+            if "not held" not in exc.stderr.lower():
+                raise
+        progress(f"[job {job_id}] released on {destination.name}")
+        return None
+    return InFlight(job_id, entry.source, entry.destination, entry.relative, step, entry.since)
+
+
 def migrate(job_id: int, source: Member, destination: Member, relative: Path, signal: str,
             *, timeout_s: float = 120.0, progress: Callable[[str], None] = lambda m: None,
             clock: Callable[[], float] = time.monotonic) -> MigrationReport:
     """Move the running job ``job_id`` from ``source`` to ``destination``
-    (see the module docstring). ``signal`` asks its runtime to checkpoint
-    and exit with the requeue code (the tier's signal).
+    now (see the module docstring), waiting for each step. ``signal`` asks
+    its runtime to checkpoint and exit with the requeue code (its tier's).
 
     :raises MigrationError: a step failed or timed out (named).
     """
     t0 = clock()
-    steps = []
     state, _ = _state(source, job_id)
     if state != "RUNNING":
         raise MigrationError(f"job {job_id} is not running on {source.name} ({state or 'absent'})")
+    entry: InFlight | None = InFlight(job_id, source.name, destination.name, str(relative),
+                                      MigrationStep.SIGNALLED, time.time())
+    deadline = clock() + timeout_s
+    last = MigrationStep.SIGNALLED
     try:
         source.client.cancel(job_id, signal=signal)
-        steps.append(MigrationStep.SIGNALLED)
         progress(f"[job {job_id}] sent SIG{signal}; waiting for its checkpoint and requeue")
-        deadline = clock() + timeout_s
-        while True:
-            state, reason = _state(source, job_id)
-            if state in ("PENDING", "REQUEUED", "REQUEUE_HOLD"):
-                break
-            if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", ""):
-                raise MigrationError(f"job {job_id} ended ({state or 'gone'}) instead of "
-                                     f"being requeued")
-            if clock() > deadline:
-                raise MigrationError(f"job {job_id} not requeued {timeout_s:g} s after "
-                                     f"SIG{signal} (still {state})")
-            time.sleep(0.2)
-        source.client.scontrol("hold", str(job_id))
-        steps.append(MigrationStep.REQUEUED)
-        source.client.scontrol("update", f"JobId={job_id}", f"Clusters={destination.name}")
-        steps.append(MigrationStep.NARROWED)
-        progress(f"[job {job_id}] requeued and held; its only sibling is now {destination.name}")
-        if source.storage_root is None or destination.storage_root is None:
-            raise MigrationError(f"{source.name} or {destination.name} has no storage root")
-        files, size = copy_checkpoint(source.storage_root / relative,
-                                      destination.storage_root / relative)
-        steps.append(MigrationStep.COPIED)
-        progress(f"[job {job_id}] copied its checkpoint ({files} files, {size} bytes, verified) "
-                 f"to {destination.storage_root / relative}")
-        source.client.scontrol("release", str(job_id))
-        steps.append(MigrationStep.RELEASED)
+        while entry is not None:
+            last = entry.step
+            entry = advance(entry, source, destination, progress)
+            if entry is not None and entry.step is last:
+                if clock() > deadline:
+                    raise MigrationError(f"job {job_id} not requeued {timeout_s:g} s after "
+                                         f"SIG{signal}")
+                time.sleep(0.2)
     except SlurmError as exc:
-        raise MigrationError(f"job {job_id}: after {steps[-1].value if steps else 'start'}: "
-                             f"{exc}") from None
+        raise MigrationError(f"job {job_id}: after {last.value}: {exc}") from None
     seconds = clock() - t0
     log.info("[job %s] migrated %s -> %s in %.1f s", job_id, source.name, destination.name,
              seconds)
-    return MigrationReport(job_id, source.name, destination.name, files, size, seconds,
-                           tuple(steps))
+    copied = destination.storage_root / relative if destination.storage_root else None
+    files = [p for p in copied.rglob("*") if p.is_file()] if copied else []
+    return MigrationReport(job_id, source.name, destination.name, len(files),
+                           sum(p.stat().st_size for p in files), seconds, tuple(MigrationStep))

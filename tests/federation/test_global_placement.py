@@ -15,7 +15,8 @@ import pytest
 
 from slurm_singularity.policy.api import Tier
 from slurm_singularity.sched.api import ClusterState, JobPhase, JobState, NodeState
-from slurm_singularity.sched.federation import (PendingJob, Placement, account_usage, place)
+from slurm_singularity.sched.federation import (PendingJob, Placement, account_usage,
+                                                federated_checkpoint_dir, place)
 
 SCHEDD = [sys.executable, "-m", "slurm_singularity.cli.schedd"]
 
@@ -122,13 +123,13 @@ def test_a_pending_job_is_placed_on_the_cluster_with_room_and_runs_there(fed, tm
 
 @pytest.mark.cluster
 def test_a_job_is_placed_where_its_checkpoint_lies_and_a_second_pass_leaves_it(fed):
-    west_storage = fed.member("west").storage_root
-    work = west_storage / "alice-run"
-    ckpt = work / ".singularity" / "ckpt"
-    job = submit(fed, "east", "-H", "--gres=gpu:2", "-D", str(work), "-o", "out",
+    storage = fed.member("west").storage_root
+    job = submit(fed, "east", "-H", "--gres=gpu:2", "-o", f"{storage}/out-%j",
                  "--wrap", "echo $SLURM_CLUSTER_NAME")
-    (ckpt / f"job-{job}").mkdir(parents=True)
-    (ckpt / f"job-{job}" / "step-00000010").write_text("checkpoint")
+    ckpt = storage / federated_checkpoint_dir(job)
+    ckpt.mkdir(parents=True)
+    (ckpt / "step-00000010").write_text("checkpoint")
+    out = storage / f"out-{job}"
 
     r = placer_pass(fed)
     assert f"[job {job}] placed on west: its checkpoint lies in west's storage" in r.stderr
@@ -136,7 +137,6 @@ def test_a_job_is_placed_where_its_checkpoint_lies_and_a_second_pass_leaves_it(f
     again = placer_pass(fed)       # a restarted placer: the decision is Slurm's now
     assert f"[job {job}]" not in again.stderr
     fed.run("east", "scontrol", "release", str(job))
-    out = work / "out"
     fed.wait_until(lambda: out.exists() and out.read_text(), "the job's output")
     assert out.read_text().strip() == "west"
 
@@ -155,3 +155,16 @@ def test_a_job_placed_on_its_origin_leaves_a_revoked_copy_that_every_reader_surv
     assert any(j["job_state"] == "REVOKED" for j in records), records
     again = placer_pass(fed)
     assert "Traceback" not in again.stderr and f"[job {job}]" not in again.stderr
+
+
+def test_a_job_whose_checkpoint_cluster_is_full_is_moved_where_there_is_room():
+    members = {"east": cluster([0, 0]), "west": cluster([8, 8])}
+    (p,) = place(members, [pending(1, 8, ckpt="east")])
+    assert (p.cluster, p.migrate_from) == ("west", "east")
+    assert "copy it there" in p.reason
+
+
+def test_a_job_whose_checkpoint_cluster_is_full_stays_when_no_cluster_has_room():
+    members = {"east": cluster([0, 0]), "west": cluster([4, 4])}
+    (p,) = place(members, [pending(1, 8, ckpt="east")])
+    assert (p.cluster, p.migrate_from) == ("east", None)
