@@ -80,7 +80,14 @@ def collect_federation(policy_path: Path, state_dir: Path) -> dict:
         name = spec.cluster_name
         out[name] = collect(policy_path, CliSlurmClient(spec.env()), show_pending=lambda job, n=name:
                             str(job.extra.get("federation_origin") or n) == n)
-    return {"federation": fed.name, "clusters": out}
+    from ..sched.migrate import MigrationJournal
+    from .schedd import MIGRATIONS_FILE
+
+    moving = MigrationJournal(state_dir / MIGRATIONS_FILE).load()
+    return {"federation": fed.name, "clusters": out,
+            "migrations": [{"job_id": m.job_id, "from": m.source, "to": m.destination,
+                            "step": m.step.value, "since": m.since}
+                           for m in moving.values()]}
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -91,7 +98,8 @@ def _status(args: argparse.Namespace) -> int:
     try:
         if args.federation is not None:
             from ..cluster.api import ClusterError
-            errors += (ClusterError,)
+            from ..sched.migrate import MigrationError
+            errors += (ClusterError, MigrationError)
             data = collect_federation(args.policy, args.federation.absolute())
         else:
             data = collect(args.policy)
@@ -102,7 +110,10 @@ def _status(args: argparse.Namespace) -> int:
         print(json.dumps(data, indent=2))
         return 0
     if args.federation is not None:
-        print(f"Federation {data['federation']}: {len(data['clusters'])} clusters")
+        print(f"Federation {data['federation']}: {len(data['clusters'])} clusters, "
+              f"{len(data['migrations'])} migration(s) in flight")
+        for m in data["migrations"]:
+            print(f"  job {m['job_id']}: {m['from']} -> {m['to']}, {m['step']}")
         for name, one in data["clusters"].items():
             print(f"\n== cluster {name} ==")
             _print(one)

@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from slurm_singularity.sched.federation import FederationPlacer, Member
+from slurm_singularity.sched.migrate import InFlight, MigrationJournal, MigrationStep
 from slurm_singularity.slurm.cli import CliSlurmClient
 
 pytestmark = pytest.mark.cluster
@@ -44,9 +45,18 @@ def test_status_shows_every_cluster_with_its_own_jobs_and_gpus_by_tier(fed):
     assert {j["job_id"] for j in east["jobs"]} == {on_east, waiting}
     assert {j["job_id"] for j in west["jobs"]} == {on_west}     # not the waiting copy
 
-    text = subprocess.run([*ADMIN, "status", "--federation", str(fed.spec.state_dir)],
-                          capture_output=True, text=True, timeout=60).stdout
+    assert data["migrations"] == []
+
+    MigrationJournal(fed.spec.state_dir / "migrations.json").put(
+        InFlight(waiting, "east", "west", "ckpt/x", MigrationStep.NARROWED, 0.0))
+    try:
+        text = subprocess.run([*ADMIN, "status", "--federation", str(fed.spec.state_dir)],
+                              capture_output=True, text=True, timeout=60).stdout
+    finally:
+        MigrationJournal(fed.spec.state_dir / "migrations.json").drop(waiting)
     assert "== cluster east ==" in text and "== cluster west ==" in text
+    assert "1 migration(s) in flight" in text
+    assert f"job {waiting}: east -> west, narrowed" in text
 
 
 def test_the_placers_metrics_name_the_cluster_of_every_series(fed):

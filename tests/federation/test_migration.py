@@ -67,6 +67,7 @@ srun --ntasks-per-node=1 {BIN / 'singularity-run'} {TRAIN} --steps {STEPS} --ste
                         "--to", "west", "--ckpt", str(relative)],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
+    print(r.stdout)         # the migration time, for docs/benchmarks
     assert re.match(rf"job {job} moved east -> west in [0-9.]+ s \(\d+ checkpoint files", r.stdout)
     assert "copied its checkpoint" in r.stderr and "verified" in r.stderr
     east, west = fed.member("east").storage_root, fed.member("west").storage_root
