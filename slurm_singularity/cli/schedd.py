@@ -41,6 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--federation", type=Path, default=None, metavar="STATE_DIR",
                    help="place the pending jobs of the local federation brought up in STATE_DIR "
                         "(`singularity-admin cluster up --federation`) across its clusters")
+    p.add_argument("--copy-bandwidth", type=float, default=200.0, metavar="MB_PER_S",
+                   help="with --federation: checkpoint copy bandwidth between clusters, "
+                        "MB/s (default 200)")
+    p.add_argument("--max-copy", type=float, default=60.0, metavar="SECONDS",
+                   help="with --federation: longest checkpoint copy worth a move to another "
+                        "cluster; 0 = never move (default 60)")
     p.add_argument("--pid-file", type=Path, default=None, help="write the daemon's pid here")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
@@ -100,7 +106,7 @@ def _run_placer(args: argparse.Namespace) -> int:
     """The federation mode: one placer for every member cluster."""
     from ..policy.api import PolicyError
     from ..policy.load import load_policy
-    from ..sched.federation import FederationPlacer, Member
+    from ..sched.federation import FederationPlacer, Member, MoveCost
     from ..slurm.cli import CliSlurmClient
 
     try:
@@ -117,7 +123,8 @@ def _run_placer(args: argparse.Namespace) -> int:
                    for spec in fed.member_specs()]
         placer = FederationPlacer(
             members, policy, period_s=args.period, dry_run=args.dry_run,
-            journal_path=args.journal or args.federation.absolute() / MIGRATIONS_FILE)
+            journal_path=args.journal or args.federation.absolute() / MIGRATIONS_FILE,
+            cost=MoveCost(bytes_per_s=args.copy_bandwidth * 1e6, max_copy_s=args.max_copy))
     except (PolicyError, ValueError, ClusterError) as exc:
         print(f"singularity-schedd: error: {exc}", file=sys.stderr)
         return 2

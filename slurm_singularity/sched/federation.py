@@ -58,6 +58,8 @@ class PendingJob:
     viable: tuple[str, ...]
     #: The member whose storage root holds its checkpoint; None = none found.
     checkpoint_at: str | None = None
+    #: Bytes of that checkpoint (what a move copies).
+    checkpoint_bytes: int = 0
 
     @property
     def gpus(self) -> int:
@@ -86,9 +88,33 @@ def account_usage(members: Mapping[str, ClusterState]) -> dict[str, int]:
     return usage
 
 
-def place(members: Mapping[str, ClusterState], pending: Sequence[PendingJob]) -> tuple[Placement, ...]:
+@dataclass(frozen=True)
+class MoveCost:
+    """What moving a checkpoint between clusters costs, and the most a move
+    may cost."""
+
+    #: Copy bandwidth between two members, bytes per second; > 0.
+    bytes_per_s: float = 200e6
+    #: Longest copy worth making, seconds; 0 = never move a checkpoint.
+    max_copy_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if not self.bytes_per_s > 0:
+            raise ValueError(f"bytes_per_s (--copy-bandwidth) must be > 0, not {self.bytes_per_s}")
+        if not 0 <= self.max_copy_s <= 86400:
+            raise ValueError(f"max_copy_s (--max-copy) must be between 0 and 86400 s, "
+                             f"not {self.max_copy_s}")
+
+    def seconds(self, size: int) -> float:
+        return size / self.bytes_per_s
+
+
+def place(members: Mapping[str, ClusterState], pending: Sequence[PendingJob],
+          cost: MoveCost = MoveCost()) -> tuple[Placement, ...]:
     """Where each pending job goes (see the module docstring). A job already
-    narrowed to one member is not placed again, but takes its room there."""
+    narrowed to one member is not placed again, but takes its room there. A
+    job whose checkpoint's cluster is full moves (its checkpoint copied) to
+    a member with room only if the copy takes at most ``cost.max_copy_s``."""
     free = {name: sorted((n.free_gpus for n in state.nodes), reverse=True)
             for name, state in members.items()}
     usage = account_usage(members)
@@ -104,7 +130,9 @@ def place(members: Mapping[str, ClusterState], pending: Sequence[PendingJob]) ->
             continue
         room = [m for m in viable if _fits(free[m], job)]
         moved_from = None
-        if job.checkpoint_at in viable and (job.checkpoint_at in room or not room):
+        copy_s = cost.seconds(job.checkpoint_bytes)
+        if job.checkpoint_at in viable and (job.checkpoint_at in room or not room
+                                            or copy_s > cost.max_copy_s):
             chosen = job.checkpoint_at
             reason = f"its checkpoint lies in {chosen}'s storage"
         elif job.checkpoint_at in viable:
@@ -113,7 +141,8 @@ def place(members: Mapping[str, ClusterState], pending: Sequence[PendingJob]) ->
             chosen = max(room, key=lambda m: (sum(free[m]), -viable.index(m)))
             moved_from = job.checkpoint_at
             reason = (f"its checkpoint lies in {moved_from}'s storage but {moved_from} has no "
-                      f"room; {chosen} has {sum(free[chosen])} GPUs free: copy it there")
+                      f"room; {chosen} has {sum(free[chosen])} GPUs free: copy it there "
+                      f"({job.checkpoint_bytes} bytes, ~{copy_s:.1f} s)")
         elif room:
             chosen = max(room, key=lambda m: (sum(free[m]), -viable.index(m)))
             reason = (f"{chosen} has room for its {job.nodes}x{job.gpus_per_node} GPUs "
@@ -162,19 +191,20 @@ def federated_checkpoint_dir(job_id: int) -> Path:
     return Path("ckpt") / f"job-{job_id}"
 
 
-def checkpoint_member(members: Sequence[Member], job_id: int) -> str | None:
+def checkpoint_member(members: Sequence[Member], job_id: int) -> tuple[str | None, int]:
     """The member whose storage root holds the job's checkpoint (its
-    ``federated_checkpoint_dir``), when it holds anything."""
+    ``federated_checkpoint_dir``), when it holds anything, and its bytes."""
     for m in members:
         if m.storage_root is None:
             continue
         ckpt = m.storage_root / federated_checkpoint_dir(job_id)
         try:
-            if ckpt.is_dir() and any(ckpt.iterdir()):
-                return m.name
+            files = [p for p in ckpt.rglob("*") if p.is_file()] if ckpt.is_dir() else []
+            if files:
+                return m.name, sum(p.stat().st_size for p in files)
         except OSError:
             continue
-    return None
+    return None, 0
 
 
 def _siblings(text: object) -> tuple[str, ...]:
@@ -216,7 +246,7 @@ def observe_federation(members: Sequence[Member], policy: Policy, now: float) ->
             nodes = max(1, int(job.extra.get("node_count") or 1))
             pending[st.job_id] = PendingJob(
                 st.job_id, st.tier, st.account, nodes, requested // nodes, st.submit_time,
-                viable, checkpoint_member(members, st.job_id))
+                viable, *checkpoint_member(members, st.job_id))
             origin[st.job_id] = str(job.extra.get("federation_origin") or m.name)
     for name, state in states.items():
         # pending copies are the federation's demand, not one member's
@@ -264,7 +294,7 @@ class FederationPlacer:
 
     def __init__(self, members: Sequence[Member], policy: Policy, *, period_s: float = 2.0,
                  dry_run: bool = False, clock: Callable[[], float] = time.time,
-                 journal_path: Path | None = None) -> None:
+                 journal_path: Path | None = None, cost: MoveCost = MoveCost()) -> None:
         if not members:
             raise ValueError("--federation names no member cluster")
         if not 0.2 <= period_s <= 3600:
@@ -275,6 +305,7 @@ class FederationPlacer:
         self.period_s = period_s
         self.dry_run = dry_run
         self.clock = clock
+        self.cost = cost
         self.metrics = PlacerMetrics()
         self._stop = threading.Event()
         from .migrate import MigrationJournal
@@ -307,7 +338,7 @@ class FederationPlacer:
         seen = observe_federation(self.members, self.policy, self.clock())
         done = []
         pending = [j for j in seen.pending if j.job_id not in in_flight]
-        for p in place(seen.states, pending):
+        for p in place(seen.states, pending, self.cost):
             member = self.by_name.get(seen.origin.get(p.job_id, ""), self.members[0])
             if self.dry_run:
                 log.info("[job %s] would place on %s: %s", p.job_id, p.cluster, p.reason)

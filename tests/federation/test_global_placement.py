@@ -15,8 +15,8 @@ import pytest
 
 from slurm_singularity.policy.api import Tier
 from slurm_singularity.sched.api import ClusterState, JobPhase, JobState, NodeState
-from slurm_singularity.sched.federation import (PendingJob, Placement, account_usage,
-                                                federated_checkpoint_dir, place)
+from slurm_singularity.sched.federation import (MoveCost, PendingJob, Placement,
+                                                account_usage, federated_checkpoint_dir, place)
 
 SCHEDD = [sys.executable, "-m", "slurm_singularity.cli.schedd"]
 
@@ -32,8 +32,8 @@ def cluster(free: list[int], gpus: int = 8, running: tuple[tuple[str, int], ...]
 
 def pending(job_id: int, gpus: int, *, tier: Tier = Tier.STANDARD, account: str = "a",
             viable: tuple[str, ...] = ("east", "west"), ckpt: str | None = None,
-            submit: float = 0.0, nodes: int = 1) -> PendingJob:
-    return PendingJob(job_id, tier, account, nodes, gpus, submit, viable, ckpt)
+            submit: float = 0.0, nodes: int = 1, ckpt_bytes: int = 0) -> PendingJob:
+    return PendingJob(job_id, tier, account, nodes, gpus, submit, viable, ckpt, ckpt_bytes)
 
 
 # -- the decision, on shapes -----------------------------------------------------
@@ -168,3 +168,20 @@ def test_a_job_whose_checkpoint_cluster_is_full_stays_when_no_cluster_has_room()
     members = {"east": cluster([0, 0]), "west": cluster([4, 4])}
     (p,) = place(members, [pending(1, 8, ckpt="east")])
     assert (p.cluster, p.migrate_from) == ("east", None)
+
+
+def test_a_move_whose_copy_would_take_too_long_is_not_made():
+    members = {"east": cluster([0, 0]), "west": cluster([8, 8])}
+    cost = MoveCost(bytes_per_s=1e6, max_copy_s=30)
+    (small,) = place(members, [pending(1, 8, ckpt="east", ckpt_bytes=10_000_000)], cost)
+    assert (small.cluster, small.migrate_from) == ("west", "east")
+    assert "10000000 bytes, ~10.0 s" in small.reason
+    (big,) = place(members, [pending(1, 8, ckpt="east", ckpt_bytes=60_000_000)], cost)
+    assert (big.cluster, big.migrate_from) == ("east", None)
+
+
+@pytest.mark.parametrize("field, kwargs", [("bytes_per_s", {"bytes_per_s": 0}),
+                                           ("max_copy_s", {"max_copy_s": -1})])
+def test_a_bad_move_cost_is_refused_naming_the_field(field, kwargs):
+    with pytest.raises(ValueError, match=field):
+        MoveCost(**kwargs)
