@@ -20,7 +20,6 @@ needs nothing but the state directory.
 
 from __future__ import annotations
 
-import getpass
 import json
 import logging
 import re
@@ -29,7 +28,6 @@ from pathlib import Path
 from typing import Callable
 
 from ..policy.api import Policy
-from ..policy.render import associations
 from ..slurm.api import SlurmError
 from ..slurm.cli import CliSlurmClient
 from . import local
