@@ -43,6 +43,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     up.add_argument("--name", default="singularity", help="Slurm ClusterName (default singularity)")
     up.add_argument("--policy", type=Path, default=None,
                     help="policy file (default templates/policy.toml)")
+    up.add_argument("--federation", metavar="NAME", default=None,
+                    help="bring up a Slurm federation NAME of the --clusters instead, sharing "
+                         "one slurmdbd; member i's slurmctld on --ctld-port + 100 i")
+    up.add_argument("--clusters", metavar="NAME:NODESxGPUS,...", default=None,
+                    help="with --federation: its member clusters, e.g. east:2x8,west:2x8")
     up.set_defaults(func=_up)
 
     down = with_state_dir(csub.add_parser("down", help="stop the daemons that `up` started"))
@@ -50,7 +55,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     st = with_state_dir(csub.add_parser("status", help="daemons and nodes"))
     st.add_argument("--json", action="store_true", help="machine-readable output")
     st.set_defaults(func=_status)
+    mig = with_state_dir(csub.add_parser(
+        "migrate", help="in a federation: move a running job to another cluster"))
+    mig.add_argument("job_id", type=int, help="the running job")
+    mig.add_argument("--to", required=True, metavar="NAME", help="the destination cluster")
+    mig.add_argument("--ckpt", required=True, type=Path, metavar="RELATIVE",
+                     help="the job's checkpoint directory relative to its cluster's storage "
+                          "root (STATE_DIR/NAME/storage)")
+    mig.add_argument("--timeout", type=float, default=120.0,
+                     help="seconds to wait for its checkpoint and requeue (default 120)")
+    mig.add_argument("--policy", type=Path, default=None,
+                     help="policy file, for the tier's signal (default templates/policy.toml)")
+    mig.set_defaults(func=_migrate)
     env = with_state_dir(csub.add_parser("env", help="print `export SLURM_CONF=...` for eval"))
+    env.add_argument("--cluster", metavar="NAME", default=None,
+                     help="in a federation: the member to point at (default: the first)")
     env.set_defaults(func=_env)
 
 
@@ -68,6 +87,8 @@ def _up(args: argparse.Namespace) -> int:
     from ..policy.api import PolicyError
     from ..policy.load import load_policy
 
+    if args.federation is not None or args.clusters is not None:
+        return _up_federation(args)
     try:
         spec = ClusterSpec(
             state_dir=(args.state_dir or _default_state_dir()).absolute(),
@@ -90,20 +111,61 @@ def _up(args: argparse.Namespace) -> int:
     return 0
 
 
+def _up_federation(args: argparse.Namespace) -> int:
+    from ..cluster import federation
+    from ..policy.api import PolicyError
+    from ..policy.load import load_policy
+
+    try:
+        if args.federation is None:
+            raise ValueError("--clusters needs --federation NAME")
+        if args.clusters is None:
+            raise ValueError("--federation needs --clusters NAME:NODESxGPUS,... "
+                             "(for example east:2x8,west:2x8)")
+        spec = federation.FederationSpec(
+            name=args.federation, state_dir=(args.state_dir or _default_state_dir()).absolute(),
+            members=federation.parse_members(args.clusters), base_port=args.ctld_port)
+        policy = load_policy(args.policy or paths.TEMPLATES_DIR / "policy.toml")
+        statuses = federation.up(spec, policy, progress=_progress)
+    except (ValueError, ClusterError, PolicyError) as exc:
+        return _fail(exc)
+    sd = shlex.quote(str(spec.state_dir))
+    print(f"Local Slurm federation {spec.name} up:")
+    for member, st in zip(spec.member_specs(), statuses.values()):
+        idle = sum(1 for n in st.nodes if n.state == "idle")
+        print(f"  {member.cluster_name}: {len(st.nodes)} nodes ({idle} idle), "
+              f"{member.gpus_per_node} GPUs each, slurmctld on port {member.ctld_port}")
+    print("Use a member from a shell with:")
+    print(f"  eval $(singularity-admin cluster env --state-dir {sd} "
+          f"--cluster {spec.members[0].name})")
+    print("  sbatch --gres=gpu:2 --wrap hostname; squeue --federation")
+    print(f"Stop it with: singularity-admin cluster down --state-dir {sd}")
+    return 0
+
+
 def _down(args: argparse.Namespace) -> int:
-    from ..cluster import local
+    from ..cluster import federation, local
 
     state_dir = (args.state_dir or _default_state_dir()).absolute()
-    stopped = local.down(state_dir, progress=_progress)
+    if federation.is_federation(state_dir):
+        try:
+            stopped = federation.down(state_dir, progress=_progress)
+        except ClusterError as exc:
+            return _fail(exc)
+    else:
+        stopped = local.down(state_dir, progress=_progress)
     print(f"stopped {len(stopped)} daemon(s)" if stopped else "nothing was running")
     return 0
 
 
 def _status(args: argparse.Namespace) -> int:
-    from ..cluster import local
+    from ..cluster import federation, local
 
+    state_dir = (args.state_dir or _default_state_dir()).absolute()
     try:
-        st = local.status((args.state_dir or _default_state_dir()).absolute())
+        if federation.is_federation(state_dir):
+            return _federation_status(federation.status(state_dir), args.json)
+        st = local.status(state_dir)
     except ClusterError as exc:
         return _fail(exc)
     if args.json:
@@ -119,11 +181,73 @@ def _status(args: argparse.Namespace) -> int:
     return 0 if st.running else 3
 
 
-def _env(args: argparse.Namespace) -> int:
-    from ..cluster import local
+def _migrate(args: argparse.Namespace) -> int:
+    from ..cluster import federation
+    from ..policy.api import PolicyError
+    from ..policy.load import load_policy
+    from ..sched.federation import Member
+    from ..sched.migrate import MigrationError, migrate
+    from ..sched.observe import observe
+    from ..slurm.api import SlurmError
+    from ..slurm.cli import CliSlurmClient
 
+    state_dir = (args.state_dir or _default_state_dir()).absolute()
     try:
-        spec = local.load_spec((args.state_dir or _default_state_dir()).absolute())
+        if args.ckpt.is_absolute() or ".." in args.ckpt.parts:
+            raise ValueError(f"--ckpt {args.ckpt} must be relative to the storage root, "
+                             f"without '..'")
+        policy = load_policy(args.policy or paths.TEMPLATES_DIR / "policy.toml")
+        fed = federation.load_spec(state_dir)
+        members = {m.cluster_name: Member(m.cluster_name, CliSlurmClient(m.env()),
+                                          m.storage_root) for m in fed.member_specs()}
+        destination = members.get(args.to) or fed.member(args.to)
+        source = None
+        for member in members.values():
+            obs = observe(member.client.jobs(), member.client.nodes(), policy, 0.0)
+            st = next((j for j in obs.state.jobs if j.job_id == args.job_id and j.devices), None)
+            if st is not None:
+                source, tier = member, st.tier
+        if source is None:
+            raise ValueError(f"job {args.job_id} runs on no cluster of federation {fed.name}")
+        if source.name == args.to:
+            raise ValueError(f"--to {args.to}: job {args.job_id} already runs there")
+        report = migrate(args.job_id, source, destination, args.ckpt, policy.tiers[tier].signal,
+                         timeout_s=args.timeout, progress=_progress)
+    except (ValueError, ClusterError, PolicyError, MigrationError, SlurmError) as exc:
+        return _fail(exc)
+    print(f"job {report.job_id} moved {report.source} -> {report.destination} in "
+          f"{report.seconds:.1f} s ({report.files} checkpoint files, {report.bytes} bytes)")
+    return 0
+
+
+def _federation_status(statuses: dict, as_json: bool) -> int:
+    running = any(st.running for st in statuses.values())
+    if as_json:
+        print(json.dumps({name: {"daemons": st.daemons, "nodes": [n.__dict__ for n in st.nodes]}
+                          for name, st in statuses.items()}, indent=2))
+        return 0 if running else 3
+    for name, st in statuses.items():
+        print(f"cluster {name}: {'running' if st.running else 'not running'}")
+        for daemon, pid in st.daemons.items():
+            print(f"  {daemon:<12} {'pid ' + str(pid) if pid else 'not running'}")
+        for node in st.nodes:
+            print(f"  {node.name:<12} {node.state:<10} gpu:{node.gpus}")
+    return 0 if running else 3
+
+
+def _env(args: argparse.Namespace) -> int:
+    from ..cluster import federation, local
+
+    state_dir = (args.state_dir or _default_state_dir()).absolute()
+    try:
+        if federation.is_federation(state_dir):
+            fed = federation.load_spec(state_dir)
+            spec = fed.member(args.cluster or fed.members[0].name)
+        elif args.cluster is not None:
+            raise ClusterError(f"--cluster {args.cluster!r}: {state_dir} holds one cluster, "
+                               f"not a federation")
+        else:
+            spec = local.load_spec(state_dir)
     except ClusterError as exc:
         return _fail(exc)
     for key, value in spec.env().items():

@@ -1,6 +1,8 @@
 """``singularity-admin status``: jobs with tier, account, D/W, GPU fraction
 against the promise, state; GPUs per tier; pending reasons. Read from Slurm
-through the same observation the daemon uses, so both see the same."""
+through the same observation the daemon uses, so both see the same. With
+``--federation STATE_DIR``, the same for every cluster of a local federation,
+each job under the cluster where it runs (or, pending, its origin)."""
 
 from __future__ import annotations
 
@@ -18,11 +20,18 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="policy file (default: the one `singularity-admin policy apply` "
                         "installed, policy.toml beside $SLURM_CONF)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--federation", type=Path, default=None, metavar="STATE_DIR",
+                   help="every cluster of the local federation in STATE_DIR "
+                        "(`singularity-admin cluster up --federation`)")
     p.set_defaults(func=_status)
 
 
-def collect(policy_path: Path | None) -> dict:
-    """The status as a dict (what ``--json`` prints).
+def collect(policy_path: Path | None, client=None, *, show_pending=None) -> dict:
+    """The status as a dict (what ``--json`` prints), of the cluster
+    ``client`` talks to (default: ``$SLURM_CONF``'s). ``show_pending(job)``
+    false leaves a pending job out (a federation member's copy of a job
+    another member is the origin of); None shows every one. ``policy_path``
+    None: the installed policy.
 
     :raises PolicyError, SlurmError:
     """
@@ -32,13 +41,16 @@ def collect(policy_path: Path | None) -> dict:
     from ..slurm.cli import CliSlurmClient
 
     policy = load_policy(policy_path or installed_policy_path())
-    client = CliSlurmClient()
+    client = client or CliSlurmClient()
     now = time.time()
     obs = observe(client.jobs(), client.nodes(), policy, now)
     jobs = []
     per_tier = {t.value: 0 for t in policy.tiers}
     for st in obs.state.jobs:
         view = obs.views[st.job_id]
+        if st.phase.value in ("pending", "held") and show_pending is not None and \
+                not show_pending(view.job):
+            continue
         promise = policy.tiers[st.tier].gpu_fraction
         fraction = st.gpu_fraction(now)
         per_tier[st.tier.value] = per_tier.get(st.tier.value, 0) + st.devices
@@ -55,18 +67,66 @@ def collect(policy_path: Path | None) -> dict:
             "gpus_per_tier": per_tier, "jobs": jobs}
 
 
+def collect_federation(policy_path: Path | None, state_dir: Path) -> dict:
+    """Cluster name -> ``collect`` of that member; a pending job is shown
+    once, under its origin cluster.
+
+    :raises PolicyError, SlurmError, ClusterError:
+    """
+    from ..cluster import federation
+    from ..policy.install import installed_policy_path
+    from ..slurm.cli import CliSlurmClient
+
+    fed = federation.load_spec(state_dir)
+    out = {}
+    for spec in fed.member_specs():
+        name = spec.cluster_name
+        out[name] = collect(policy_path or installed_policy_path(spec.conf_dir),
+                            CliSlurmClient(spec.env()),
+                            show_pending=lambda job, n=name: (job.federation_origin or n) == n)
+    from ..sched.migrate import MigrationJournal
+    from .schedd import MIGRATIONS_FILE
+
+    moving = MigrationJournal(state_dir / MIGRATIONS_FILE).load()
+    return {"federation": fed.name, "clusters": out,
+            "migrations": [{"job_id": m.job_id, "from": m.source, "to": m.destination,
+                            "step": m.step.value, "since": m.since}
+                           for m in moving.values()]}
+
+
 def _status(args: argparse.Namespace) -> int:
     from ..policy.api import PolicyError
     from ..slurm.api import SlurmError
 
+    errors: tuple[type[Exception], ...] = (PolicyError, SlurmError)
     try:
-        data = collect(args.policy)
-    except (PolicyError, SlurmError) as exc:
+        if args.federation is not None:
+            from ..cluster.api import ClusterError
+            from ..sched.migrate import MigrationError
+            errors += (ClusterError, MigrationError)
+            data = collect_federation(args.policy, args.federation.absolute())
+        else:
+            data = collect(args.policy)
+    except errors as exc:
         print(f"singularity-admin status: error: {exc}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(data, indent=2))
         return 0
+    if args.federation is not None:
+        print(f"Federation {data['federation']}: {len(data['clusters'])} clusters, "
+              f"{len(data['migrations'])} migration(s) in flight")
+        for m in data["migrations"]:
+            print(f"  job {m['job_id']}: {m['from']} -> {m['to']}, {m['step']}")
+        for name, one in data["clusters"].items():
+            print(f"\n== cluster {name} ==")
+            _print(one)
+        return 0
+    _print(data)
+    return 0
+
+
+def _print(data: dict) -> None:
     print(f"GPUs: {data['total_gpus']} total, {data['free_gpus']} free; by tier: " +
           ", ".join(f"{t} {n}" for t, n in data["gpus_per_tier"].items()))
     header = f"{'JOBID':>7} {'TIER':<9} {'ACCOUNT':<10} {'D/W':>7} {'ELASTIC':>8} " \
@@ -79,4 +139,3 @@ def _status(args: argparse.Namespace) -> int:
               f"{str(j['devices']) + '/' + str(j['world_size']):>7} "
               f"{'%d:%d' % tuple(j['elastic']):>8} {j['gpu_fraction']:>8.2f} "
               f"{j['promise']:>7.2f}{mark:<2}{j['state']:<10} {reason}")
-    return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -38,6 +39,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-journal", action="store_true",
                    help="run without the journal (then a slurmctld killed before it saved "
                         "the daemon's mark may see an action repeated)")
+    p.add_argument("--federation", type=Path, default=None, metavar="STATE_DIR",
+                   help="place the pending jobs of the local federation brought up in STATE_DIR "
+                        "(`singularity-admin cluster up --federation`) across its clusters")
+    p.add_argument("--copy-bandwidth", type=float, default=200.0, metavar="MB_PER_S",
+                   help="with --federation: checkpoint copy bandwidth between clusters, "
+                        "MB/s (default 200)")
+    p.add_argument("--max-copy", type=float, default=60.0, metavar="SECONDS",
+                   help="with --federation: longest checkpoint copy worth a move to another "
+                        "cluster; 0 = never move (default 60)")
     p.add_argument("--pid-file", type=Path, default=None, help="write the daemon's pid here")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
@@ -63,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     from ..sched.executor import ExecutorSettings
     from ..slurm.cli import CliSlurmClient
 
+    if args.federation is not None:
+        return _run_placer(args)
     if args.policy is None:
         args.policy = installed_policy_path()
     try:
@@ -88,6 +100,49 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger(__name__).info("started (policy %s, period %g s, journal %s)", args.policy,
                                      args.period, settings.journal_path or "off")
     return daemon.run()
+
+
+#: The placer's journal of migrations in flight, in the federation's state directory.
+MIGRATIONS_FILE = "migrations.json"
+
+
+def _run_placer(args: argparse.Namespace) -> int:
+    """The federation mode: one placer for every member cluster."""
+    from ..policy.api import PolicyError
+    from ..policy.install import installed_policy_path
+    from ..policy.load import load_policy
+    from ..sched.federation import FederationPlacer, Member, MoveCost
+    from ..slurm.cli import CliSlurmClient
+
+    try:
+        from ..cluster import federation
+        from ..cluster.api import ClusterError
+    except ImportError:
+        print("singularity-schedd: error: --federation needs the local cluster harness "
+              "(a source checkout)", file=sys.stderr)
+        return 2
+    try:
+        fed = federation.load_spec(args.federation.absolute())
+        # default: the policy `policy apply` installed on the first member
+        policy = load_policy(args.policy or installed_policy_path(fed.member_specs()[0].conf_dir))
+        members = [Member(spec.cluster_name, CliSlurmClient(spec.env()), spec.storage_root)
+                   for spec in fed.member_specs()]
+        placer = FederationPlacer(
+            members, policy, period_s=args.period, dry_run=args.dry_run,
+            journal_path=args.journal or args.federation.absolute() / MIGRATIONS_FILE,
+            cost=MoveCost(bytes_per_s=args.copy_bandwidth * 1e6, max_copy_s=args.max_copy))
+    except (PolicyError, ValueError, ClusterError) as exc:
+        print(f"singularity-schedd: error: {exc}", file=sys.stderr)
+        return 2
+    if args.metrics_port:
+        placer.metrics.serve(args.metrics_port)
+    if args.pid_file:
+        args.pid_file.write_text(f"{os.getpid()}\n")
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda s, f: placer.stop(f"received {signal.Signals(s).name}"))
+    logging.getLogger(__name__).info("placing for federation %s (%s), period %g s", fed.name,
+                                     ", ".join(m.name for m in members), args.period)
+    return placer.run(max_passes=1 if args.once else 0)
 
 
 if __name__ == "__main__":

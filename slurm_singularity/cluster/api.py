@@ -60,6 +60,11 @@ class ClusterSpec:
     dbd_port: int = 0
     #: The private MariaDB's port (127.0.0.1 only); 0 = ctld_port - 2.
     mysql_port: int = 0
+    #: State directory of another local cluster whose munged, MariaDB and
+    #: slurmdbd this one uses (a member of a federation: Slurm federates
+    #: clusters that share one slurmdbd, and they must share a munge key);
+    #: None = its own. ``dbd_port`` must then be that cluster's.
+    shared_state_dir: Path | None = None
 
     def __post_init__(self) -> None:
         if not self.dbd_port:
@@ -96,6 +101,8 @@ class ClusterSpec:
             raise ValueError("--ctld-port, --dbd-port and --mysql-port must differ")
         if not _NAME.match(self.cluster_name):
             raise ValueError(f"--name {self.cluster_name!r} must be lower-case letters and digits")
+        if self.shared_state_dir is not None and not self.accounting:
+            raise ValueError("shared_state_dir needs accounting (the shared slurmdbd)")
 
     @property
     def node_names(self) -> tuple[str, ...]:
@@ -106,8 +113,14 @@ class ClusterSpec:
         return "n1" if self.nodes == 1 else f"n[1-{self.nodes}]"
 
     @property
+    def owns_services(self) -> bool:
+        """Whether this cluster runs its own munged (and MariaDB, slurmdbd)."""
+        return self.shared_state_dir is None
+
+    @property
     def ports(self) -> tuple[int, ...]:
-        extra = (self.dbd_port, self.mysql_port) if self.accounting else ()
+        """The ports this cluster's own daemons listen on."""
+        extra = (self.dbd_port, self.mysql_port) if self.accounting and self.owns_services else ()
         return (self.ctld_port,) + extra + tuple(
             self.slurmd_base_port + i for i in range(self.nodes))
 
@@ -120,10 +133,17 @@ class ClusterSpec:
         return self.conf_dir / "slurm.conf"
 
     @property
+    def storage_root(self) -> Path:
+        """Where this cluster's jobs keep checkpoints (a federation member's
+        own storage: a checkpoint is read on the cluster that holds it)."""
+        return self.state_dir / "storage"
+
+    @property
     def munge_socket(self) -> Path:
         """munged's socket, in a directory of its own (0755) so that every
-        local user can authenticate; the key's directory stays 0700."""
-        return self.state_dir / "munge-socket" / "munge.socket"
+        local user can authenticate; the key's directory stays 0700. That of
+        ``shared_state_dir`` when set."""
+        return (self.shared_state_dir or self.state_dir) / "munge-socket" / "munge.socket"
 
     @property
     def db_secret(self) -> Path:

@@ -52,6 +52,7 @@ START_WAIT_S = {DaemonKind.MUNGED: 10.0, DaemonKind.MARIADBD: 30.0, DaemonKind.S
 def save_spec(spec: ClusterSpec) -> None:
     data = asdict(spec)
     data["state_dir"] = str(spec.state_dir)
+    data["shared_state_dir"] = spec.shared_state_dir and str(spec.shared_state_dir)
     _write_atomic(spec.state_dir / SPEC_FILE, json.dumps(data, indent=2) + "\n")
 
 
@@ -64,6 +65,8 @@ def load_spec(state_dir: Path) -> ClusterSpec:
     except (OSError, ValueError) as exc:
         raise ClusterError(f"cannot read {state_dir / SPEC_FILE}: {exc}") from None
     data["state_dir"] = Path(data["state_dir"])
+    if data.get("shared_state_dir"):
+        data["shared_state_dir"] = Path(data["shared_state_dir"])
     return ClusterSpec(**data)
 
 
@@ -146,9 +149,27 @@ def _prepare(spec: ClusterSpec, policy: Policy) -> None:
     sd = spec.state_dir
     for sub in ("etc", "run", "log", "spool/ctld", "dev"):
         (sd / sub).mkdir(parents=True, exist_ok=True)
+    spec.storage_root.mkdir(exist_ok=True)
+    os.chmod(spec.storage_root, 0o1777)      # every user's jobs write there, like /tmp
     for node in spec.node_names:
         (sd / "spool" / f"slurmd-{node}").mkdir(parents=True, exist_ok=True)
-    munge_dir = sd / "munge"
+    if spec.owns_services:
+        _make_munge_key(spec)
+    _make_devices(spec)
+    plugin = paths.SPANK_PLUGIN if paths.SPANK_PLUGIN.exists() else None
+    if plugin is None:
+        log.warning("SPANK plugin %s is not built; sbatch will lack --sla etc.", paths.SPANK_PLUGIN)
+    own_dbd = spec.accounting and spec.owns_services
+    password = _db_password(spec) if own_dbd else ""
+    for name, text in render_cluster_files(spec, policy, plugin, password).items():
+        _write_atomic(spec.conf_dir / name, text)
+    if own_dbd:
+        os.chmod(spec.conf_dir / "slurmdbd.conf", 0o600)   # holds the password
+        _init_database(spec)
+
+
+def _make_munge_key(spec: ClusterSpec) -> None:
+    munge_dir = spec.state_dir / "munge"
     munge_dir.mkdir(mode=0o700, exist_ok=True)
     os.chmod(munge_dir, 0o700)
     # every user authenticates through the socket; only root reads the key
@@ -159,16 +180,6 @@ def _prepare(spec: ClusterSpec, policy: Policy) -> None:
         fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o400)
         with os.fdopen(fd, "wb") as fh:
             fh.write(os.urandom(1024))
-    _make_devices(spec)
-    plugin = paths.SPANK_PLUGIN if paths.SPANK_PLUGIN.exists() else None
-    if plugin is None:
-        log.warning("SPANK plugin %s is not built; sbatch will lack --sla etc.", paths.SPANK_PLUGIN)
-    password = _db_password(spec) if spec.accounting else ""
-    for name, text in render_cluster_files(spec, policy, plugin, password).items():
-        _write_atomic(spec.conf_dir / name, text)
-    if spec.accounting:
-        os.chmod(spec.conf_dir / "slurmdbd.conf", 0o600)   # holds the password
-        _init_database(spec)
 
 
 def _db_password(spec: ClusterSpec) -> str:
@@ -248,6 +259,21 @@ def _make_devices(spec: ClusterSpec) -> None:
 def _daemon_argv(spec: ClusterSpec) -> list[tuple[str, DaemonKind, list[str]]]:
     conf = str(spec.slurm_conf)
     munge = spec.state_dir / "munge"
+    out: list[tuple[str, DaemonKind, list[str]]] = []
+    if spec.owns_services:
+        out += _service_argv(spec, munge)
+    out += [
+        ("slurmctld", DaemonKind.SLURMCTLD,
+         [shutil.which("slurmctld") or "slurmctld", "-D", "-i", "-f", conf])]
+    for node in spec.node_names:
+        out.append((f"slurmd-{node}", DaemonKind.SLURMD,
+                    [shutil.which("slurmd") or "slurmd", "-D", "-N", node, "-f", conf]))
+    return out
+
+
+def _service_argv(spec: ClusterSpec, munge: Path) -> list[tuple[str, DaemonKind, list[str]]]:
+    """munged, and MariaDB and slurmdbd with accounting: what a cluster that
+    shares another's services does not run."""
     out = [("munged", DaemonKind.MUNGED, [
         shutil.which("munged") or "munged", "-F", "--force",
         f"--socket={spec.munge_socket}", f"--key-file={munge / 'munge.key'}",
@@ -266,12 +292,6 @@ def _daemon_argv(spec: ClusterSpec) -> list[tuple[str, DaemonKind, list[str]]]:
             f"--log-error={spec.state_dir / 'log' / 'mariadbd.log'}"]))
         out.append(("slurmdbd", DaemonKind.SLURMDBD, [
             shutil.which("slurmdbd") or "slurmdbd", "-D"]))
-    out += [
-        ("slurmctld", DaemonKind.SLURMCTLD,
-         [shutil.which("slurmctld") or "slurmctld", "-D", "-i", "-f", conf])]
-    for node in spec.node_names:
-        out.append((f"slurmd-{node}", DaemonKind.SLURMD,
-                    [shutil.which("slurmd") or "slurmd", "-D", "-N", node, "-f", conf]))
     return out
 
 
@@ -488,14 +508,31 @@ def restart(state_dir: Path, name: str) -> int:
 
     :raises ClusterError: no such daemon in this cluster.
     """
-    spec = load_spec(state_dir)
+    stop_daemon(state_dir, name)
+    return start_daemon(state_dir, name)
+
+
+def stop_daemon(state_dir: Path, name: str) -> None:
+    """Stop one daemon of the cluster by its recorded pid (its record stays,
+    for ``start_daemon``). :raises ClusterError: no such daemon."""
     records = _read_daemons(state_dir)
     if name not in records:
         raise ClusterError(f"no daemon {name!r} in {state_dir} (have: {', '.join(records)})")
     _stop_all(state_dir, {name: records[name]})
+    _write_daemons(state_dir, {**_read_daemons(state_dir), name: records[name]})
+
+
+def start_daemon(state_dir: Path, name: str) -> int:
+    """Start one daemon of the cluster (stopped by ``stop_daemon``) with its
+    command line; for slurmctld, wait until it answers. Returns its pid.
+    :raises ClusterError: no such daemon, or it did not come up."""
+    spec = load_spec(state_dir)
     records = _read_daemons(state_dir)
-    records[name] = _start(name, records.get(name, {}).get("argv") or
-                           next(a for n, _, a in _daemon_argv(spec) if n == name), spec)
+    argv = records.get(name, {}).get("argv") or next(
+        (a for n, _, a in _daemon_argv(spec) if n == name), None)
+    if argv is None:
+        raise ClusterError(f"no daemon {name!r} in {state_dir} (have: {', '.join(records)})")
+    records[name] = _start(name, argv, spec)
     _write_daemons(state_dir, records)
     if name == "slurmctld":
         _wait_for(lambda: _controller_answers(spec), START_WAIT_S[DaemonKind.SLURMCTLD],

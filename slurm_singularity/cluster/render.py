@@ -70,7 +70,7 @@ def render_cluster_files(spec: ClusterSpec, policy: Policy, spank_plugin: Path |
     env = environment()
     files = {name: env.get_template(f"{name}.j2").render(**values)
              for name in ("slurm.conf", "gres.conf", "cgroup.conf", "plugstack.conf")}
-    if spec.accounting:
+    if spec.accounting and spec.owns_services:
         files["slurmdbd.conf"] = env.get_template("slurmdbd.conf.j2").render(**values)
     if spec.gpus_per_node == 0:
         files["gres.conf"] = "# no emulated GPUs\n"

@@ -138,6 +138,12 @@ class Job:
     priority: int | None = None
     #: ``(node, GPUs)`` held on each node while running; () otherwise.
     placement: tuple[tuple[str, int], ...] = ()
+    #: Nodes asked for (or held); 0 = not reported.
+    node_count: int = 0
+    #: In a Slurm federation: the cluster whose slurmctld owns the job
+    #: ("" = not federated) and the sibling clusters it may still run on.
+    federation_origin: str = ""
+    federation_siblings_viable: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.state, SlurmState):

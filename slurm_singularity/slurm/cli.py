@@ -54,7 +54,8 @@ class CliSlurmClient:
 
     def jobs(self) -> list[Job]:
         data = json.loads(self._run(["squeue", "--all", "--json"]))
-        return [_job(j) for j in data.get("jobs", [])]
+        # a federation sibling's revoked copy has "job_id": null (22.05)
+        return [_job(j) for j in data.get("jobs", []) if j.get("job_id") is not None]
 
     def submit(self, args: Sequence[str], script: str | None = None) -> int:
         out = self._run(["sbatch", *args], stdin=script)
@@ -298,4 +299,8 @@ def _job(j: dict) -> Job:
         eligible_time=_epoch(j.get("eligible_time")),
         priority=int(_epoch(j["priority"])) if j.get("priority") is not None else None,
         placement=where,
+        node_count=int(j.get("node_count") or 0),
+        federation_origin=str(j.get("federation_origin") or ""),
+        federation_siblings_viable=tuple(
+            s for s in str(j.get("federation_siblings_viable") or "").split(",") if s),
     )
