@@ -47,7 +47,11 @@ def test_preempting_at_random_steps_and_resizing_gives_the_uninterrupted_result(
     assert runs[0].first_step == 0 and runs[-1].last_step == LM_STEPS
     for before, after in zip(runs, runs[1:]):
         assert after.first_step == before.last_step
-    assert all(r.checkpoint_written and r.steps_lost == 0 for r in runs), "\n".join(map(str, runs))
+    # (the last preemption may land on the last step: the final run then
+    # restores it, has nothing to do and writes no checkpoint of its own)
+    assert all(r.checkpoint_written or r.first_step == LM_STEPS for r in runs), \
+        "\n".join(map(str, runs))
+    assert all(r.steps_lost == 0 for r in runs), "\n".join(map(str, runs))
     assert runs[0].exit_code == contract.REQUEUE_EXIT_CODE and runs[-1].exit_code == 0
 
 
