@@ -69,6 +69,7 @@ class StopReason(enum.Enum):
 
     PREEMPTED = "preempted"   # agreed on a step, checkpointed, exit 75
     FINISHED = "finished"     # reached the last step, final checkpoint
+    STOPPED = "stopped"       # ended early by trainer.stop() or a break, exit 0
     FAILED = "failed"         # a worker died or raised; steps may be lost
 
 

@@ -78,7 +78,8 @@ class RankShard:
             else:
                 order = list(range(total))
             padded = self.shard_len * self.world_size
-            order += order[: padded - total]
+            pad = padded - total              # repeat the order, as DistributedSampler pads
+            order += (order * -(-pad // total))[:pad]
             self._epoch_indices = order[self.rank:padded:self.world_size]
             self._indices_epoch = epoch
         return self._epoch_indices

@@ -111,9 +111,11 @@ class RunProgress:
     last_ckpt_step: int | None = None
     ckpt_at_stop: bool = False
     failure: str | None = None   # what failed, from a ``fail <what>`` report
+    stopped: bool = False        # ended early on purpose (``stop <n>``)
 
     def feed(self, line: str) -> None:
         """One report line: ``start <step>``, ``step <n>``, ``ckpt <n> <reason>``,
+        ``stop <n>`` (trainer.stop() or a break ended the run at step n),
         ``fail <what>`` (a failure the exit code does not tell, e.g. a
         rendezvous that timed out and asks for a requeue)."""
         parts = line.split()
@@ -129,6 +131,9 @@ class RunProgress:
         elif parts[0] == "step":
             self.last_step = n
             self.ckpt_at_stop = False
+        elif parts[0] == "stop":
+            self.last_step = n
+            self.stopped = True
         elif parts[0] == "ckpt":
             self.last_ckpt_step = n
             self.ckpt_at_stop = True

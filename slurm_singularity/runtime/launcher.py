@@ -322,6 +322,8 @@ def launch(spec: LaunchSpec) -> int:
                 contract.REQUEUE_EXIT_CODE: StopReason.PREEMPTED}.get(code, StopReason.FAILED)
         if progress.failure is not None:
             stop = StopReason.FAILED
+        elif progress.stopped and code == 0:
+            stop = StopReason.STOPPED
         record_run(spec.ckpt_dir, progress.record(stop, code))
     return code
 

@@ -14,7 +14,18 @@ divided by ``W`` (DDP's mean):
   device folds them in rank order, so the optimizer sees identical bits.
 * ``D > 1``, fast: accumulate locally, one all-reduce of the flat sum.
 
-Parameters that received no gradient get zeros (as DDP's reducer gives).
+With gradient accumulation (``accumulate = n`` micro-batches per rank and
+step) a rank's gradient is the sum over its micro-batches, in order, and the
+fold adds those per-rank sums; so even ``D == 1`` copies each rank's sum
+into a slot (autograd alone would interleave the ranks' micro-batches).
+
+A parameter that received a gradient on some logical ranks and not on
+others counts zeros for the others (as DDP's reducer with
+``find_unused_parameters`` does); one that received none on any rank keeps
+``grad = None``, as under DDP, so an optimizer such as AdamW leaves it alone
+(no weight decay, no momentum step). Each rank's "had a gradient" flags
+travel with its gradients (one extra element per parameter), so this costs
+no extra collective.
 """
 
 from __future__ import annotations
@@ -28,12 +39,14 @@ class GradReducer:
     reduced mean gradient in ``p.grad`` for the optimizer."""
 
     def __init__(self, params: list[torch.nn.Parameter], *, world_size: int, devices: int,
-                 splice: int, deterministic: bool) -> None:
+                 splice: int, deterministic: bool, accumulate: int = 1) -> None:
         self.params = params
         self.world_size = world_size
         self.devices = devices
         self.splice = splice
-        self.gather = deterministic and devices > 1
+        # with accumulation a rank's gradient is the sum of its micro-batches'
+        # and the fold adds those sums, so even D == 1 keeps one slot per rank
+        self.gather = deterministic and (devices > 1 or accumulate > 1)
         self.numel = sum(p.numel() for p in params)
         self._slots: torch.Tensor | None = None
         self._gathered: list[torch.Tensor] = []
@@ -50,10 +63,12 @@ class GradReducer:
         if self._slots is None:
             dev = self.params[0].device
             dtype = self.params[0].dtype
-            self._slots = torch.empty(self.splice, self.numel, device=dev, dtype=dtype)
+            width = self.numel + len(self.params)        # gradients, then flags
+            self._slots = torch.empty(self.splice, width, device=dev, dtype=dtype)
             self._gathered = [torch.empty_like(self._slots) for _ in range(self.devices)]
         row = self._slots[turn]
         offset = 0
+        had = []
         for p in self.params:
             n = p.numel()
             view = row[offset:offset + n].view_as(p)
@@ -61,28 +76,43 @@ class GradReducer:
                 view.zero_()
             else:
                 view.copy_(p.grad)
+            had.append(float(p.grad is not None))
             p.grad = None
             offset += n
+        row[self.numel:].copy_(torch.tensor(had, dtype=row.dtype))
 
     def finish(self) -> None:
         """Leave the mean over the W logical ranks in every ``p.grad``."""
         if self.gather:
             self._fold_gathered()
             return
-        for p in self.params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
         if self.devices > 1:
-            flat = torch.cat([p.grad.reshape(-1) for p in self.params])
+            had = torch.tensor([float(p.grad is not None) for p in self.params],
+                               dtype=self.params[0].dtype, device=self.params[0].device)
+            for p in self.params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            flat = torch.cat([p.grad.reshape(-1) for p in self.params] + [had])
             dist.all_reduce(flat, op=dist.ReduceOp.SUM)
             self._scatter(flat)
+            self._drop_unused(flat[self.numel:])
         for p in self.params:
-            p.grad.div_(self.world_size)
+            if p.grad is not None:
+                p.grad.div_(self.world_size)
+
+    def _drop_unused(self, had: torch.Tensor) -> None:
+        """``grad = None`` for parameters no logical rank gave a gradient."""
+        for p, count in zip(self.params, had.tolist()):
+            if count == 0:
+                p.grad = None
 
     def _fold_gathered(self) -> None:
         if self._slots is None:
             raise RuntimeError("GradReducer.finish before any end_turn: no gradients collected")
-        dist.all_gather(self._gathered, self._slots)
+        if self.devices > 1:
+            dist.all_gather(self._gathered, self._slots)
+        else:
+            self._gathered = [self._slots]
         total = self._gathered[0][0].clone()
         for d, block in enumerate(self._gathered):
             for j in range(self.splice):
@@ -90,6 +120,7 @@ class GradReducer:
                     total.add_(block[j])
         total.div_(self.world_size)
         self._scatter(total, as_views=True)
+        self._drop_unused(total[self.numel:])
 
     def _scatter(self, flat: torch.Tensor, as_views: bool = False) -> None:
         offset = 0

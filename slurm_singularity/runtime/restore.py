@@ -42,6 +42,14 @@ class RunChoices:
     """The logical ranks this worker runs; each needs its entry in the checkpoint."""
     buffer_count: int
     """Module buffers of the model; PER_RANK checkpoints hold that many per rank."""
+    optimizer_names: tuple[str, ...] | None = None
+    """Names of the optimizers when the trainer has several (a dict); None for one."""
+    scheduler_names: frozenset[str] = frozenset()
+    """With several optimizers: the names of those that have an LR scheduler."""
+    has_scaler: bool = False
+    """Whether the run passes a GradScaler (its scale must continue)."""
+    accumulate: int = 1
+    """Micro-batches per logical rank and step (gradient accumulation)."""
 
 
 def check_fits(state: Mapping[str, Any], run: RunChoices, *, step: int, where: Path) -> None:
@@ -64,19 +72,49 @@ def check_fits(state: Mapping[str, Any], run: RunChoices, *, step: int, where: P
     if state["batch_size"] != run.batch_size:
         raise RuntimeSetupError(f"{what} used batch_size={state['batch_size']}, this run asks "
                                 f"for {run.batch_size}")
+    if state.get("accumulate", 1) != run.accumulate:
+        raise RuntimeSetupError(f"{what} used accumulate={state.get('accumulate', 1)}, this "
+                                f"run asks for {run.accumulate}")
     saved_policy = _buffer_policy(state["buffer_policy"])
     if saved_policy is not run.buffer_policy:
         raise RuntimeSetupError(
             f"{what} was saved with buffers={_name(saved_policy, state['buffer_policy'])}, "
             f"this run asks for buffers=BufferPolicy.{run.buffer_policy.name}: restore it "
             f"with the buffer policy it was saved with")
+    _check_optimizers(state, run, what)
+    saved_scaler = state.get("scaler") is not None
+    if saved_scaler != run.has_scaler:
+        raise RuntimeSetupError(
+            f"{what} {'holds' if saved_scaler else 'has no'} GradScaler state, this run "
+            f"{'passes' if run.has_scaler else 'passes no'} scaler: the loss scale would not "
+            f"continue where it stopped")
     saved_scheduler = state["scheduler"] is not None
-    if saved_scheduler != run.has_scheduler:
+    if run.optimizer_names is None and saved_scheduler != run.has_scheduler:
         raise RuntimeSetupError(
             f"{what} {'holds' if saved_scheduler else 'has no'} LR scheduler state, this run "
             f"{'passes' if run.has_scheduler else 'passes no'} scheduler: the learning rate "
             f"would not continue where it stopped")
     _check_ranks(state["ranks"], run, what)
+
+
+def _check_optimizers(state: Mapping[str, Any], run: RunChoices, what: str) -> None:
+    raw = state.get("optimizer_names")
+    saved = tuple(raw) if isinstance(raw, list) else None
+    if saved != run.optimizer_names:
+        def say(names: tuple[str, ...] | None) -> str:
+            return "one optimizer" if names is None else f"optimizers {', '.join(names)}"
+        raise RuntimeSetupError(f"{what} was saved with {say(saved)}, this run has "
+                                f"{say(run.optimizer_names)}")
+    if run.optimizer_names is None:
+        return
+    scheds = state["scheduler"]
+    saved_scheds = frozenset(scheds) if isinstance(scheds, dict) else frozenset()
+    if saved_scheds != run.scheduler_names:
+        raise RuntimeSetupError(
+            f"{what} holds LR scheduler state for optimizers "
+            f"{sorted(saved_scheds) or 'none'}, this run passes schedulers for "
+            f"{sorted(run.scheduler_names) or 'none'}: the learning rate would not continue "
+            f"where it stopped")
 
 
 def _buffer_policy(value: object) -> BufferPolicy | None:

@@ -47,7 +47,11 @@ def test_preempting_at_random_steps_and_resizing_gives_the_uninterrupted_result(
     assert runs[0].first_step == 0 and runs[-1].last_step == LM_STEPS
     for before, after in zip(runs, runs[1:]):
         assert after.first_step == before.last_step
-    assert all(r.checkpoint_written and r.steps_lost == 0 for r in runs), runs
+    # (the last preemption may land on the last step: the final run then
+    # restores it, has nothing to do and writes no checkpoint of its own)
+    assert all(r.checkpoint_written or r.first_step == LM_STEPS for r in runs), \
+        "\n".join(map(str, runs))
+    assert all(r.steps_lost == 0 for r in runs), "\n".join(map(str, runs))
     assert runs[0].exit_code == contract.REQUEUE_EXIT_CODE and runs[-1].exit_code == 0
 
 
@@ -72,4 +76,7 @@ def test_a_worker_that_fails_fails_the_run_and_its_history_says_so(tmp_path):
     assert "worker 1 fails on purpose" in done.stderr
     (run,) = read_history(tmp_path)
     assert run.stop is StopReason.FAILED and run.exit_code == 1
-    assert run.steps_lost == run.last_step >= 2     # no checkpoint was ever written
+    # the exception came after the step's pass: that step was applied on
+    # every device and is kept in a checkpoint, not lost
+    assert run.last_step == 3 and run.steps_lost == 0
+    assert checkpoint.list_meta(tmp_path)[0].step == 3
