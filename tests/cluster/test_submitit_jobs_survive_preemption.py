@@ -37,7 +37,7 @@ def test_a_submitit_job_preempted_twice_ends_completed_with_the_uninterrupted_re
     ckpt = tmp_path / "ckpt"
     executor = submitit.SlurmExecutor(folder=tmp_path / "submitit")
     executor.update_parameters(
-        nodes=1, ntasks_per_node=1, gres="gpu:4", time=30,
+        nodes=1, ntasks_per_node=1, gres="gpu:4",   # submitit's default time: 5 min
         additional_parameters=sbatch_options(sla="basic", world_size=8, elastic="1:4",
                                                    ckpt_dir=str(ckpt)))
     job = executor.submit(SingularityRun(TRAIN, "--steps", str(STEPS), "--step-sleep", "0.25",
