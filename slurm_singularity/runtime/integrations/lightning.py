@@ -65,7 +65,8 @@ class SingularityStrategy(SingleDeviceStrategy):
     ``job.trainer(seed=...)``); ``ckpt_every``: a periodic checkpoint every
     that many steps (None: only at preemption, ``SINGULARITY_CKPT_EVERY_S``
     and the end); ``buffers``: a ``BufferPolicy``; ``job``: a
-    ``runtime.Job`` (default: ``runtime.init()``, in the first ``setup``).
+    ``runtime.Job`` (default: ``runtime.init()``, called here, so build the
+    strategy in the worker, under ``singularity-run``).
     After ``fit``, ``runtime_trainer`` is the runtime's ``Trainer``
     (``.step``, ``.params_sha256()``).
 
