@@ -8,6 +8,7 @@
 #include <slurm/spank.h>
 
 /* sbatch / salloc */
+int allocator_init(spank_t sp);
 int allocator_init_post_opt(spank_t sp);
 
 /* srun */

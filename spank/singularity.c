@@ -22,8 +22,11 @@ int slurm_spank_init(spank_t sp, int ac, char **av)
 		if (proxies_configure(ac, av) != 0)
 			return ESPANK_ERROR;
 		return singularity_options_register(sp) == 0 ? ESPANK_SUCCESS : ESPANK_ERROR;
-	case S_CTX_LOCAL:
 	case S_CTX_ALLOCATOR:
+		if (allocator_init(sp) != 0)
+			return ESPANK_ERROR;
+		return singularity_options_register(sp) == 0 ? ESPANK_SUCCESS : ESPANK_ERROR;
+	case S_CTX_LOCAL:
 		return singularity_options_register(sp) == 0 ? ESPANK_SUCCESS : ESPANK_ERROR;
 	default:
 		return ESPANK_SUCCESS;

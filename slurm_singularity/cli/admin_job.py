@@ -14,6 +14,10 @@ command line (sacct's SubmitLine) or in an ``#SBATCH`` line, else the default
 under the job's submit directory. Each candidate is tried in that order; the
 notes say which were tried when none holds a history. A job whose history is
 not found has its lost work reported as unknown, never as 0.
+
+While the job runs, the runtime's ``progress.json`` beside the history says
+the current step, the rate and so the ETA; it is shown for the running run
+(and by ``singularity-admin status``, through ``running_progress``).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import json
 import re
 import shlex
 import sys
+import time
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
@@ -173,9 +178,8 @@ def ckpt_dir_candidates(job_id: int, *, submit_line: str = "", script: str = "",
     return [(d, why) for d, why in out if not (d in seen or seen.add(d))]
 
 
-def _find_history(client, job_id: int, runs, notes: list[str]):
-    """(checkpoint directory, history) of the first candidate holding a
-    history; (None, []) with a note naming the candidates when none does."""
+def job_ckpt_dirs(client, job_id: int, work_dir: str) -> list[tuple[str, str]]:
+    """``ckpt_dir_candidates`` from what Slurm still knows of the job."""
     from ..slurm.api import SlurmError
 
     submit_line = script = ""
@@ -187,15 +191,22 @@ def _find_history(client, job_id: int, runs, notes: list[str]):
         script = client.batch_script(job_id)
     except SlurmError:
         pass                            # slurmctld no longer holds the job
-    work_dir = runs[0].work_dir if runs else ""
-    candidates = ckpt_dir_candidates(job_id, submit_line=submit_line, script=script,
-                                     work_dir=work_dir)
+    return ckpt_dir_candidates(job_id, submit_line=submit_line, script=script,
+                               work_dir=work_dir)
+
+
+def _find_history(client, job_id: int, runs, notes: list[str]):
+    """(checkpoint directory, history) of the first candidate holding a
+    history or a first run's progress; (None, []) with a note naming the
+    candidates when none does."""
+    from ..runtime.history import PROGRESS_NAME
+
     tried = []
-    for where, why in candidates:
+    for where, why in job_ckpt_dirs(client, job_id, runs[0].work_dir if runs else ""):
         history = _read_history(Path(where), notes)
         if history is None:
             return Path(where), []
-        if history:
+        if history or _exists(Path(where) / PROGRESS_NAME):
             return Path(where), history
         tried.append(f"{where} ({why})")
     if tried:
@@ -218,6 +229,52 @@ def _read_history(ckpt_dir: Path, notes: list[str]):
     except ValueError as exc:
         notes.append(f"history in {ckpt_dir} is damaged: {exc}")
     return None
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:
+        return False
+
+
+def read_fresh_progress(ckpt_dir: Path, run_start: float | None):
+    """The runtime's progress in ``ckpt_dir`` when it belongs to the run
+    that started at ``run_start`` (epoch seconds; None: any); else None
+    (none, another run's, unreadable)."""
+    from ..runtime.history import read_progress
+    try:
+        rec = read_progress(ckpt_dir)
+    except (OSError, ValueError):
+        return None
+    if rec is None or (run_start is not None and rec.start_time < run_start - 5):
+        return None
+    return rec
+
+
+def duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"
+
+
+def describe_progress(rec, now: float) -> str:
+    """``step 120/1000, 3.2 steps/s, ETA 4m35s (4 s ago)``; ``?`` for
+    what is not known yet."""
+    total = "?" if rec.total is None else str(rec.total)
+    rate = "? steps/s" if not rec.rate else f"{rec.rate:.3g} steps/s"
+    eta = rec.eta_s()
+    eta_text = "ETA ?" if eta is None else f"ETA {duration(max(0.0, eta - (now - rec.time)))}"
+    return f"step {rec.step}/{total}, {rate}, {eta_text} ({duration(max(0.0, now - rec.time))} ago)"
+
+
+def progress_json(rec, now: float) -> dict:
+    eta = rec.eta_s()
+    return {**asdict(rec), "eta_s": None if eta is None else round(max(0.0, eta - (now - rec.time)), 1),
+            "age_s": round(max(0.0, now - rec.time), 1)}
 
 
 def total_lost(rows: list[RunRow]) -> int | None:
@@ -255,12 +312,22 @@ def _show(args: argparse.Namespace) -> int:
               + "; ".join(notes), file=sys.stderr)
         return 1
     rows = build_rows(runs, history)
+    now = time.time()
+    progress = None
+    running = runs[-1] if runs and runs[-1].state == "RUNNING" else None
+    if ckpt_dir is not None and (running is not None or not runs):
+        progress = read_fresh_progress(Path(ckpt_dir),
+                                       _epoch(running.start) if running is not None else None)
+        if progress is not None and running is None and now - progress.time > 60:
+            progress = None             # no accounting to say it runs, and stale
     if args.json:
         print(json.dumps({"job_id": args.job_id, "ckpt_dir": str(ckpt_dir) if ckpt_dir else None,
                           "runs": [asdict(r) for r in rows],
+                          "progress": progress_json(progress, now) if progress else None,
                           "steps_lost_total": total_lost(rows), "notes": notes}, indent=2))
         return 0
-    print(f"job {args.job_id}: {len(rows)} run(s)" + (f", checkpoints in {ckpt_dir}" if history else ""))
+    print(f"job {args.job_id}: {len(rows)} run(s)"
+          + (f", checkpoints in {ckpt_dir}" if history or progress else ""))
     print(f"{'RUN':>3} {'START':<19} {'END':<19} {'GPUS':>4} {'STEPS':>9} {'STOPPED':<9} "
           f"{'CKPT':<4} {'LOST':>9}")
     for r in rows:
@@ -280,6 +347,8 @@ def _show(args: argparse.Namespace) -> int:
             print(f"run {r.run} was killed before it wrote a checkpoint (grace time too short "
                   f"for its checkpoint?): its {r.time_lost_s:g} s of work since the previous "
                   f"checkpoint (step {r.steps.split('..')[0]}) are lost")
+    if progress is not None:
+        print(f"now running on {progress.devices} device(s): {describe_progress(progress, now)}")
     for note in notes:
         print(f"note: {note}")
     return 0

@@ -2,7 +2,11 @@
 against the promise, state; GPUs per tier; pending reasons. Read from Slurm
 through the same observation the daemon uses, so both see the same. With
 ``--federation STATE_DIR``, the same for every cluster of a local federation,
-each job under the cluster where it runs (or, pending, its origin)."""
+each job under the cluster where it runs (or, pending, its origin).
+
+A running job's step, rate and ETA come from the runtime's ``progress.json``
+in its checkpoint directory, found as ``job show`` finds it (a few Slurm
+queries per running job)."""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+from .admin_job import duration as _duration
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -62,6 +67,7 @@ def collect(policy_path: Path | None, client=None, *, show_pending=None) -> dict
             "meets_promise": fraction >= promise,
             "reason": view.job.reason if st.phase.value == "pending" else "",
             "resizing_to": view.marks.resize_to,
+            "progress": _progress(client, view.job, now) if st.phase.value == "running" else None,
         })
     return {"time": now, "total_gpus": obs.state.total_gpus, "free_gpus": obs.state.free_gpus,
             "gpus_per_tier": per_tier, "jobs": jobs}
@@ -92,6 +98,31 @@ def collect_federation(policy_path: Path | None, state_dir: Path) -> dict:
             "migrations": [{"job_id": m.job_id, "from": m.source, "to": m.destination,
                             "step": m.step.value, "since": m.since}
                            for m in moving.values()]}
+
+
+def _progress(client, job, now: float) -> dict | None:
+    """The running job's progress record (``job show``'s), or None."""
+    from ..slurm.api import SlurmError
+    from .admin_job import job_ckpt_dirs, progress_json, read_fresh_progress
+
+    try:
+        work_dir = client.show_job(job.job_id).get("WorkDir", "")
+    except SlurmError:
+        return None
+    for where, _why in job_ckpt_dirs(client, job.job_id, work_dir):
+        rec = read_fresh_progress(Path(where), job.start_time or None)
+        if rec is not None:
+            return progress_json(rec, now)
+    return None
+
+
+def _progress_text(p: dict | None) -> str:
+    if p is None:
+        return "-"
+    total = "?" if p["total"] is None else p["total"]
+    rate = "?" if not p["rate"] else f"{p['rate']:.3g}/s"
+    eta = "?" if p["eta_s"] is None else _duration(p["eta_s"])
+    return f"{p['step']}/{total} {rate} ETA {eta}"
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -130,7 +161,7 @@ def _print(data: dict) -> None:
     print(f"GPUs: {data['total_gpus']} total, {data['free_gpus']} free; by tier: " +
           ", ".join(f"{t} {n}" for t, n in data["gpus_per_tier"].items()))
     header = f"{'JOBID':>7} {'TIER':<9} {'ACCOUNT':<10} {'D/W':>7} {'ELASTIC':>8} " \
-             f"{'GPU-FRAC':>8} {'PROMISE':>7} {'STATE':<10} REASON"
+             f"{'GPU-FRAC':>8} {'PROMISE':>7} {'STATE':<10} {'PROGRESS':<24} REASON"
     print(header)
     for j in data["jobs"]:
         mark = "" if j["meets_promise"] else " !"
@@ -138,4 +169,5 @@ def _print(data: dict) -> None:
         print(f"{j['job_id']:>7} {j['tier']:<9} {j['account'][:10]:<10} "
               f"{str(j['devices']) + '/' + str(j['world_size']):>7} "
               f"{'%d:%d' % tuple(j['elastic']):>8} {j['gpu_fraction']:>8.2f} "
-              f"{j['promise']:>7.2f}{mark:<2}{j['state']:<10} {reason}")
+              f"{j['promise']:>7.2f}{mark:<2}{j['state']:<10} {_progress_text(j['progress']):<24} "
+              f"{reason}")

@@ -19,6 +19,8 @@ EXTRA_MODULES: dict[str, tuple[str, ...]] = {
     "runtime": ("torch", "numpy", "xxhash"),
     "proxy": ("torch", "numpy", "xxhash", "pynvml"),
     "sim": ("numpy", "matplotlib", "tqdm"),
+    "submitit": ("torch", "numpy", "xxhash", "submitit"),
+    "lightning": ("torch", "numpy", "xxhash", "pytorch_lightning"),
 }
 
 #: Exit code of a command whose extra is not installed (a usage error).

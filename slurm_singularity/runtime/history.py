@@ -8,6 +8,13 @@ directory because that is the one place that survives every requeue.
 Who writes: ``singularity-run`` (it sees how the workers ended, even a
 ``kill -9``), from the progress worker 0 reports on a pipe; a worker started
 without the launcher records its own run. ``RunProgress`` is that report.
+
+``progress.json`` beside it answers "where is the run now": the current
+step, the steps asked for, the rate and so the ETA, rewritten by the same
+writer at most every ``PROGRESS_EVERY_S`` seconds while the run goes on, so
+that ``job show`` and ``status`` can show a running job's progress without
+reading its log. It is advisory: written by rename (never seen half
+written) but not fsynced, and a failure to write it is logged, never fatal.
 """
 
 from __future__ import annotations
@@ -29,6 +36,10 @@ from slurm_singularity.runtime.dirlock import lock
 log = logging.getLogger(__name__)
 
 HISTORY_NAME = "history.jsonl"
+PROGRESS_NAME = "progress.json"
+#: Seconds between two writes of ``progress.json`` (the first step is
+#: written at once).
+PROGRESS_EVERY_S = 2.0
 
 
 def record_to_json(record: HistoryRecord) -> dict[str, Any]:
@@ -98,6 +109,74 @@ def read_history(ckpt_dir: str | os.PathLike[str]) -> list[HistoryRecord]:
     return records
 
 
+@dataclass(frozen=True)
+class ProgressRecord:
+    """A running run's progress, as ``progress.json`` holds it."""
+
+    #: When it was written (seconds since the epoch).
+    time: float
+    #: When the run started (seconds since the epoch): tells a record of
+    #: the current run from one a previous run left.
+    start_time: float
+    devices: int
+    world_size: int
+    #: Step restored at the start of the run.
+    first_step: int
+    #: Completed steps.
+    step: int
+    #: Steps the script asked for (``trainer.steps(total)``); None: unknown.
+    total: int | None
+    #: Steps per second since the run's first step; None before two steps.
+    rate: float | None
+
+    def eta_s(self) -> float | None:
+        """Seconds until ``total`` at ``rate`` from when it was written."""
+        if self.total is None or not self.rate:
+            return None
+        return max(0.0, (self.total - self.step) / self.rate)
+
+
+def write_progress(ckpt_dir: str | os.PathLike[str], record: ProgressRecord) -> None:
+    """Replace ``progress.json`` by rename (0600).
+
+    :raises OSError: it could not be written."""
+    path = Path(ckpt_dir) / PROGRESS_NAME
+    tmp = path.with_name(f".{PROGRESS_NAME}.tmp.{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        with open(fd, "w", encoding="utf-8") as fh:
+            json.dump(record.__dict__, fh, sort_keys=True)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def read_progress(ckpt_dir: str | os.PathLike[str]) -> ProgressRecord | None:
+    """The last progress written in ``ckpt_dir``; None when there is none.
+
+    :raises PermissionError: the directory is private to another user.
+    :raises ValueError: the file is malformed (names the field)."""
+    path = Path(ckpt_dir) / PROGRESS_NAME
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not JSON: {exc}") from None
+    try:
+        return ProgressRecord(
+            time=float(raw["time"]), start_time=float(raw["start_time"]),
+            devices=int(raw["devices"]), world_size=int(raw["world_size"]),
+            first_step=int(raw["first_step"]), step=int(raw["step"]),
+            total=None if raw.get("total") is None else int(raw["total"]),
+            rate=None if raw.get("rate") is None else float(raw["rate"]))
+    except KeyError as exc:
+        raise ValueError(f"{path}: lacks field {exc.args[0]!r}") from None
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: malformed: {exc}") from None
+
+
 @dataclass
 class RunProgress:
     """What one run did so far; fed by worker 0's reports, turned into a
@@ -112,12 +191,17 @@ class RunProgress:
     ckpt_at_stop: bool = False
     failure: str | None = None   # what failed, from a ``fail <what>`` report
     stopped: bool = False        # ended early on purpose (``stop <n>``)
+    #: Where ``progress.json`` goes; None: nowhere.
+    ckpt_dir: Path | None = None
+    total: int | None = None
+    _rate_origin: tuple[float, int] | None = None   # (time, step) of the first step
+    _progress_written: float = 0.0
 
     def feed(self, line: str) -> None:
-        """One report line: ``start <step>``, ``step <n>``, ``ckpt <n> <reason>``,
-        ``stop <n>`` (trainer.stop() or a break ended the run at step n),
-        ``fail <what>`` (a failure the exit code does not tell, e.g. a
-        rendezvous that timed out and asks for a requeue)."""
+        """One report line: ``start <step> [<total>]``, ``step <n>``,
+        ``ckpt <n> <reason>``, ``stop <n>`` (trainer.stop() or a break ended
+        the run at step n), ``fail <what>`` (a failure the exit code does not
+        tell, e.g. a rendezvous that timed out and asks for a requeue)."""
         parts = line.split()
         if len(parts) >= 2 and parts[0] == "fail":
             self.failure = parts[1]
@@ -128,15 +212,42 @@ class RunProgress:
         if parts[0] == "start":
             self.first_step = self.last_step = n
             self.last_ckpt_step = n
+            if len(parts) >= 3 and parts[2].isdigit():
+                self.total = int(parts[2])
         elif parts[0] == "step":
             self.last_step = n
             self.ckpt_at_stop = False
+            self._step_done(n)
         elif parts[0] == "stop":
             self.last_step = n
             self.stopped = True
         elif parts[0] == "ckpt":
             self.last_ckpt_step = n
             self.ckpt_at_stop = True
+
+    def progress(self, now: float) -> ProgressRecord:
+        first = self.first_step if self.first_step is not None else 0
+        step = self.last_step if self.last_step is not None else first
+        rate = None
+        if self._rate_origin is not None:
+            t0, s0 = self._rate_origin
+            if step > s0 and now > t0:
+                rate = (step - s0) / (now - t0)
+        return ProgressRecord(time=now, start_time=self.start_time, devices=self.devices,
+                              world_size=self.world_size, first_step=first, step=step,
+                              total=self.total, rate=rate)
+
+    def _step_done(self, step: int) -> None:
+        now = time.time()
+        if self._rate_origin is None:
+            self._rate_origin = (now, step)
+        if self.ckpt_dir is None or now - self._progress_written < PROGRESS_EVERY_S:
+            return
+        self._progress_written = now
+        try:
+            write_progress(self.ckpt_dir, self.progress(now))
+        except OSError as exc:
+            log.debug("could not write %s in %s: %s", PROGRESS_NAME, self.ckpt_dir, exc)
 
     def record(self, stop: StopReason, exit_code: int) -> HistoryRecord:
         first = self.first_step if self.first_step is not None else 0

@@ -285,7 +285,7 @@ def launch(spec: LaunchSpec) -> int:
     procs: list[multiprocessing.process.BaseProcess] = []
     forwarder = _Forwarder(procs)
     main_node = spec.node_rank == 0
-    progress = RunProgress(spec.devices, spec.world_size)
+    progress = RunProgress(spec.devices, spec.world_size, ckpt_dir=spec.ckpt_dir)
     reader = None
     code = 1
     try:

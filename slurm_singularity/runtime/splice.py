@@ -92,7 +92,7 @@ class _Progress:
         self.local: RunProgress | None = None
         self.ckpt_dir = job.ckpt_dir
         if job.is_main and self.fd is None and job.ckpt_dir is not None:
-            self.local = RunProgress(job.shape.devices, job.shape.world_size)
+            self.local = RunProgress(job.shape.devices, job.shape.world_size, ckpt_dir=job.ckpt_dir)
         self.closed = False
 
     def report(self, line: str) -> None:
@@ -424,7 +424,7 @@ class Trainer:
         and says so."""
         if total < 0:
             raise RuntimeSetupError(f"total steps {total} is negative")
-        self._progress.report(f"start {self.step}")
+        self._progress.report(f"start {self.step} {total}")
         try:
             while self.step < total:
                 step = Step(self, self.step)
