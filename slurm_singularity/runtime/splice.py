@@ -40,11 +40,11 @@ import torch.distributed as dist
 from torch.utils.data import default_collate
 
 from slurm_singularity import contract
-from slurm_singularity.runtime import checkpoint
+from slurm_singularity.runtime import checkpoint, loader, metrics
 from slurm_singularity.runtime.api import (
     BufferPolicy, CheckpointReason, RuntimeSetupError, StopReason,
 )
-from slurm_singularity.runtime.data import Cursor, RankShard
+from slurm_singularity.runtime.data import Cursor
 from slurm_singularity.runtime.history import RunProgress, record_run
 from slurm_singularity.runtime.job import Job
 from slurm_singularity.runtime.reduce import GradReducer
@@ -117,6 +117,7 @@ class Step:
         self.index = index          # steps completed before this one
         self.rank: int | None = None  # logical rank whose turn it is
         self.turns = 0
+        self._metrics = metrics.StepMetrics(trainer.job.shape.logical_ranks)
 
     def batches(self) -> Iterator[Any]:
         """One micro-batch per logical rank of this device, in rank order;
@@ -130,6 +131,41 @@ class Step:
             t._end_turn(turn, rank)
             self.turns += 1
         self.rank = None
+
+    def record(self, name: str, value: Any) -> None:
+        """Record this logical rank's value of metric ``name`` (a number or
+        one-element tensor) in its turn; see ``reduce``.
+
+        :raises RuntimeSetupError: outside a turn, twice in a turn, or not a number.
+        """
+        if self.rank is None:
+            raise RuntimeSetupError(f"step.record({name!r}, ...) outside a turn: call it "
+                                    f"inside the loop over step.batches()")
+        try:
+            self._metrics.record(name, self.rank, value)
+        except ValueError as exc:
+            raise RuntimeSetupError(str(exc)) from None
+
+    def reduce(self, name: str, op: "metrics.MetricOp | str" = "mean") -> float:
+        """Metric ``name`` reduced over all W logical ranks (``op``: mean,
+        sum, max, min), the same bits on every D; call it on every device,
+        after the loop over ``step.batches()`` (collective when D > 1).
+
+        :raises RuntimeSetupError: bad op, called before the turns ended, or
+            a logical rank of this device did not record the metric.
+        """
+        try:
+            how = metrics.MetricOp.of(op)
+            if self.turns != self.trainer.job.shape.splice:
+                raise ValueError(f"step.reduce({name!r}) before the loop over "
+                                 f"step.batches() ended")
+            local = self._metrics.local(name)
+        except ValueError as exc:
+            raise RuntimeSetupError(str(exc)) from None
+        job = self.trainer.job
+        values = metrics.all_ranks(local, devices=job.shape.devices,
+                                   device=self.trainer._collective_device())
+        return metrics.fold(values, how)
 
 
 class Trainer:
@@ -164,9 +200,8 @@ class Trainer:
         self.reducer = GradReducer(self.params, world_size=shape.world_size,
                                    devices=shape.devices, splice=shape.splice,
                                    deterministic=job.deterministic)
-        self.shards = {r: RankShard(dataset, r, shape.world_size, batch_size, seed=seed,
-                                    shuffle=shuffle, collate=collate)
-                       for r in shape.logical_ranks}
+        self.shards = self._data_sources(dataset, batch_size, seed=seed, shuffle=shuffle,
+                                         collate=collate)
         self.rng: dict[int, dict[str, torch.Tensor]] = {}
         for r in shape.logical_ranks:
             gen = torch.Generator()
@@ -192,6 +227,15 @@ class Trainer:
         if not self._restore() and job.distributed:
             self._broadcast_from_device0([p.data for p in model.parameters()])
             self._broadcast_from_device0([b for b in model.buffers()])
+
+    def _data_sources(self, dataset: Any, batch_size: int, *, seed: int, shuffle: bool,
+                      collate: Callable[[list[Any]], Any]) -> dict[int, Any]:
+        """One source per logical rank of this device (``loader``): a
+        map-style dataset, an IterableDataset or a DataLoader over either."""
+        pipeline = loader.pipeline_of(dataset, batch_size=batch_size, shuffle=shuffle,
+                                      collate=collate)
+        return loader.rank_sources(pipeline, self.job.shape, batch_size, seed=seed,
+                                   device=self.job.device, job=str(self.job))
 
     # ---- turns -------------------------------------------------------------
     def _begin_turn(self, turn: int, rank: int) -> None:
