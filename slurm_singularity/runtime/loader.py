@@ -18,8 +18,11 @@ logical ranks:
   collating, so random augmentation is the same on any D, any number of
   workers and across resumes; prefetching never moves a rank's cursor, only
   consumption does;
-* an ``IterableDataset`` (``StreamShard``, read in the main process): see
-  ``StreamShard`` for the protocol (sharding, epochs, skip-count position).
+* an ``IterableDataset``: see ``StreamShard`` for the protocol (sharding,
+  epochs, skip-count position); read in the main process (``StreamShard``)
+  or, with workers, by a DataLoader per logical rank (``StreamFeed``) whose
+  workers each read the rank's stream and collate every n-th micro-batch,
+  seeded as above.
 
 Anything else is refused when the trainer is built, naming what was passed
 and what is accepted.
@@ -34,6 +37,7 @@ import logging
 import multiprocessing.util
 import random
 import signal
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -137,10 +141,6 @@ def _from_loader(loader: DataLoader, *, batch_size: int,
         raise RuntimeSetupError(
             f"{what} has batch_sampler={type(loader.batch_sampler).__qualname__}: the "
             f"runtime makes the micro-batches itself; pass batch_size, no batch_sampler")
-    if iterable and loader.num_workers:
-        raise RuntimeSetupError(
-            f"{what} has num_workers={loader.num_workers}: an IterableDataset is read in "
-            f"the main process (num_workers=0); use a map-style dataset for workers")
     return Pipeline(loader.dataset, loader.collate_fn or default_collate, shuffle=shuffle,
                     num_workers=loader.num_workers, prefetch_factor=loader.prefetch_factor,
                     pin_memory=loader.pin_memory, worker_init_fn=loader.worker_init_fn,
@@ -155,6 +155,9 @@ def rank_sources(pipeline: Pipeline, shape: JobShape, batch_size: int, *, seed: 
     :raises ValueError: a rank's shard is shorter than one micro-batch.
     """
     ranks = shape.logical_ranks
+    if pipeline.iterable and pipeline.num_workers:
+        return {r: StreamFeed(pipeline, r, shape.world_size, batch_size, seed=seed,
+                              device=device, job=job) for r in ranks}
     if pipeline.iterable:
         return {r: StreamShard(copy.copy(pipeline.dataset), r, shape.world_size, batch_size,
                                collate=pipeline.collate) for r in ranks}
@@ -200,7 +203,6 @@ def seed_all(seed: int) -> None:
     """Seed torch's, ``random``'s and (if imported) numpy's global generators."""
     torch.manual_seed(seed)
     random.seed(seed)
-    import sys
     np = sys.modules.get("numpy")
     if np is not None:
         np.random.seed(seed % 2**32)
@@ -237,6 +239,48 @@ class _Keys:
                                batch_seed(self.seed, shard.rank, cursor.epoch, cursor.position))
 
 
+class _Workers:
+    """The worker processes of one DataLoader: started on demand, stopped
+    when the cursor is set (restore) and before the process exits."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.it: Iterator[Any] | None = None
+        self._exit_hook = False
+
+    def start(self, loader: DataLoader) -> Iterator[Any]:
+        self.it = iter(loader)
+        if not self._exit_hook:
+            # before multiprocessing's exit handler joins its daemonic
+            # children (the workers ignore its SIGTERM), at interpreter exit
+            # and at the end of a multiprocessing child alike
+            multiprocessing.util.Finalize(self, self.close, exitpriority=10)
+            self._exit_hook = True
+        log.info("%s: %d data workers started", self.what, loader.num_workers)
+        return self.it
+
+    def close(self) -> None:
+        """Stop the workers (idempotent)."""
+        it, self.it = self.it, None
+        shutdown = getattr(it, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+
+
+def _worker_loader(pipeline: Pipeline, dataset: Any, *, sampler: Any, seed: int,
+                   device: torch.device) -> DataLoader:
+    """A DataLoader whose workers make whole micro-batches (``dataset``
+    yields them), with the user's worker settings."""
+    return DataLoader(
+        dataset, batch_size=None, sampler=sampler, num_workers=pipeline.num_workers,
+        collate_fn=_as_is, prefetch_factor=pipeline.prefetch_factor,
+        pin_memory=pipeline.pin_memory and device.type == "cuda",
+        worker_init_fn=_WorkerInit(pipeline.worker_init_fn), timeout=pipeline.timeout,
+        # the workers' base seed is drawn from this generator, not from the
+        # global one, whose state is the logical rank's RNG stream
+        generator=torch.Generator().manual_seed(seed))
+
+
 class WorkerFeed:
     """One DataLoader with workers for a device's ``k`` logical ranks.
 
@@ -252,14 +296,14 @@ class WorkerFeed:
         self.cursors = {r: Cursor() for r in shape.logical_ranks}
         # checks the shard length now, not at the first batch
         RankShard(pipeline.dataset, shape.logical_ranks.start, shape.world_size, batch_size)
-        self._iter: Iterator[tuple[BatchKey, Any]] | None = None
-        self._exit_hook = False
+        self.workers = _Workers(f"{job} logical ranks {shape.logical_ranks.start}.."
+                                f"{shape.logical_ranks.stop - 1}")
 
     def rank(self, rank: int) -> "_FedRank":
         return _FedRank(self, rank)
 
     def next_for(self, rank: int) -> Any:
-        it = self._iter if self._iter is not None else self._start()
+        it = self.workers.it if self.workers.it is not None else self._start()
         key, batch = next(it)
         if key.rank != rank:
             raise RuntimeError(f"{self.job}: micro-batch of logical rank {key.rank} came "
@@ -272,31 +316,13 @@ class WorkerFeed:
         shards = [RankShard(p.dataset, r, self.shape.world_size, self.batch_size,
                             seed=self.seed, shuffle=p.shuffle, cursor=self.cursors[r])
                   for r in self.shape.logical_ranks]
-        loader = DataLoader(
-            _KeyedBatches(p.dataset, p.collate), batch_size=None, sampler=_Keys(shards, self.seed),
-            num_workers=p.num_workers, collate_fn=_as_is, prefetch_factor=p.prefetch_factor,
-            pin_memory=p.pin_memory and self.device.type == "cuda",
-            worker_init_fn=_WorkerInit(p.worker_init_fn), timeout=p.timeout,
-            # the workers' base seed is drawn from this generator, not from
-            # the global one, whose state is the logical rank's RNG stream
-            generator=torch.Generator().manual_seed(self.seed))
-        self._iter = iter(loader)
-        if not self._exit_hook:
-            # before multiprocessing's exit handler joins its daemonic
-            # children (the workers ignore its SIGTERM), at interpreter exit
-            # and at the end of a multiprocessing child alike
-            multiprocessing.util.Finalize(self, self.close, exitpriority=10)
-            self._exit_hook = True
-        log.info("%s: %d data workers for logical ranks %d..%d", self.job, p.num_workers,
-                 self.shape.logical_ranks.start, self.shape.logical_ranks.stop - 1)
-        return self._iter
+        return self.workers.start(_worker_loader(
+            p, _KeyedBatches(p.dataset, p.collate), sampler=_Keys(shards, self.seed),
+            seed=self.seed, device=self.device))
 
     def close(self) -> None:
         """Stop the workers (idempotent); they ignore the preemption signals."""
-        it, self._iter = self._iter, None
-        shutdown = getattr(it, "_shutdown_workers", None)
-        if shutdown is not None:
-            shutdown()
+        self.workers.close()
 
 
 class _FedRank:
@@ -324,7 +350,6 @@ class _IsolatedRng:
     """Runs a block without touching torch's, ``random``'s or numpy's state."""
 
     def __enter__(self) -> None:
-        import sys
         self.np = sys.modules.get("numpy")
         self.saved = (torch.get_rng_state(), random.getstate(),
                       self.np.random.get_state() if self.np is not None else None)
@@ -336,8 +361,39 @@ class _IsolatedRng:
             self.np.random.set_state(self.saved[2])
 
 
+def open_rank_stream(dataset: Any, rank: int, world_size: int, cursor: Cursor) -> Iterator[Any]:
+    """Logical rank ``rank``'s samples of ``cursor.epoch`` from ``cursor.position`` on
+    (the protocol of ``StreamShard``); the skipped samples are read with the
+    global RNG states saved and put back.
+
+    :raises RuntimeSetupError: the epoch has fewer samples than the position.
+    """
+    if hasattr(dataset, "set_epoch"):
+        dataset.set_epoch(cursor.epoch)
+    if hasattr(dataset, "shard"):
+        it = iter(dataset.shard(rank, world_size))
+    else:
+        it = itertools.islice(iter(dataset), rank, None, world_size)
+    if cursor.position:
+        with _IsolatedRng():
+            skipped = sum(1 for _ in itertools.islice(it, cursor.position))
+        if skipped < cursor.position:
+            raise RuntimeSetupError(
+                f"IterableDataset gives logical rank {rank} {skipped} samples in epoch "
+                f"{cursor.epoch}, the checkpoint's position is {cursor.position}: not the "
+                f"dataset the checkpoint was written with")
+    return it
+
+
+def _too_short(rank: int, world_size: int, got: int, epoch: int, batch_size: int) -> Exception:
+    return RuntimeSetupError(
+        f"IterableDataset gives logical rank {rank} of {world_size} {got} samples in epoch "
+        f"{epoch}, fewer than batch_size={batch_size}")
+
+
 class StreamShard:
-    """Micro-batches of one logical rank from an ``IterableDataset``.
+    """Micro-batches of one logical rank from an ``IterableDataset``, read in
+    the main process.
 
     The protocol (docs/runtime.md, "Data pipelines"):
 
@@ -376,22 +432,7 @@ class StreamShard:
         self._it = None
 
     def _open(self) -> Iterator[Any]:
-        epoch, position = self._cursor.epoch, self._cursor.position
-        if hasattr(self.dataset, "set_epoch"):
-            self.dataset.set_epoch(epoch)
-        if hasattr(self.dataset, "shard"):
-            it = iter(self.dataset.shard(self.rank, self.world_size))
-        else:
-            it = itertools.islice(iter(self.dataset), self.rank, None, self.world_size)
-        if position:
-            with _IsolatedRng():
-                skipped = sum(1 for _ in itertools.islice(it, position))
-            if skipped < position:
-                raise RuntimeSetupError(
-                    f"IterableDataset gives logical rank {self.rank} {skipped} samples in "
-                    f"epoch {epoch}, the checkpoint's position is {position}: not the "
-                    f"dataset the checkpoint was written with")
-        return it
+        return open_rank_stream(self.dataset, self.rank, self.world_size, self._cursor)
 
     def next_batch(self) -> Any:
         """The next micro-batch; advances the cursor."""
@@ -403,9 +444,76 @@ class StreamShard:
             self._it = self._open()
             items = list(itertools.islice(self._it, self.batch_size))
             if len(items) < self.batch_size:
-                raise RuntimeSetupError(
-                    f"IterableDataset gives logical rank {self.rank} of {self.world_size} "
-                    f"{len(items)} samples in epoch {self._cursor.epoch}, fewer than "
-                    f"batch_size={self.batch_size}")
+                raise _too_short(self.rank, self.world_size, len(items),
+                                 self._cursor.epoch, self.batch_size)
         self._cursor = Cursor(self._cursor.epoch, self._cursor.position + self.batch_size)
         return self.collate(items)
+
+
+class _StreamBatches(IterableDataset):
+    """Runs in the workers of one logical rank: its micro-batches from a
+    cursor on, epoch after epoch; worker ``w`` of ``n`` reads the whole
+    stream and makes the micro-batches ``b`` with ``b % n == w``, which the
+    DataLoader, asking its workers in turn, hands out in stream order."""
+
+    def __init__(self, dataset: Any, rank: int, world_size: int, batch_size: int,
+                 collate: Callable[[list[Any]], Any], cursor: Cursor, seed: int) -> None:
+        self.dataset, self.rank, self.world_size = dataset, rank, world_size
+        self.batch_size, self.collate, self.cursor, self.seed = batch_size, collate, cursor, seed
+
+    def __iter__(self) -> Iterator[tuple[Cursor, Any]]:
+        info = torch.utils.data.get_worker_info()
+        me, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        cursor, count = self.cursor, 0
+        while True:
+            it = open_rank_stream(self.dataset, self.rank, self.world_size, cursor)
+            fresh = cursor.position == 0
+            while True:
+                items = list(itertools.islice(it, self.batch_size))
+                if len(items) < self.batch_size:
+                    break
+                if count % workers == me:
+                    seed_all(batch_seed(self.seed, self.rank, cursor.epoch, cursor.position))
+                    yield cursor, self.collate(items)
+                count += 1
+                cursor = Cursor(cursor.epoch, cursor.position + self.batch_size)
+            if fresh and cursor.position == 0:
+                raise _too_short(self.rank, self.world_size, len(items), cursor.epoch,
+                                 self.batch_size)
+            cursor = Cursor(cursor.epoch + 1, 0)
+
+
+class StreamFeed:
+    """One logical rank's ``IterableDataset`` read by its own DataLoader
+    workers; each micro-batch is collated with the RNGs seeded from
+    ``(seed, rank, epoch, position)``, as ``WorkerFeed``'s are."""
+
+    def __init__(self, pipeline: Pipeline, rank: int, world_size: int, batch_size: int, *,
+                 seed: int, device: torch.device, job: str = "") -> None:
+        self.pipeline, self.rank, self.world_size = pipeline, rank, world_size
+        self.batch_size, self.seed, self.device = batch_size, seed, device
+        self.dataset = copy.copy(pipeline.dataset)
+        self._cursor = Cursor()
+        self.workers = _Workers(f"{job} logical rank {rank}")
+
+    @property
+    def cursor(self) -> Cursor:
+        return self._cursor
+
+    @cursor.setter
+    def cursor(self, value: Cursor) -> None:
+        self.workers.close()
+        self._cursor = value
+
+    def next_batch(self) -> Any:
+        it = self.workers.it if self.workers.it is not None else self._start()
+        start, batch = next(it)
+        self._cursor = Cursor(start.epoch, start.position + self.batch_size)
+        return batch
+
+    def _start(self) -> Iterator[tuple[Cursor, Any]]:
+        p = self.pipeline
+        stream = _StreamBatches(self.dataset, self.rank, self.world_size, self.batch_size,
+                                p.collate, self._cursor, self.seed)
+        return self.workers.start(_worker_loader(p, stream, sampler=None, seed=self.seed,
+                                                 device=self.device))

@@ -2,7 +2,8 @@
 metrics tests: ``--data loader`` (a torch DataLoader over a map-style
 dataset, ``--workers`` processes, a collate that augments with torch's and
 Python's ``random``) or ``--data iterable`` (an IterableDataset that
-shuffles each epoch with its own generator).
+shuffles each epoch with its own generator; with ``--workers`` above 0 in a
+DataLoader with that many workers and the augmenting collate).
 
 Every device prints, per turn, ``batch <step> <logical rank> <sha256 of the
 micro-batch>`` and ``rankloss <step> <logical rank> <loss as float.hex>``;
@@ -91,6 +92,10 @@ def main() -> None:
             Samples(args.samples), batch_size=args.batch_size, shuffle=True,
             num_workers=args.workers, collate_fn=augmenting_collate, prefetch_factor=2
             if args.workers else None, pin_memory=True)
+    elif args.data == "iterable" and args.workers:
+        data = torch.utils.data.DataLoader(
+            Stream(args.samples), batch_size=args.batch_size, num_workers=args.workers,
+            collate_fn=augmenting_collate)
     elif args.data == "iterable":
         data = Stream(args.samples)
     else:
