@@ -40,10 +40,11 @@ ROUNDS = 31
 GOAL = 1.03
 
 
-def tiny_overhead_us() -> float:
+def tiny_overhead_us(workers: int = 0) -> float:
     """Per-step cost of the runtime alone: the same comparison on a model so
     small that forward and backward cost almost nothing (median of rounds,
-    in microseconds; can be negative within noise)."""
+    in microseconds; can be negative within noise); with ``workers``, both
+    sides read through that many DataLoader workers."""
     data = torch.utils.data.TensorDataset(torch.randn(4096, 8), torch.randn(4096, 1))
 
     def make():
@@ -55,9 +56,11 @@ def tiny_overhead_us() -> float:
     job = Job(shape=JobShape(W, 1), device=torch.device("cpu"), deterministic=True,
               ckpt_dir=None)
     model, opt = make()
-    steps = job.trainer(model, opt, data, batch_size=4).steps(10**9)
+    feed = data if not workers else torch.utils.data.DataLoader(
+        data, batch_size=4, shuffle=True, num_workers=workers)
+    steps = job.trainer(model, opt, feed, batch_size=4).steps(10**9)
     base_model, base_opt = make()
-    shards = [RankShard(data, r, W, 4) for r in range(W)]
+    shards = _micro_batches(data, [RankShard(data, r, W, 4) for r in range(W)], workers)
 
     def spliced(n: int) -> float:
         t0 = time.perf_counter()
@@ -174,7 +177,7 @@ def main() -> int:
         for fn in order:
             (t_splice if fn is spliced_round else t_base).append(fn())
     value, base = statistics.median(t_splice), statistics.median(t_base)
-    overhead = tiny_overhead_us()
+    overhead = tiny_overhead_us(workers)
     ratio = value / base
     print(f"W={W} spliced on one device: {value * 1e3:.2f} ms/step; plain gradient "
           f"accumulation of {W} micro-batches: {base * 1e3:.2f} ms/step "

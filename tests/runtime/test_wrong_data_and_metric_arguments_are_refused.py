@@ -98,3 +98,22 @@ def test_a_metric_reduced_with_an_unknown_op_or_outside_its_place_names_the_prob
                                                  r"rank\(s\) 0, 1, 2, 3"):
         step.reduce("acc")
     assert step.reduce("loss", op="max") >= step.reduce("loss", op="mean")
+
+
+class Three(torch.utils.data.IterableDataset):
+    """Three samples: logical rank 0 of 4 gets one, rank 3 none."""
+
+    def __iter__(self):
+        samples = data()
+        for i in range(3):
+            yield samples[i]
+
+
+def test_an_iterable_dataset_too_short_for_one_micro_batch_names_the_rank_and_the_counts():
+    model, opt = model_and_optimizer()
+    trainer = job().trainer(model, opt, Three(), batch_size=2)
+    with pytest.raises(RuntimeSetupError, match="IterableDataset gives logical rank 0 of 4 1 "
+                                                 "samples in epoch 1, fewer than batch_size=2"):
+        for step in trainer.steps(1):
+            for x, y in step.batches():
+                F.mse_loss(model(x), y).backward()
