@@ -6,12 +6,16 @@ uninterrupted run and ends with its parameters."""
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 
 import pytest
 
 from slurm_singularity import contract
 from slurm_singularity.runtime import checkpoint
+from slurm_singularity.runtime.api import StopReason
+from slurm_singularity.runtime.history import read_history
 
 import runtime_harness as harness
 
@@ -66,3 +70,20 @@ def test_a_pipeline_preempted_mid_epoch_and_resumed_on_1_2_4_devices_reads_the_b
     assert got == expected
     assert harness.final(done.stdout)[:2] == harness.final(reference.stdout)[:2]
 
+
+
+def test_a_sigterm_to_the_whole_process_group_with_data_workers_is_a_preemption(tmp_path):
+    # slurmstepd signals every process of the step, the DataLoader workers
+    # too; a worker that died of it would fail the step being checkpointed
+    proc = harness.launch(PIPELINE, tmp_path, 2, W, "--data", "loader", "--workers", "2",
+                          *ARGS, "--step-sleep", "0.3", new_session=True)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.startswith("step ") and int(line.split()[1]) >= 2:
+            break
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == contract.REQUEUE_EXIT_CODE, err[-3000:]
+    assert "Traceback" not in err and "DataLoader worker" not in err, err[-3000:]
+    (run,) = read_history(tmp_path)
+    assert run.stop is StopReason.PREEMPTED and run.checkpoint_written
