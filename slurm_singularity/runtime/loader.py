@@ -103,6 +103,20 @@ def pipeline_of(data: Any, *, batch_size: int, shuffle: bool,
     return Pipeline(data, collate, shuffle=shuffle)
 
 
+def batch_size_of(data: Any, batch_size: int | None) -> int:
+    """The trainer's batch size per logical rank: as given, else the
+    DataLoader's.
+
+    :raises RuntimeSetupError: neither gives one.
+    """
+    if batch_size is not None:
+        return batch_size
+    if isinstance(data, DataLoader) and data.batch_size is not None:
+        return data.batch_size
+    raise RuntimeSetupError("batch_size (samples per logical rank) is required unless the "
+                            "dataset is a DataLoader with a batch_size")
+
+
 def _describe(obj: Any) -> str:
     text = repr(obj)
     if len(text) > 80:

@@ -71,6 +71,13 @@ def test_a_dataloader_and_a_collate_given_twice_are_refused():
     assert "collate_fn in the DataLoader" in message
 
 
+def test_a_dataloader_gives_the_trainer_its_batch_size_and_without_it_the_trainer_asks():
+    model, opt = model_and_optimizer()
+    assert job().trainer(model, opt, DataLoader(data(), batch_size=3)).batch_size == 3
+    with pytest.raises(RuntimeSetupError, match="batch_size .* is required"):
+        job().trainer(model, opt, data())
+
+
 def test_a_dataloader_without_workers_trains_exactly_as_its_dataset_and_shuffle_would():
     assert train(DataLoader(data(), batch_size=2, shuffle=True)) == train(data())
     assert train(DataLoader(data(), batch_size=2)) == train(data(), shuffle=False)
