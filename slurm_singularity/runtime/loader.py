@@ -14,7 +14,7 @@ logical ranks:
 * a map-style dataset with workers (``WorkerFeed``): one DataLoader per
   device serves its ``k`` logical ranks in turn order; each micro-batch is a
   pure function of ``(seed, logical rank, epoch, position)``: the worker
-  seeds torch, ``random`` and numpy from that key before reading and
+  seeds torch's CPU generator, ``random`` and numpy from it before reading and
   collating, so random augmentation is the same on any D, any number of
   workers and across resumes; prefetching never moves a rank's cursor, only
   consumption does;
@@ -217,7 +217,7 @@ def seed_all(seed: int) -> None:
     """Seed torch's CPU, ``random``'s and (if imported) numpy's global
     generators. Only the CPU generator: a DataLoader worker cannot use CUDA,
     and ``torch.manual_seed`` costs ~0.4 ms a call (it looks for every
-    accelerator), which made the workers the bottleneck."""
+    accelerator), which would add that to every micro-batch."""
     torch.default_generator.manual_seed(seed)
     random.seed(seed)
     np = sys.modules.get("numpy")
