@@ -133,16 +133,17 @@ def main(argv=None) -> None:
     data = CharWindows(load_text(args.corpus_bytes), args.block)
     trainer = job.trainer(model, opt, data, batch_size=args.batch_size, scheduler=sched,
                           seed=args.seed, ckpt_every=args.ckpt_every)
-    loss = torch.zeros(())
     for step in trainer.steps(args.steps):
         for x, y in step.batches():
             loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
             loss.backward()
+            step.record("loss", loss)
+        mean_loss = step.reduce("loss", op="mean")   # all W logical ranks: same on any D
         if args.step_sleep:
             import time
             time.sleep(args.step_sleep)
         if job.is_main:
-            print(f"step {step.index + 1} loss {loss.item():.4f}", flush=True)
+            print(f"step {step.index + 1} loss {mean_loss:.4f}", flush=True)
     if job.is_main:
         print(f"final step={trainer.step} params_sha256={trainer.params_sha256()}", flush=True)
     job.close()

@@ -84,11 +84,17 @@ class RankShard:
             self._indices_epoch = epoch
         return self._epoch_indices
 
-    def next_batch(self) -> Any:
-        """The next micro-batch; advances the cursor."""
+    def next_indices(self) -> tuple[Cursor, list[int]]:
+        """Where the next micro-batch starts and its dataset indices;
+        advances the cursor (the batch is not read)."""
         if self.cursor.position + self.batch_size > self.shard_len:
             self.cursor = Cursor(self.cursor.epoch + 1, 0)
         idx = self._indices(self.cursor.epoch)
-        start = self.cursor.position
-        self.cursor = Cursor(self.cursor.epoch, start + self.batch_size)
-        return self.collate([self.dataset[i] for i in idx[start:start + self.batch_size]])
+        start = self.cursor
+        self.cursor = Cursor(start.epoch, start.position + self.batch_size)
+        return start, idx[start.position:start.position + self.batch_size]
+
+    def next_batch(self) -> Any:
+        """The next micro-batch; advances the cursor."""
+        _, indices = self.next_indices()
+        return self.collate([self.dataset[i] for i in indices])

@@ -83,11 +83,17 @@ class Job:
         return self.shape.devices > 1
 
     def trainer(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                dataset: Any, *, batch_size: int, **kwargs: Any) -> "Any":
+                dataset: Any, *, batch_size: int | None = None, **kwargs: Any) -> "Any":
         """A ``splice.Trainer`` for this job; see its docstring for options.
-        Restores the newest valid checkpoint if there is one."""
+        Restores the newest valid checkpoint if there is one. ``batch_size``
+        (per logical rank) may be left out when ``dataset`` is a DataLoader.
+
+        :raises RuntimeSetupError: no batch size, or bad data or options.
+        """
+        from slurm_singularity.runtime.loader import batch_size_of
         from slurm_singularity.runtime.splice import Trainer
-        return Trainer(self, model, optimizer, dataset, batch_size=batch_size, **kwargs)
+        return Trainer(self, model, optimizer, dataset,
+                       batch_size=batch_size_of(dataset, batch_size), **kwargs)
 
     def close(self) -> None:
         """Leave the process group (idempotent)."""

@@ -45,11 +45,11 @@ import torch.distributed as dist
 from torch.utils.data import default_collate
 
 from slurm_singularity import contract
-from slurm_singularity.runtime import checkpoint, phases
+from slurm_singularity.runtime import checkpoint, loader, metrics, phases
 from slurm_singularity.runtime.api import (
     BufferPolicy, CheckpointReason, RuntimeSetupError, StopReason,
 )
-from slurm_singularity.runtime.data import Cursor, RankShard
+from slurm_singularity.runtime.data import Cursor
 from slurm_singularity.runtime.history import RunProgress, record_run
 from slurm_singularity.runtime.job import Job
 from slurm_singularity.runtime.rankrng import RankRng, rank_seed
@@ -123,6 +123,7 @@ class Step:
         self.turns = 0              # turns done in the pass under way
         self.passes = 0             # passes run to the end
         self.partial: str | None = None   # the optimizer of a pass under way
+        self._metrics = metrics.StepMetrics(trainer.job.shape.logical_ranks)
 
     def batches(self, optimizer: str | None = None) -> Iterator[Any]:
         """One micro-batch per logical rank of this device, in rank order;
@@ -145,6 +146,41 @@ class Step:
         and returns the mean loss over all W ranks (the same on every D).
         Returns the loss of the first evaluation."""
         return self.trainer._optimize(self, loss_of, optimizer)
+
+    def record(self, name: str, value: Any) -> None:
+        """Record this logical rank's value of metric ``name`` (a number or
+        one-element tensor) in its turn; see ``reduce``.
+
+        :raises RuntimeSetupError: outside a turn, twice in a turn, or not a number.
+        """
+        if self.rank is None:
+            raise RuntimeSetupError(f"step.record({name!r}, ...) outside a turn: call it "
+                                    f"inside the loop over step.batches()")
+        try:
+            self._metrics.record(name, self.rank, value)
+        except ValueError as exc:
+            raise RuntimeSetupError(str(exc)) from None
+
+    def reduce(self, name: str, op: "metrics.MetricOp | str" = "mean") -> float:
+        """Metric ``name`` reduced over all W logical ranks (``op``: mean,
+        sum, max, min), the same bits on every D; call it on every device,
+        after the loop over ``step.batches()`` (collective when D > 1).
+
+        :raises RuntimeSetupError: bad op, called before the turns ended, or
+            a logical rank of this device did not record the metric.
+        """
+        try:
+            how = metrics.MetricOp.of(op)
+            if self.turns != self.trainer.job.shape.splice:
+                raise ValueError(f"step.reduce({name!r}) before the loop over "
+                                 f"step.batches() ended")
+            local = self._metrics.local(name)
+        except ValueError as exc:
+            raise RuntimeSetupError(str(exc)) from None
+        job = self.trainer.job
+        values = metrics.all_ranks(local, devices=job.shape.devices,
+                                   device=self.trainer._collective_device())
+        return metrics.fold(values, how)
 
 
 class Trainer:
@@ -199,9 +235,8 @@ class Trainer:
         self.batch_size, self.seed = batch_size, seed
         self.buffer_policy, self.ckpt_every, self.grad_clip = buffers, ckpt_every, grad_clip
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.shards = {r: RankShard(dataset, r, shape.world_size, batch_size, seed=seed,
-                                    shuffle=shuffle, collate=collate)
-                       for r in shape.logical_ranks}
+        self.shards = self._data_sources(dataset, batch_size, seed=seed, shuffle=shuffle,
+                                         collate=collate)
         self.rng = RankRng(seed, shape.logical_ranks, job.device)
         self._buffer_slots = [(mod, name) for mod in model.modules()
                               for name, b in mod._buffers.items() if b is not None]
@@ -222,6 +257,15 @@ class Trainer:
         if not self._restore() and job.distributed:
             self._broadcast_from_device0([p.data for p in model.parameters()])
             self._broadcast_from_device0([b for b in model.buffers()])
+
+    def _data_sources(self, dataset: Any, batch_size: int, *, seed: int, shuffle: bool,
+                      collate: Callable[[list[Any]], Any]) -> dict[int, Any]:
+        """One source per logical rank of this device (``loader``): a
+        map-style dataset, an IterableDataset or a DataLoader over either."""
+        pipeline = loader.pipeline_of(dataset, batch_size=batch_size, shuffle=shuffle,
+                                      collate=collate)
+        return loader.rank_sources(pipeline, self.job.shape, batch_size, seed=seed,
+                                   device=self.job.device, job=str(self.job))
 
     def register_state(self, name: str, obj: Any) -> None:
         """Checkpoint ``obj`` with the job under ``name`` and restore it at
