@@ -139,19 +139,20 @@ def synthetic_alibaba(path: Path, pods: int, gpus: int, load: float, seed: int =
     return path
 
 
-def sim_jobs(trace: str, jobs: int, load: float, seed: int) -> tuple[list[TraceJob], str]:
+def sim_jobs(trace: str, jobs: int, load: float, seed: int,
+             gpus: int = GPUS) -> tuple[list[TraceJob], str]:
     if trace == "philly":
         raw = read_trace(PHILLY, "philly")[:jobs]
         span = raw[-1].submit_s - raw[0].submit_s
         offered = sum(j.duration_s * j.world_size for j in raw) / span
-        factor = load * GPUS / offered
+        factor = load * gpus / offered
         out = assign_tiers(compress(raw, factor), "random:20/30/50", seed)
         return out, (f"Philly, first {len(raw)} jobs, submissions {factor:.0f}x closer "
-                     f"(offered {load:.0%} of {GPUS} GPUs), tiers random:20/30/50 seed {seed}")
+                     f"(offered {load:.0%} of {gpus} GPUs), tiers random:20/30/50 seed {seed}")
     path = Path(tempfile.mkdtemp(prefix="fedsim.")) / "alibaba-synthetic.csv"
-    synthetic_alibaba(path, jobs, GPUS, load, seed)
+    synthetic_alibaba(path, jobs, gpus, load, seed)
     out = assign_tiers(read_trace(path, "alibaba-v2023"), "trace", seed)
-    return out, (f"synthetic Alibaba-format trace, {jobs} pods (offered {load:.0%} of {GPUS} "
+    return out, (f"synthetic Alibaba-format trace, {jobs} pods (offered {load:.0%} of {gpus} "
                  f"GPUs), tiers from qos")
 
 
@@ -193,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=20_000, help="jobs of each simulated trace")
     ap.add_argument("--load", type=float, default=0.8, help="offered load of the federation")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--gpus", type=int, default=GPUS,
+                    help="GPUs of the simulated federation (10 equal clusters, 3 regions)")
     ap.add_argument("--routings", default=",".join(r.value for r in COMPARED))
     ap.add_argument("--no-pass", action="store_true", help="skip the timed pass")
     args = ap.parse_args(argv)
@@ -204,10 +207,10 @@ def main(argv: list[str] | None = None) -> int:
                       one_pass_plan_s=round(p["one_pass_plan_s"], 4), gpus=GPUS,
                       clusters=CLUSTERS, jobs=JOBS,
                       baseline_kind="the planner on each cluster, times summed")
-    spec = uniform(CLUSTERS, GPUS, regions=3)
+    spec = uniform(CLUSTERS, args.gpus, regions=3)
     routings = tuple(Routing(r) for r in args.routings.split(","))
     for trace in args.sim:
-        jobs, what = sim_jobs(trace, args.jobs, args.load, args.seed)
+        jobs, what = sim_jobs(trace, args.jobs, args.load, args.seed, args.gpus)
         policy = reference_policy({a: 1.0 for a in {j.account for j in jobs}})
         print(f"\n{what}; {spec.describe()}", file=sys.stderr)
         res = simulate_federation(spec, jobs, policy, routings, seed=args.seed)

@@ -72,6 +72,12 @@ MIGRATE_PAYBACK = 0.1
 FALLBACK_PER_PASS = 8
 
 
+#: Rounds of offers per pass of the global policy: a job its cluster did
+#: not start is offered again, in the same pass, to a cluster with free GPUs
+#: for it. ASSUMPTION (a bound on one pass's work).
+ROUTING_ROUNDS = 3
+
+
 class Routing(enum.Enum):
     """How a federation shares its clusters (module docstring). No transitions: a run's setting."""
 
@@ -181,6 +187,7 @@ class Federation:
             for v, vs in policy.tiers.items():
                 if t in vs.preemptible_by:
                     self.victim_ranks[_rank(t)].append(_rank(v))
+        self.promise = {t: s.gpu_fraction for t, s in policy.tiers.items()}
         #: Preempted jobs waiting on their checkpoint's cluster (global policy).
         self.waiting: dict[int, FedJob] = {}
 
@@ -395,16 +402,17 @@ class Federation:
                 self._apply(c, self._plan(self.nodes[c], jobs))
                 self._sync()
         elif self.routing is Routing.GLOBAL:
-            self._routed(dirty)
+            self._routed()
         else:
             self._one_pass()
         return None
 
-    def _route_all(self) -> list[list[FedJob]]:
+    def _route_all(self, only_room: bool = False) -> list[list[FedJob]]:
         """The cluster each unbound pending job is offered to in this pass,
         highest tier first, then by submission: one with free GPUs for its MIN
         (after the jobs routed before it), the most free first; else the one
-        where it has the most GPUs it may preempt (less what was routed there)."""
+        where it has the most GPUs it may preempt (less what was routed there);
+        with ``only_room``, a job that fits no cluster's free GPUs is not offered."""
         n = len(self.nodes)
         room = list(self.free)
         offers: list[list[FedJob]] = [[] for _ in range(n)]
@@ -422,11 +430,13 @@ class Federation:
                 prey = [sum(self.tier_busy[c][v] for v in self.victim_ranks[r]) for c in range(n)]
                 by_prey = [(-(room[c] + prey[c]), c) for c in range(n)]
                 heapq.heapify(by_prey)
-            need = job.min_devices
+            need = self._promised(job)
             while -by_room[0][0] != room[by_room[0][1]]:
                 heapq.heappop(by_room)
             best = by_room[0][1]
             if room[best] < need:
+                if only_room:
+                    continue
                 while -by_prey[0][0] != room[by_prey[0][1]] + prey[by_prey[0][1]]:
                     heapq.heappop(by_prey)
                 best = by_prey[0][1]
@@ -436,28 +446,35 @@ class Federation:
             heapq.heappush(by_prey, (-(room[best] + prey[best]), best))
         return offers
 
-    def _routed(self, dirty: set[int]) -> None:
-        """Global placement with migration (module docstring): route, plan per cluster, move."""
+    def _promised(self, job: FedJob) -> int:
+        """The size the planner gives a starting job when it can: its tier's promise."""
+        ladder = planner_module.legal_sizes(job.world_size, job.min_devices, job.max_devices,
+                                            self.splice)
+        return planner_module.promised_size(ladder, job.world_size, self.promise[job.tier])
+
+    def _routed(self) -> None:
+        """Global placement with migration (module docstring): route, plan every cluster, move."""
         offers = self._route_all()
-        for c, offered in enumerate(offers):
-            if c in dirty or offered:
-                jobs = [j.view for j in self.members[c].values()] + [j.view for j in offered]
-                self._apply(c, self._plan(self.nodes[c], jobs))
-                self._sync()
+        for round_ in range(ROUTING_ROUNDS):
+            for c, offered in enumerate(offers):
+                if not round_ or offered:
+                    jobs = [j.view for j in self.members[c].values()] + [j.view for j in offered]
+                    self._apply(c, self._plan(self.nodes[c], jobs))
+                    self._sync()
+            if not self.unbound:
+                break
+            offers = self._route_all(only_room=True)   # what is left, where there is room
         self._migrate()
 
     def _migrate(self) -> None:
         """Move preempted jobs whose cluster has no room for them to one that has, when it pays."""
         if not self.waiting:
             return
-        promise = {t: s.gpu_fraction for t, s in self.policy.tiers.items()}
+        most = max(self.free)
         for job in sorted(self.waiting.values(), key=lambda j: (-_rank(j.tier), j.submit, j.job_id)):
-            if self.free[job.cluster] >= job.min_devices:
-                continue                    # its own cluster will restart it
-            ladder = planner_module.legal_sizes(job.world_size, job.min_devices, job.max_devices,
-                                                self.splice)
-            size = planner_module.promised_size(ladder, job.world_size, promise[job.tier])
-            where = self._choose(job, size, exclude=job.cluster)
+            if self.free[job.cluster] >= job.min_devices or most < job.min_devices:
+                continue                    # its own cluster will restart it, or none can
+            where = self._choose(job, self._promised(job), exclude=job.cluster)
             if where is not None:
                 self._start(job, *where)
         self._sync()
