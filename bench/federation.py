@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     routings = tuple(Routing(r) for r in args.routings.split(","))
     for trace in args.sim:
         jobs, what = sim_jobs(trace, args.jobs, args.load, args.seed, args.gpus)
-        policy = reference_policy({a: 1.0 for a in {j.account for j in jobs}})
+        policy = reference_policy()             # every account weight 1, no quota
         print(f"\n{what}; {spec.describe()}", file=sys.stderr)
         res = simulate_federation(spec, jobs, policy, routings, seed=args.seed)
         print(table(res), file=sys.stderr)

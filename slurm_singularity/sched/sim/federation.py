@@ -98,7 +98,7 @@ def _rank(tier: Tier) -> int:
 class FedJob(SimJob):
     """A job of a federation: a ``SimJob`` that knows its cluster and its checkpoint's."""
 
-    __slots__ = ("cluster", "ckpt_cluster", "ckpt_done", "migrations")
+    __slots__ = ("cluster", "ckpt_cluster", "ckpt_done", "migrations", "promised")
 
     def __init__(self, tj: TraceJob) -> None:
         super().__init__(tj)
@@ -109,6 +109,8 @@ class FedJob(SimJob):
         #: When that checkpoint is durable.
         self.ckpt_done = -math.inf
         self.migrations = 0
+        #: Its tier's promised size (set by the federation).
+        self.promised = 0
 
 
 class _Member:
@@ -179,8 +181,10 @@ class Federation:
         self.passes = 0
         self.plan_s = 0.0
         self._pools: dict[int, NodePool] = {}
-        #: GPUs held per cluster per tier rank (0 basic .. 2 premium).
+        #: GPUs held per cluster per tier rank (0 basic .. 2 premium), and of
+        #: those the GPUs on loan (above the holder's promised size).
         self.tier_busy = [[0, 0, 0] for _ in spec.clusters]
+        self.tier_loan = [[0, 0, 0] for _ in spec.clusters]
         #: Ranks of the tiers each rank may preempt (from the policy).
         self.victim_ranks = [[], [], []]
         for t, ts in policy.tiers.items():
@@ -233,6 +237,7 @@ class Federation:
 
     def _arrive(self, job: FedJob, now: float, index: int) -> None:
         self.active[job.job_id] = job
+        job.promised = self._promised(job)
         job.view = self._view(job, now)
         if self.homes is not None:
             c = self.homes[index]
@@ -249,7 +254,7 @@ class Federation:
         job.work = job.work_total
         job.end = et
         self.engines[c]._account(et, job.account, -job.devices)
-        self.tier_busy[c][_rank(job.tier)] -= job.devices
+        self._held(job, c, 0)
         self._release_nodes(c, job.placement)
         self.free[c] += job.devices
         job.devices, job.placement = 0, ()
@@ -257,6 +262,12 @@ class Federation:
         del self.members[c][job.job_id]
         self.done.append(job)
         self.dirty.add(c)
+
+    def _held(self, job: FedJob, c: int, new: int) -> None:
+        """Count ``job`` going from its devices to ``new`` on cluster ``c``."""
+        r, p, old = _rank(job.tier), job.promised, job.devices
+        self.tier_busy[c][r] += new - old
+        self.tier_loan[c][r] += max(0, new - p) - max(0, old - p)
 
     def _release_nodes(self, c: int, placement: tuple[tuple[str, int], ...]) -> None:
         nodes = self.nodes[c]
@@ -304,7 +315,7 @@ class Federation:
         now, c = self.now, job.cluster
         job.placement = self._pool(c).release(job.placement, job.devices - to)
         self.free[c] += job.devices - to
-        self.tier_busy[c][_rank(job.tier)] -= job.devices - to
+        self._held(job, c, to)
         self.engines[c].resize(job, now, to, Save.CHECKPOINT)
         if to == 0:
             self.waiting[job.job_id] = job
@@ -326,7 +337,7 @@ class Federation:
         self.waiting.pop(job.job_id, None)
         job.placement = self._pool(c).take((), d)
         self.free[c] -= d
-        self.tier_busy[c][_rank(job.tier)] += d
+        self._held(job, c, d)
         ready = job.ckpt_done
         src = self._ckpt(job)
         if src >= 0 and src != c:
@@ -356,7 +367,7 @@ class Federation:
         d = ladder[-1]
         job.placement = self._pool(c).take(job.placement, d - job.devices)
         self.free[c] -= d - job.devices
-        self.tier_busy[c][_rank(job.tier)] += d - job.devices
+        self._held(job, c, d)
         self.engines[c].resize(job, self.now, d)
         job.view = self._view(job, self.now)
 
@@ -411,7 +422,8 @@ class Federation:
         """The cluster each unbound pending job is offered to in this pass,
         highest tier first, then by submission: one with free GPUs for its MIN
         (after the jobs routed before it), the most free first; else the one
-        where it has the most GPUs it may preempt (less what was routed there);
+        where it may take back the most GPUs -- those on loan to its own tier and
+        those of the tiers it may preempt -- less what was routed there;
         with ``only_room``, a job that fits no cluster's free GPUs is not offered."""
         n = len(self.nodes)
         room = list(self.free)
@@ -425,12 +437,13 @@ class Federation:
         rank = -1
         for job in order:
             r = _rank(job.tier)
-            if r != rank:                 # GPUs a job of this rank may preempt, per cluster
+            if r != rank:    # GPUs a job of this rank may take back or preempt, per cluster
                 rank = r
-                prey = [sum(self.tier_busy[c][v] for v in self.victim_ranks[r]) for c in range(n)]
+                prey = [self.tier_loan[c][r] + sum(self.tier_busy[c][v] for v in self.victim_ranks[r])
+                        for c in range(n)]
                 by_prey = [(-(room[c] + prey[c]), c) for c in range(n)]
                 heapq.heapify(by_prey)
-            need = self._promised(job)
+            need = job.promised
             while -by_room[0][0] != room[by_room[0][1]]:
                 heapq.heappop(by_room)
             best = by_room[0][1]
@@ -474,7 +487,7 @@ class Federation:
         for job in sorted(self.waiting.values(), key=lambda j: (-_rank(j.tier), j.submit, j.job_id)):
             if self.free[job.cluster] >= job.min_devices or most < job.min_devices:
                 continue                    # its own cluster will restart it, or none can
-            where = self._choose(job, self._promised(job), exclude=job.cluster)
+            where = self._choose(job, job.promised, exclude=job.cluster)
             if where is not None:
                 self._start(job, *where)
         self._sync()
