@@ -28,7 +28,7 @@ def job(k: int, at: float, run: float, gpus: int, tier: Tier) -> TraceJob:
 def run(spec: FederationSpec, jobs: list[TraceJob], routing: Routing,
         homes: list[int] | None = None) -> tuple[Federation, dict[int, FedJob]]:
     fed = Federation(spec, jobs, POLICY, routing)
-    if homes is not None:
+    if homes is not None and routing is Routing.PER_CLUSTER:
         fed.homes = homes
     fed.run()
     return fed, {j.job_id: j for j in fed.done}
@@ -204,3 +204,14 @@ def test_a_bad_toml_spec_is_refused_naming_the_file_and_the_field(tmp_path, text
     with pytest.raises(FedSpecError, match=message) as err:
         load_federation(path)
     assert str(err.value).startswith(str(path))
+
+
+def test_a_service_that_outlives_every_job_keeps_utilization_within_100_percent():
+    service = TraceJob(0, 0, 10_000, 8, "default", Tier.PREMIUM, 8, 8, service=True)
+    for routing in (Routing.PER_CLUSTER, Routing.FIRST_SIBLING, Routing.GLOBAL):
+        fed, _ = run(two(), [service, job(1, 0, 100, 8, Tier.BASIC)], routing, homes=[0, 1])
+        s = fed.summary()
+        assert s["jobs"] == 1 and s["services"] == 1
+        by = s["utilization_by_cluster"]
+        assert max(by.values()) <= 1.0 and max(by.values()) > 0.99, routing
+        assert s["utilization"] == pytest.approx(sum(by.values()) / 2)

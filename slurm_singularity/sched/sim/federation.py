@@ -552,9 +552,15 @@ class Federation:
         facade = SimpleNamespace(done=self.done, total_gpus=self.spec.total_gpus,
                                  busy_gpu_s=sum(e.busy_gpu_s for e in self.engines))
         out = summarize(facade, self.policy)
-        span = out["makespan_s"]
+        # Utilization over the whole run, services included (an Alibaba
+        # service can outlive every job, and the single-cluster metric's
+        # window, first submission to last job completion, would then count
+        # its GPU-time in a window too short: above 100%).
+        window = max(max(e._busy_since for e in self.engines) - self.trace[0].submit_s, 1e-9)
+        out["utilization"] = sum(e.busy_gpu_s for e in self.engines) / (
+            self.spec.total_gpus * window)
         out["utilization_by_cluster"] = {
-            cl.name: e.busy_gpu_s / (cl.gpus * span) for cl, e in zip(self.spec.clusters, self.engines)}
+            cl.name: e.busy_gpu_s / (cl.gpus * window) for cl, e in zip(self.spec.clusters, self.engines)}
         out["jobs_by_cluster"] = {cl.name: 0 for cl in self.spec.clusters}
         for j in self.done:
             if not j.service:
