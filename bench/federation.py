@@ -147,7 +147,7 @@ def sim_jobs(trace: str, jobs: int, load: float, seed: int,
         offered = sum(j.duration_s * j.world_size for j in raw) / span
         factor = load * gpus / offered
         out = assign_tiers(compress(raw, factor), "random:20/30/50", seed)
-        return out, (f"Philly, first {len(raw)} jobs, submissions {factor:.0f}x closer "
+        return out, (f"Philly, first {len(raw)} jobs, submissions {factor:.3g}x closer "
                      f"(offered {load:.0%} of {gpus} GPUs), tiers random:20/30/50 seed {seed}")
     path = Path(tempfile.mkdtemp(prefix="fedsim.")) / "alibaba-synthetic.csv"
     synthetic_alibaba(path, jobs, gpus, load, seed)
