@@ -17,9 +17,11 @@ comparison isolates the federation layer:
   it owns it for ever: a requeued job restarts there.
 - ``global``: global placement with migration. One decision maker sees
   every cluster: at each pass it offers every pending job to one cluster
-  (one with free GPUs for its MIN, the most free first; else the one with
-  the most GPUs its tier may preempt), the planner runs on each cluster that
-  changed or got an offer, and then a preempted job whose cluster has no
+  (one with free GPUs for its tier's promised size, the most free first;
+  else the one where it can take back the most GPUs: those on loan to its
+  own tier and those of the tiers it may preempt), the planner runs on
+  every cluster, what is left is offered again to clusters with room (up
+  to ``ROUTING_ROUNDS``), and then a preempted job whose cluster has no
   room for it is restarted on a cluster that has, when the move pays
   (``MIGRATE_PAYBACK``) -- the move instead of a wait in place. A move
   charges the victim's checkpoint, the copy of ``Costs.state_bytes`` over
@@ -32,7 +34,10 @@ comparison isolates the federation layer:
   cluster has room made on one (the planner on that cluster alone).
 
 Each cluster is an ``Engine`` of its own (its GPUs, its held GPUs, its
-utilization); they share one event heap and one clock.
+utilization); they share one event heap and one clock. This module drives
+the engines' own accounting (``resize``, ``_account``, ``_push``) instead of
+``Engine.run``, which knows one cluster only; the single-cluster engine is
+unchanged.
 """
 
 from __future__ import annotations
