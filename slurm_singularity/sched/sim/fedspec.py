@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from ..api import SchedError
 from .trace import MAX_GPUS
 
 #: Fewest and most clusters of one federation (a site with one cluster needs
@@ -53,7 +54,7 @@ INTER_REGION_GBPS = 10.0
 _NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,39}\Z")
 
 
-class FedSpecError(ValueError):
+class FedSpecError(SchedError):
     """A federation spec is malformed; the message names the field."""
 
 
