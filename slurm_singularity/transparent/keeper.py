@@ -66,6 +66,8 @@ class Keeper:
         self.env = env
         self.cwd = cwd
         self.prefix = f"[job {settings.job_id}] transparent:"
+        #: The Slurm node (slurmd's name: several share one host here).
+        self.node = env.get("SLURMD_NODENAME") or socket.gethostname()
         self.stop_signal: int | None = None
         self.pid = 0
         self.pipes = ("", "")
@@ -118,7 +120,7 @@ class Keeper:
     def record(self, event: str, **fields: object) -> None:
         """Append one line to the user's history file (never fails the job)."""
         line = json.dumps({"event": event, "time": round(time.time(), 3),
-                           "node": socket.gethostname(), **fields}) + "\n"
+                           "node": self.node, **fields}) + "\n"
         try:
             fd = os.open(HISTORY, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW,
                          0o600, dir_fd=self.ckpt_fd)
@@ -233,7 +235,7 @@ class Keeper:
             raise DumpFailed(f"criu dump exited {done.returncode}: {tail or done.stderr}")
         manifest = Manifest(job_id=self.s.job_id, uid=self.s.uid, gid=self.s.gid, seq=0,
                             time=time.time(), pause_s=round(pause, 3), reason=reason,
-                            node=socket.gethostname(), pipes=self.pipes)
+                            node=self.node, pipes=self.pipes)
         try:
             images.seal(tmp, self.s.gid)
             path = images.publish(tmp, manifest, key)
@@ -319,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     for sig in stop:
         signal.signal(sig, on_signal)
     signal.signal(signal.SIGCONT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, stop)
     try:
         code = keeper.run()
     except SetupError as exc:

@@ -1,0 +1,70 @@
+"""Transparent mode on the real local Slurm: an unmodified job (a shell loop
+that knows nothing of this project) is preempted by premium jobs three
+times, its process tree dumped by CRIU and restored on whichever node Slurm
+picks next, and its output continues without a gap or a repeat."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from test_preemption import premium_burst, wait_until
+
+pytestmark = pytest.mark.cluster
+
+COUNT = 300
+
+
+def counter_script(tmp_path: Path, count: int = COUNT) -> Path:
+    script = tmp_path / "count.sh"
+    script.write_text(f"""#!/bin/bash
+#SBATCH --transparent --sla=basic -N1 --gres=gpu:8
+i=0
+while [ $i -lt {count} ]; do
+  i=$((i+1)); echo $i >> {tmp_path}/count.txt; echo "tick $i"; sleep 0.1
+done
+echo done
+""")
+    return script
+
+
+def counted(tmp_path: Path) -> list[int]:
+    try:
+        return [int(x) for x in (tmp_path / "count.txt").read_text().split()]
+    except FileNotFoundError:
+        return []
+
+
+def history(ckpt: Path) -> list[dict]:
+    path = ckpt / "transparent-history.jsonl"
+    return [json.loads(l) for l in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_a_shell_loop_preempted_three_times_counts_on_without_gaps_or_repeats(
+        slurm_cluster, tmp_path):
+    os.chmod(tmp_path, 0o755)
+    ckpt = tmp_path / "ckpt"
+    out = tmp_path / "job.out"
+    r = slurm_cluster.run("sbatch", "--parsable", f"--ckpt-dir={ckpt}", "-o", str(out),
+                          "--open-mode=append", str(counter_script(tmp_path)), check=True)
+    job = int(r.stdout.strip())
+    for n, at in enumerate((10, 100, 200)):
+        wait_until(lambda: len(counted(tmp_path)) >= at, 240, f"count {at}")
+        premium = premium_burst(slurm_cluster)
+        slurm_cluster.wait_job(premium, timeout=120)
+        wait_until(lambda: sum(h["event"] == "restore" for h in history(ckpt)) > n, 300,
+                   f"restore {n + 1}")
+    rec = slurm_cluster.wait_job(job, timeout=300)
+    assert rec["JobState"] == "COMPLETED", (rec, out.read_text()[-2000:])
+    assert counted(tmp_path) == list(range(1, COUNT + 1)), out.read_text()[-2000:]
+    text = out.read_text()
+    ticks = [int(l.split()[1]) for l in text.splitlines() if l.startswith("tick ")]
+    assert ticks == list(range(1, COUNT + 1)), text[-2000:]
+    events = [h["event"] for h in history(ckpt)]
+    assert events == ["start"] + ["dump", "restore"] * 3 + ["exit"], events
+    dumps = [h for h in history(ckpt) if h["event"] == "dump"]
+    assert all(d["pause_s"] < 2 for d in dumps), dumps
