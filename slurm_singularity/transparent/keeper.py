@@ -54,6 +54,8 @@ DUMP_TIMEOUT_S = 300.0
 #: File of the checkpoint directory that records runs and dumps (JSON lines,
 #: the user's, read by ``singularity-admin job show``).
 HISTORY = "transparent-history.jsonl"
+#: The batch script as the tree runs it (see ``Keeper._stable_script``).
+SCRIPT_COPY = "transparent-script"
 
 
 class Keeper:
@@ -112,6 +114,27 @@ class Keeper:
             raise SetupError(f"{self.s.images_dir} is not root's and private "
                              f"({ckptdir.describe(st)}); remove it")
 
+    def _stable_script(self) -> str:
+        """A copy of the batch script in the checkpoint directory (the user's,
+        0700). Slurm's copy lives in the node's spool and is gone after a
+        requeue, but the shell holds it open, and CRIU reopens it by path at
+        restore, on whichever node."""
+        with open(self.argv[0], "rb") as f:
+            body = f.read()
+        try:
+            os.unlink(SCRIPT_COPY, dir_fd=self.ckpt_fd)
+        except FileNotFoundError:
+            pass
+        fd = os.open(SCRIPT_COPY, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o700,
+                     dir_fd=self.ckpt_fd)
+        try:
+            os.write(fd, body)
+            os.fchown(fd, self.s.uid, self.s.gid)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return str(self.s.ckpt_dir / SCRIPT_COPY)
+
     @property
     def images_dir(self) -> Path:
         """``transparent/`` through the fd held open: immune to renames."""
@@ -148,9 +171,9 @@ class Keeper:
         os.chown(scratch, self.s.uid, self.s.gid)
         env = user_environment(self.env)
         found = images.newest_good(self.images_dir, key, job_id=self.s.job_id, uid=self.s.uid)
+        argv = tuple(self.argv) if found else (self._stable_script(), *self.argv[1:])
         launch = tree.Launch(uid=self.s.uid, gid=self.s.gid, cwd=self.cwd,
-                             argv=tuple(self.argv), env=env, criu=str(self.criu),
-                             scratch=scratch)
+                             argv=argv, env=env, criu=str(self.criu), scratch=scratch)
         if found is not None:
             path, manifest = found
             launch = tree.Launch(**{**vars(launch), "restore_from": str(path),
