@@ -21,7 +21,9 @@
 #include <string.h>
 #include <errno.h>
 #include <signal.h>
+#include <fcntl.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <sys/stat.h>
@@ -96,21 +98,31 @@ static void keeper_exec(int sock, char **args, const char *python, uint32_t job_
 			      .msg_control = cbuf, .msg_controllen = sizeof(cbuf) };
 	struct cmsghdr *cm;
 	int fds[4];
-	char sfd[16];
+	char sfd[16], ssock[16];
+	pid_t parent = getppid();
 
+	/* The task gone (SIGKILL after the grace time) is a preemption too. */
+	if (prctl(PR_SET_PDEATHSIG, SIGTERM) != 0 || getppid() != parent)
+		_exit(1);
 	if (recvmsg(sock, &msg, MSG_CMSG_CLOEXEC) != 1 || (cm = CMSG_FIRSTHDR(&msg)) == NULL
 	    || cm->cmsg_type != SCM_RIGHTS || cm->cmsg_len != CMSG_LEN(sizeof(fds)))
 		_exit(1);	/* the task died before handing over: nothing to run */
 	memcpy(fds, CMSG_DATA(cm), sizeof(fds));
-	close(sock);
+	/* The socket stays open: the task forwards Slurm's signals on it (it runs
+	 * as the user and may not signal root's keeper). */
+	sock = dup(sock);
 	for (int i = 0; i < 3; i++)
 		if (dup2(fds[i], i) < 0)
 			_exit(1);
 	fds[3] = dup(fds[3]);	/* without O_CLOEXEC: the keeper reads it */
 	snprintf(sfd, sizeof(sfd), "%d", fds[3]);
-	for (char **a = args; *a != NULL; a++)
+	snprintf(ssock, sizeof(ssock), "%d", sock);
+	for (char **a = args; *a != NULL; a++) {
 		if (strcmp(*a, "ENV_FD") == 0)
 			*a = sfd;
+		else if (strcmp(*a, "SIGNAL_FD") == 0)
+			*a = ssock;
+	}
 	/* slurmstepd forked the task with its signals blocked (it unblocks them
 	 * just before exec'ing a task): the keeper must receive Slurm's. */
 	sigset_t none;
@@ -119,6 +131,7 @@ static void keeper_exec(int sock, char **args, const char *python, uint32_t job_
 	for (int sig = 1; sig < NSIG; sig++)
 		if (sig != SIGKILL && sig != SIGSTOP)
 			signal(sig, SIG_DFL);
+	(void)fcntl(sock, F_SETFD, 0);
 	execve(python, args, clean_env);
 	fprintf(stderr, "singularity: --transparent: job %u: cannot run the keeper %s: %m\n",
 		job_id, python);
@@ -182,6 +195,8 @@ int transparent_task_privileged(spank_t sp)
 	args[n++] = sgid;
 	args[n++] = "--env-fd";
 	args[n++] = "ENV_FD";
+	args[n++] = "--signal-fd";
+	args[n++] = "SIGNAL_FD";
 	args[n++] = "--";
 	for (int i = 0; i < argc; i++)
 		args[n++] = argv[i];
@@ -204,11 +219,23 @@ int transparent_task_privileged(spank_t sp)
 	return 0;
 }
 
+/* Slurm's signals to the task (preemption sends them to the batch task
+ * alone) are the keeper's to act on: forward each as one byte. */
+static void forward_signal(int sig)
+{
+	unsigned char b = (unsigned char)sig;
+	int saved = errno;
+
+	if (write(keeper_sock, &b, 1) < 0) {
+		/* the keeper is gone; waitpid returns soon */
+	}
+	errno = saved;
+}
+
 /*
  * slurm_spank_task_init (the job's user; stdio and environment now final):
- * hand both to the keeper, then only wait for it and exit with its code.
- * Slurm's signals reach this process too (it is the task): they are the
- * keeper's to act on, so they are ignored here.
+ * hand both to the keeper, then only forward signals, wait for it and exit
+ * with its code.
  */
 void transparent_task_init(spank_t sp)
 {
@@ -220,7 +247,7 @@ void transparent_task_init(spank_t sp)
 	struct msghdr msg = { .msg_iov = &iov, .msg_iovlen = 1,
 			      .msg_control = cbuf, .msg_controllen = sizeof(cbuf) };
 	struct cmsghdr *cm;
-	const int sigs[] = { SIGTERM, SIGINT, SIGHUP, SIGUSR1, SIGUSR2, SIGCONT, SIGQUIT };
+	const int sigs[] = { SIGTERM, SIGINT, SIGHUP, SIGUSR1, SIGUSR2, SIGQUIT };
 
 	if (keeper_pid <= 0)
 		return;
@@ -239,14 +266,17 @@ void transparent_task_init(spank_t sp)
 	cm->cmsg_type = SCM_RIGHTS;
 	cm->cmsg_len = CMSG_LEN(sizeof(fds));
 	memcpy(CMSG_DATA(cm), fds, sizeof(fds));
+	struct sigaction sa;
+	memset(&sa, 0, sizeof(sa));
+	sa.sa_handler = forward_signal;
+	sigemptyset(&sa.sa_mask);
 	for (size_t i = 0; i < sizeof(sigs) / sizeof(sigs[0]); i++)
-		signal(sigs[i], SIG_IGN);
+		sigaction(sigs[i], &sa, NULL);
 	if (sendmsg(keeper_sock, &msg, 0) != 1) {
 		slurm_error("singularity: --transparent: cannot hand the task to the keeper: %m");
 		kill(keeper_pid, SIGKILL);
 		_exit(1);
 	}
-	close(keeper_sock);
 	close(fds[3]);
 	while (waitpid(keeper_pid, &status, 0) < 0)
 		if (errno != EINTR)

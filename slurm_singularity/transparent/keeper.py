@@ -34,6 +34,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -311,12 +312,35 @@ def _read_env(fd: int) -> dict[str, str]:
     return env
 
 
+def _forwarded(fd: int, keeper: Keeper) -> None:
+    """Signals the batch task forwards (one byte each): Slurm's preemption
+    signals the task alone. EOF (the task died) counts as SIGTERM."""
+    while True:
+        try:
+            data = os.read(fd, 16)
+        except OSError:
+            data = b""
+        if keeper.stop_signal is None:
+            if not data:
+                keeper.stop_signal = signal.SIGTERM
+            elif any(b in _STOP_NUMBERS for b in data):
+                keeper.stop_signal = next(b for b in data if b in _STOP_NUMBERS)
+        if not data:
+            return
+
+
+_STOP_NUMBERS = {int(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1,
+                                  signal.SIGUSR2, signal.SIGHUP, signal.SIGQUIT)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="singularity-transparent-keeper")
     parser.add_argument("--job-id", type=int, required=True)
     parser.add_argument("--uid", type=int, required=True)
     parser.add_argument("--gid", type=int, required=True)
     parser.add_argument("--env-fd", type=int, required=True)
+    parser.add_argument("--signal-fd", type=int, default=-1,
+                        help="socket on which the batch task forwards Slurm's signals")
     parser.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
@@ -345,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, on_signal)
     signal.signal(signal.SIGCONT, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, stop)
+    if args.signal_fd >= 0:
+        threading.Thread(target=_forwarded, args=(args.signal_fd, keeper), daemon=True).start()
     try:
         code = keeper.run()
     except SetupError as exc:

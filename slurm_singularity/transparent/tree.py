@@ -24,6 +24,7 @@ import pwd
 import signal
 import subprocess
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,8 @@ PR_SET_NO_NEW_PRIVS = 38
 #: Descriptors CRIU restore inherits (stdout pipe, stderr pipe, image
 #: directory): high, so that they never land on one the guardian uses.
 INHERIT_FDS = (1001, 1002, 1003)
+#: Seconds the guardian waits for the rest of the tree after PID 1 ended.
+ORPHANS_TIMEOUT_S = 5.0
 PR_SET_CHILD_SUBREAPER = 36
 
 
@@ -133,7 +136,16 @@ def _reap_until(pid: int) -> int:
     while True:
         got, status = os.waitpid(-1, 0)
         if got == pid:
-            return status
+            break
+    deadline = time.monotonic() + ORPHANS_TIMEOUT_S
+    while time.monotonic() < deadline:   # the rest of the tree: killed with it
+        try:
+            got, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            break
+        if got == 0:
+            time.sleep(0.01)
+    return status
 
 
 def guardian(launch: Launch, status_w: int, ctl_r: int) -> None:

@@ -1,7 +1,12 @@
 """Transparent mode on the real local Slurm: an unmodified job (a shell loop
 that knows nothing of this project) is preempted by premium jobs three
-times, its process tree dumped by CRIU and restored on whichever node Slurm
-picks next, and its output continues without a gap or a repeat."""
+times, its process tree dumped by CRIU and restored on another node each
+time, and its output continues without a gap or a repeat.
+
+The job asks for ``--signal=B:USR1@5``: Slurm 22.05 sends a preempted job
+nothing until its partition's GraceTime ends unless it asked for a signal
+(``preempt_send_user_signal``); ``B:`` sends it to the batch task alone,
+which hands it to the keeper."""
 
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ COUNT = 300
 def counter_script(tmp_path: Path, count: int = COUNT) -> Path:
     script = tmp_path / "count.sh"
     script.write_text(f"""#!/bin/bash
-#SBATCH --transparent --sla=basic -N1 --gres=gpu:8
+#SBATCH --transparent --sla=basic -N1 --gres=gpu:8 --signal=B:USR1@5
 i=0
 while [ $i -lt {count} ]; do
   i=$((i+1)); echo $i >> {tmp_path}/count.txt; echo "tick $i"; sleep 0.1
@@ -55,7 +60,13 @@ def test_a_shell_loop_preempted_three_times_counts_on_without_gaps_or_repeats(
     for n, at in enumerate((10, 100, 200)):
         wait_until(lambda: len(counted(tmp_path)) >= at, 240, f"count {at}")
         premium = premium_burst(slurm_cluster)
+        wait_until(lambda: sum(h["event"] == "dump" for h in history(ckpt)) > n, 120,
+                   f"dump {n + 1}")
+        # the next run must restore on another node than the one that dumped
+        slurm_cluster.run("scontrol", "update", f"JobId={job}",
+                          f"ExcNodeList={history(ckpt)[-1]['node']}", check=True)
         slurm_cluster.wait_job(premium, timeout=120)
+        slurm_cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")
         wait_until(lambda: sum(h["event"] == "restore" for h in history(ckpt)) > n, 300,
                    f"restore {n + 1}")
     rec = slurm_cluster.wait_job(job, timeout=300)
@@ -68,3 +79,6 @@ def test_a_shell_loop_preempted_three_times_counts_on_without_gaps_or_repeats(
     assert events == ["start"] + ["dump", "restore"] * 3 + ["exit"], events
     dumps = [h for h in history(ckpt) if h["event"] == "dump"]
     assert all(d["pause_s"] < 2 for d in dumps), dumps
+    nodes = [h["node"] for h in history(ckpt)]
+    for dump_node, restore_node in zip(nodes[1::2], nodes[2::2]):
+        assert dump_node != restore_node, nodes
