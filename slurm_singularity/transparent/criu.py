@@ -12,6 +12,8 @@ Options used, and why:
 - ``--ext-unix-sk``: a job may hold a connected Unix socket to a daemon
   outside the tree (munge, nscd, journald).
 - ``--file-locks``: a job's own flock()s are part of its state.
+- dump ``--link-remap``: files open but unlinked (torch.multiprocessing's
+  /dev/shm semaphores) are kept through a link in their directory.
 - restore ``-d --restore-sibling``: the restored tree becomes a child of the
   keeper's guardian (which waits for it), not of CRIU.
 - restore ``--inherit-fd fd[N]:pipe:[..]``: the tree's stdout and stderr
@@ -34,8 +36,10 @@ BUILT_CRIU = Path("/usr/local/sbin/criu")
 _COMMON = ("--unprivileged", "--tcp-established", "--ext-unix-sk", "--file-locks", "-v2")
 
 #: Capabilities CRIU gets, as the job's user (ambient): enough to read and
+#: recreate the user's own processes (net_admin: TCP repair mode for the
+#: connections between DDP ranks),
 #: recreate the user's own processes, never another user's credentials.
-CAPS = "+checkpoint_restore,+sys_ptrace"
+CAPS = "+checkpoint_restore,+sys_ptrace,+net_admin"
 
 
 def as_user(uid: int, gid: int, args: list[str]) -> list[str]:
@@ -76,7 +80,7 @@ def find() -> Path:
 def dump_args(criu: Path, pid: int, images: str, *, leave_running: bool) -> list[str]:
     """``criu dump`` of the tree rooted at ``pid`` (the namespace's PID 1)."""
     args = [str(criu), "dump", "-t", str(pid), "-D", images, "-o", "dump.log",
-            "--network-lock", "skip", *_COMMON]
+            "--network-lock", "skip", "--link-remap", *_COMMON]
     if leave_running:
         args.append("--leave-running")
     return args

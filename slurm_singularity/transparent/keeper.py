@@ -231,7 +231,8 @@ class Keeper:
         except DumpFailed as exc:
             log.error("%s dump failed, the previous image (if any) is used next: %s",
                       self.prefix, exc)
-            os.kill(self.pid, signal.SIGKILL)
+            tree.kill_tree(self.pid)
+            reader.next(timeout=10)
             return contract.REQUEUE_EXIT_CODE
         reader.next(timeout=10)          # "signal 9": CRIU ended the tree
         return contract.REQUEUE_EXIT_CODE

@@ -129,6 +129,41 @@ def _restore(launch: Launch, out_w: int, err_w: int) -> int:
     return int(Path(pidfile).read_text().strip())
 
 
+def descendants(pid: int) -> list[int]:
+    """``pid``'s descendants, from /proc (children first-found order)."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(b")", 1)[1].split()[1])
+        parents.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL ``pid``, its process group (the job's session) and every
+    descendant: nothing of the job may outlive it."""
+    for target in [pid, *descendants(pid)]:
+        try:
+            os.kill(target, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
 def _reap_until(pid: int) -> int:
     """Wait for ``pid``, reaping every orphan of the tree on the way (the
     guardian is their subreaper: a zombie keeps its PID, which a later
@@ -175,10 +210,7 @@ def guardian(launch: Launch, status_w: int, ctl_r: int) -> None:
         def watch_keeper() -> None:
             while os.read(ctl_r, 1):
                 pass
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            kill_tree(pid)
         threading.Thread(target=watch_keeper, daemon=True).start()
         status = _reap_until(pid)
         for t in relays:

@@ -63,6 +63,8 @@ def test_a_shell_loop_preempted_three_times_counts_on_without_gaps_or_repeats(
         wait_until(lambda: sum(h["event"] == "dump" for h in history(ckpt)) > n, 120,
                    f"dump {n + 1}")
         # the next run must restore on another node than the one that dumped
+        wait_until(lambda: "JobState=PENDING" in slurm_cluster.run(
+            "scontrol", "show", "job", str(job)).stdout, 60, "the requeue")
         slurm_cluster.run("scontrol", "update", f"JobId={job}",
                           f"ExcNodeList={history(ckpt)[-1]['node']}", check=True)
         slurm_cluster.wait_job(premium, timeout=120)
