@@ -37,15 +37,20 @@ _COMMON = ("--unprivileged", "--tcp-established", "--ext-unix-sk", "--file-locks
 
 #: Capabilities CRIU gets, as the job's user (ambient): enough to read and
 #: recreate the user's own processes (net_admin: TCP repair mode for the
-#: connections between DDP ranks),
-#: recreate the user's own processes, never another user's credentials.
+#: connections between DDP ranks), never another user's credentials.
 CAPS = "+checkpoint_restore,+sys_ptrace,+net_admin"
+#: Restore also: CRIU 4.2 records a deleted Unix socket's owner as root
+#: (torch DataLoader workers' multiprocessing listeners in /tmp/pymp-*) and
+#: chowns the socket it binds in its place to that owner; without chown it
+#: fails ("Unable to change ... ownership (1001, 1001) to (0, 0)"). The
+#: socket file is unlinked again at once (it was deleted when dumped).
+RESTORE_CAPS = CAPS + ",+chown,+fowner"
 
 
-def as_user(uid: int, gid: int, args: list[str]) -> list[str]:
-    """``args`` run as the job's user with ``CAPS`` only (unprivileged CRIU)."""
+def as_user(uid: int, gid: int, args: list[str], caps: str = CAPS) -> list[str]:
+    """``args`` run as the job's user with ``caps`` only (unprivileged CRIU)."""
     return ["/usr/bin/setpriv", f"--reuid={uid}", f"--regid={gid}", "--init-groups",
-            f"--inh-caps={CAPS}", f"--ambient-caps={CAPS}", *args]
+            f"--inh-caps={caps}", f"--ambient-caps={caps}", *args]
 
 
 def find() -> Path:

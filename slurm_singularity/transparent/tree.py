@@ -116,7 +116,7 @@ def _restore(launch: Launch, out_w: int, err_w: int) -> int:
     out_fd, err_fd, dir_fd = INHERIT_FDS
     args = criu.as_user(launch.uid, launch.gid, criu.restore_args(
         Path(launch.criu), f"/proc/self/fd/{dir_fd}", launch.scratch, pidfile,
-        [(out_fd, launch.old_pipes[0]), (err_fd, launch.old_pipes[1])]))
+        [(out_fd, launch.old_pipes[0]), (err_fd, launch.old_pipes[1])]), criu.RESTORE_CAPS)
     try:
         done = subprocess.run(args, stdin=subprocess.DEVNULL, capture_output=True,
                               text=True, pass_fds=INHERIT_FDS, timeout=600)
