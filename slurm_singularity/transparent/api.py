@@ -249,3 +249,18 @@ def parse_criu_version(text: str) -> tuple[int, int] | None:
     """``criu --version``'s output -> (major, minor); None when unreadable."""
     m = re.search(r"^Version:\s*(\d+)\.(\d+)", text, re.MULTILINE)
     return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def transparent_requested(argv: list[str], script: str | None) -> bool:
+    """Whether sbatch options (or the script's ``#SBATCH`` lines) ask for
+    ``--transparent`` (pure; for ``job explain``)."""
+    words = list(argv)
+    for line in (script or "").splitlines():
+        if line.startswith("#SBATCH"):
+            words += line[len("#SBATCH"):].split()
+    return "--transparent" in words
+
+
+EXPLAIN_LINE = ("yes: at preemption the batch script's whole process tree is dumped with "
+                "CRIU and restored when the job starts again (single node; ask for "
+                "--signal=B:USR1@30 to be dumped at once, docs/transparent.md)")
