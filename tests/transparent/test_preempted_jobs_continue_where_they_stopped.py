@@ -119,3 +119,28 @@ while True:
     third.proc.send_signal(signal.SIGKILL)
     third.proc.wait(timeout=30)
     os.sync()
+
+
+def test_a_keeper_killed_without_warning_resumes_from_the_last_periodic_dump(criu_ready, work):
+    ckpt = work / "ckpt"
+    script = counter_script(work, 400)
+    run = start(work, script, job_id=106, ckpt=ckpt, tag="run0",
+                env={contract.CKPT_EVERY_S: "1"})
+    wait_until(lambda: "periodic dump" in run.stderr(), 30, "a periodic dump")
+    wait_until(lambda: len(counted(work)) >= 30, 30, "count 30")
+    run.proc.send_signal(signal.SIGKILL)          # no dump at the end
+    run.proc.wait(timeout=30)
+    time.sleep(1)
+    stopped = len(counted(work))
+    time.sleep(1)
+    assert len(counted(work)) == stopped, "the tree outlived its keeper"
+    again = start(work, script, job_id=106, ckpt=ckpt, tag="run1")
+    wait_until(lambda: "restored in" in again.stderr(), 30, "the restore")
+    wait_until(lambda: len(counted(work)) >= stopped + 20, 30, "progress")
+    again.proc.send_signal(signal.SIGKILL)
+    again.proc.wait(timeout=30)
+    values = counted(work)
+    resumed_at = values[stopped]
+    # it lost at most the steps since its last dump, and went on from there
+    assert 1 < resumed_at <= stopped, (resumed_at, stopped)
+    assert values[stopped:stopped + 20] == list(range(resumed_at, resumed_at + 20))
