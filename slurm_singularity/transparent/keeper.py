@@ -41,7 +41,7 @@ from pathlib import Path
 from slurm_singularity import contract
 from slurm_singularity.runtime import ckptdir
 from slurm_singularity.runtime.launcher import default_ckpt_dir
-from slurm_singularity.transparent import criu, images, tree
+from slurm_singularity.transparent import criu, history, images, tree
 from slurm_singularity.transparent.api import (
     DEFAULT_KEY_FILE, IMAGES_SUBDIR, DumpFailed, Manifest, Outcome, SetupError, Settings,
     TransparentError, user_environment)
@@ -54,7 +54,7 @@ SETUP_FAILED_EXIT = 1
 DUMP_TIMEOUT_S = 300.0
 #: File of the checkpoint directory that records runs and dumps (JSON lines,
 #: the user's, read by ``singularity-admin job show``).
-HISTORY = "transparent-history.jsonl"
+HISTORY = history.FILE
 #: The batch script as the tree runs it (see ``Keeper._stable_script``).
 SCRIPT_COPY = "transparent-script"
 

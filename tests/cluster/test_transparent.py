@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-import time
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +21,7 @@ from test_preemption import premium_burst, wait_until
 
 pytestmark = pytest.mark.cluster
 
+BIN = Path(sys.executable).parent
 COUNT = 300
 
 
@@ -81,6 +82,10 @@ def test_a_shell_loop_preempted_three_times_counts_on_without_gaps_or_repeats(
     assert events == ["start"] + ["dump", "restore"] * 3 + ["exit"], events
     dumps = [h for h in history(ckpt) if h["event"] == "dump"]
     assert all(d["pause_s"] < 2 for d in dumps), dumps
+    show = slurm_cluster.run(str(BIN / "singularity-admin"), "job", "show", str(job), "--json")
+    runs = json.loads(show.stdout)["transparent"]
+    assert [r["ended"] for r in runs] == ["preempted"] * 3 + ["exit 0"], show.stdout
+    assert [r["began"].split()[0] for r in runs] == ["start"] + ["restore"] * 3
     nodes = [h["node"] for h in history(ckpt)]
     for dump_node, restore_node in zip(nodes[1::2], nodes[2::2]):
         assert dump_node != restore_node, nodes
