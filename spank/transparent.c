@@ -1,17 +1,19 @@
 /*
- * --transparent (remote context, in the batch task's process, as root):
- * replace the batch script by the keeper, slurm_singularity.transparent.keeper,
- * which runs the script as the job's user and dumps / restores its whole
- * process tree with CRIU (see that module for why and how).
+ * --transparent (remote context): the batch task of a transparent job hands
+ * itself over to the keeper, slurm_singularity.transparent.keeper, which runs
+ * the script as the job's user and dumps / restores its whole process tree
+ * with CRIU (see that module for why and how).
  *
- * Called from slurm_spank_task_init_privileged, after slurmstepd forked the
- * task and before it drops privileges: the only point where a SPANK plugin
- * holds root in the task itself. The keeper gets a clean environment (the
- * job's, which the user controls, arrives on a memfd and is handed to the
- * command only), `python -I` (no PYTHONPATH, no user site) and the checkout
- * this plugin was built in first on sys.path, so root never runs the user's
- * code or libraries. Steps other than the batch step are refused: an srun
- * step's processes live outside the tree that is checkpointed.
+ * slurm_spank_task_init_privileged (in the task's process, still root): fork
+ * the keeper; it waits on a socket. slurm_spank_task_init (the same process,
+ * now the user's, stdio and environment final): send fds 0-2 and the
+ * environment (a memfd) over the socket, then only forward Slurm's signals
+ * (preemption signals the batch task alone) and exit with the keeper's code.
+ * The keeper is exec'd with a clean environment and `python -I` (no
+ * PYTHONPATH, no user site), the checkout this plugin was built in first on
+ * sys.path, so root never runs the user's code or libraries. Steps other
+ * than the batch step are refused: an srun step's processes live outside the
+ * tree that is checkpointed.
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>

@@ -1,11 +1,15 @@
 """The keeper: what a transparent job's batch task becomes (root, one per run).
 
-Why root and why here: CRIU needs privilege, and slurmstepd already has it;
-the SPANK plugin (``spank/transparent.c``) execs this module in place of the
-batch script, in ``slurm_spank_task_init_privileged``, with a clean
-environment (the job's arrives on a file descriptor and is handed to the
-command only, after dropping to the job's user), so nothing of the user's
-reaches root's Python (``python -I``: no PYTHONPATH, no user site).
+Why root and why here: the keeper must outlive Slurm's signals to the job,
+hand CRIU the capabilities it needs, and sign images with a key the user
+cannot read; slurmstepd is where Slurm already has root. The SPANK plugin
+(``spank/transparent.c``) forks it from the batch task in
+``slurm_spank_task_init_privileged`` and execs this module with a clean
+environment; the task, once it is the user's, hands over its stdio and
+environment (on a socket; the environment reaches the command only) and
+forwards Slurm's signals. Nothing of the user's reaches root's Python
+(``python -I``: no PYTHONPATH, no user site). CRIU itself runs as the job's
+user (``criu.as_user``).
 
 One run:
 1. refuse what cannot work (several nodes, no working CRIU), naming why;
@@ -43,7 +47,7 @@ from slurm_singularity.runtime import ckptdir
 from slurm_singularity.runtime.launcher import default_ckpt_dir
 from slurm_singularity.transparent import criu, history, images, tree
 from slurm_singularity.transparent.api import (
-    DEFAULT_KEY_FILE, IMAGES_SUBDIR, DumpFailed, Manifest, Outcome, SetupError, Settings,
+    DEFAULT_KEY_FILE, IMAGES_SUBDIR, DumpFailed, Manifest, SetupError, Settings,
     TransparentError, user_environment)
 
 log = logging.getLogger(__name__)
