@@ -34,9 +34,8 @@ W = int(os.environ.get("BENCH_TRANSPARENT_RANKS", "4"))
 MB = int(os.environ.get("BENCH_TRANSPARENT_MB", "300"))
 REPS = int(os.environ.get("BENCH_TRANSPARENT_REPS", "2"))
 
-JOB = f"""import os, time, random
-random.seed(0)
-params = bytearray(random.randbytes({MB} * 1024 * 1024))   # the same bytes in every rank
+JOB = f"""import os, time
+params = bytearray(os.urandom({MB} * 1024 * 1024))        # the same bytes in every rank
 for rank in range(1, {W}):
     if os.fork() == 0:
         params = bytearray(params)                        # each rank its own copy
