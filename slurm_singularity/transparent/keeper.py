@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import select
+import shutil
 import signal
 import socket
 import stat
@@ -255,12 +256,14 @@ class Keeper:
             done = subprocess.run(args, stdin=subprocess.DEVNULL, capture_output=True,
                                   text=True, timeout=DUMP_TIMEOUT_S, pass_fds=(tmp_fd,))
         except subprocess.TimeoutExpired:
+            shutil.rmtree(tmp, ignore_errors=True)
             raise DumpFailed(f"criu dump took more than {DUMP_TIMEOUT_S:g} s") from None
         finally:
             os.close(tmp_fd)
         pause = time.monotonic() - t0
         if done.returncode != 0:
             tail = criu.log_tail(tmp / "dump.log")
+            shutil.rmtree(tmp, ignore_errors=True)     # frees the space of a full disk
             raise DumpFailed(f"criu dump exited {done.returncode}: {tail or done.stderr}")
         manifest = Manifest(job_id=self.s.job_id, uid=self.s.uid, gid=self.s.gid, seq=0,
                             time=time.time(), pause_s=round(pause, 3), reason=reason,
@@ -269,6 +272,7 @@ class Keeper:
             images.seal(tmp, self.s.gid)
             path = images.publish(tmp, manifest, key)
         except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
             raise DumpFailed(f"publishing the image failed: {exc}") from None
         published = images.verify(path, key, job_id=self.s.job_id, uid=self.s.uid)
         images.prune(self.images_dir, path.name, self.s.keep)

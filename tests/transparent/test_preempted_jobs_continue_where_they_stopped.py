@@ -7,7 +7,10 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import time
+
+import pytest
 
 from keeper_harness import counted, counter_script, start, wait_until
 from slurm_singularity import contract
@@ -144,3 +147,35 @@ def test_a_keeper_killed_without_warning_resumes_from_the_last_periodic_dump(cri
     # it lost at most the steps since its last dump, and went on from there
     assert 1 < resumed_at <= stopped, (resumed_at, stopped)
     assert values[stopped:stopped + 20] == list(range(resumed_at, resumed_at + 20))
+
+
+def test_a_disk_full_during_a_dump_keeps_the_previous_good_image(criu_ready, work):
+    ckpt = work / "ckpt"
+    ckpt.mkdir(mode=0o700)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs",
+                              str(ckpt)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs to fill: {mounted.stderr.strip()}")
+    try:
+        script = counter_script(work, 400)
+        run = start(work, script, job_id=107, ckpt=ckpt, tag="run0")
+        wait_until(lambda: len(counted(work)) >= 5, 30, "count 5")
+        assert run.preempt() == contract.REQUEUE_EXIT_CODE, run.stderr()
+        good = images(ckpt)
+        at_dump = len(counted(work))
+        second = start(work, script, job_id=107, ckpt=ckpt, tag="run1")
+        wait_until(lambda: "restored in" in second.stderr(), 30, "the restore")
+        filler = ckpt / "filler"
+        subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=64k"], capture_output=True)
+        wait_until(lambda: len(counted(work)) >= at_dump + 10, 30, "progress")
+        assert second.preempt() == contract.REQUEUE_EXIT_CODE
+        assert "dump failed" in second.stderr(), second.stderr()
+        assert images(ckpt) == good, "the failed dump replaced or left something"
+        filler.unlink()
+        third = start(work, script, job_id=107, ckpt=ckpt, tag="run2")
+        wait_until(lambda: "restored in" in third.stderr(), 30, "the restore")
+        assert good[0] in third.stderr()
+        third.proc.send_signal(signal.SIGKILL)
+        third.proc.wait(timeout=30)
+    finally:
+        subprocess.run(["umount", "-l", str(ckpt)], capture_output=True)
