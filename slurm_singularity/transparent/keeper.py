@@ -154,7 +154,14 @@ class Keeper:
             fd = os.open(HISTORY, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW,
                          0o600, dir_fd=self.ckpt_fd)
             try:
-                if os.fstat(fd).st_uid == 0:
+                st = os.fstat(fd)
+                # root writes here: never into a file the user linked in
+                # (a hard link to a file of root's), only into the user's
+                # own plain file or the empty one just made
+                if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or not (
+                        st.st_uid == self.s.uid or (st.st_uid == 0 and st.st_size == 0)):
+                    raise OSError(f"{HISTORY} is not the user's plain file; not written")
+                if st.st_uid == 0:
                     os.fchown(fd, self.s.uid, self.s.gid)
                 os.write(fd, line.encode())
             finally:

@@ -51,3 +51,24 @@ def test_another_users_image_planted_in_ones_own_directory_is_refused(
     assert "restoring" not in planted.stderr()
     planted.proc.kill()
     planted.proc.wait(timeout=30)
+
+
+def test_a_history_file_linked_to_a_file_of_roots_is_never_written_by_root(
+        criu_ready, work, unprivileged_users):
+    u1, _ = unprivileged_users
+    os.chown(work, u1.uid, u1.gid)
+    ckpt = work / "ckpt"
+    ckpt.mkdir(mode=0o700)
+    os.chown(ckpt, u1.uid, u1.gid)
+    victim = work / "roots-file"
+    victim.write_text("root's\n")
+    os.chmod(victim, 0o644)
+    # as if the user linked it in (root does it: protected_hardlinks forbids the user)
+    os.link(victim, ckpt / "transparent-history.jsonl")
+    script = counter_script(work, 200)
+    run = start(work, script, job_id=303, uid=u1.uid, gid=u1.gid, ckpt=ckpt, tag="u1")
+    wait_until(lambda: len(counted(work)) >= 3, 30, "count 3")
+    assert run.preempt() == contract.REQUEUE_EXIT_CODE, run.stderr()
+    assert victim.read_text() == "root's\n"
+    assert victim.stat().st_uid == 0
+    assert "not the user's plain file" in run.stderr()
