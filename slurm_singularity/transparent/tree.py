@@ -126,7 +126,21 @@ def _restore(launch: Launch, out_w: int, err_w: int) -> int:
     if done.returncode != 0:
         raise RuntimeError(f"criu restore failed (exit {done.returncode}): "
                            f"{criu.log_tail(os.path.join(launch.scratch, 'restore.log'))}")
-    return int(Path(pidfile).read_text().strip())
+    # The scratch directory is the user's (CRIU writes there as the user):
+    # trust the pid only if it is our child (restored --restore-sibling),
+    # never signal a process the user named.
+    pid = int(Path(pidfile).read_text().strip())
+    if pid <= 1 or _parent_of(pid) != os.getpid():
+        raise RuntimeError(f"criu restore reported pid {pid}, which is not the restored tree")
+    return pid
+
+
+def _parent_of(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def descendants(pid: int) -> list[int]:
