@@ -168,7 +168,8 @@ int transparent_task_privileged(spank_t sp)
 			    "transparent job (their processes would not be checkpointed with "
 			    "the batch script's tree); run the program directly in the script",
 			    job_id);
-		return -1;
+		/* Slurm 22.05 runs the task even when this hook fails: end it. */
+		_exit(1);
 	}
 	if (python[0] == '\0') {
 		slurm_error("singularity: --transparent: plugstack.conf names no python=PATH "

@@ -89,3 +89,27 @@ def test_a_shell_loop_preempted_three_times_counts_on_without_gaps_or_repeats(
     nodes = [h["node"] for h in history(ckpt)]
     for dump_node, restore_node in zip(nodes[1::2], nodes[2::2]):
         assert dump_node != restore_node, nodes
+
+
+def test_a_multi_node_transparent_job_is_refused_saying_why(slurm_cluster, tmp_path):
+    os.chmod(tmp_path, 0o755)
+    script = tmp_path / "mn.sh"
+    script.write_text("#!/bin/bash\n#SBATCH --transparent -N2\nhostname > ran.txt\n")
+    out = tmp_path / "mn.out"
+    r = slurm_cluster.run("sbatch", "--parsable", "-o", str(out), "-D", str(tmp_path),
+                          str(script), check=True)
+    rec = slurm_cluster.wait_job(int(r.stdout.strip()), timeout=120)
+    assert rec["JobState"] == "FAILED", rec
+    assert "supports single-node jobs only" in out.read_text()
+    assert not (tmp_path / "ran.txt").exists()
+
+
+def test_an_srun_step_in_a_transparent_job_is_refused_saying_why(slurm_cluster, tmp_path):
+    os.chmod(tmp_path, 0o755)
+    script = tmp_path / "st.sh"
+    script.write_text(f"#!/bin/bash\n#SBATCH --transparent -N1\nsrun touch {tmp_path}/ran.txt\n")
+    out = tmp_path / "st.out"
+    r = slurm_cluster.run("sbatch", "--parsable", "-o", str(out), str(script), check=True)
+    slurm_cluster.wait_job(int(r.stdout.strip()), timeout=120)
+    assert "srun steps cannot run in a transparent job" in out.read_text()
+    assert not (tmp_path / "ran.txt").exists()
