@@ -25,7 +25,6 @@ This module is pure: no I/O, so the decisions are tested without CRIU.
 
 from __future__ import annotations
 
-import enum
 import json
 import re
 from dataclasses import dataclass, field
@@ -68,22 +67,6 @@ class ImageRefused(TransparentError):
 
 class DumpFailed(TransparentError):
     """CRIU could not dump the tree; the previous good image stays."""
-
-
-class Outcome(enum.Enum):
-    """How one run of a transparent job ended (the keeper's exit).
-
-    Terminal states, one per run: ``EXITED`` (the command ended by itself:
-    its exit code is the job's), ``DUMPED`` (preempted: image published,
-    exit with the requeue code), ``DUMP_FAILED`` (preempted, the dump failed:
-    exit with the requeue code too, the previous image, if any, is used next)
-    and ``SETUP_FAILED`` (refused before anything ran).
-    """
-
-    EXITED = "exited"
-    DUMPED = "dumped"
-    DUMP_FAILED = "dump-failed"
-    SETUP_FAILED = "setup-failed"
 
 
 @dataclass(frozen=True)
