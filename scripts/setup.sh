@@ -61,5 +61,6 @@ if [ ! -f "$stamp" ]; then
   touch "$stamp"
 fi
 
+scripts/setup-criu.sh
 make -s -C spank
 echo "setup: done"

@@ -17,6 +17,8 @@ int local_init_post_opt(spank_t sp);
 /* slurmstepd */
 int remote_user_init(spank_t sp);
 int remote_task_init(spank_t sp);
+int transparent_task_privileged(spank_t sp);
+void transparent_task_init(spank_t sp);
 int remote_exit(spank_t sp);
 
 #endif

@@ -38,6 +38,15 @@ static struct spank_option option_table[] = {
 	  "Reduce in one fixed order so results are bitwise equal on any "
 	  "number of devices (default: on).",
 	  1, OPT_DETERMINISTIC, option_cb },
+	{ "transparent", NULL,
+	  "Checkpoint the unmodified job's whole process tree with CRIU at "
+	  "preemption and restore it when the job starts again (single node; "
+	  "no srun steps).",
+	  0, OPT_TRANSPARENT, option_cb },
+	{ "ckpt-every", "SECONDS",
+	  "With --transparent: also dump the process tree every SECONDS "
+	  "(1..2592000), so a node failure costs at most one interval.",
+	  1, OPT_CKPT_EVERY, option_cb },
 	SPANK_OPTIONS_TABLE_END
 };
 
@@ -48,6 +57,8 @@ static const char *const option_env[OPT_COUNT] = {
 	[OPT_CKPT_DIR] = "SINGULARITY_CKPT_DIR",
 	[OPT_PROXY] = "SINGULARITY_PROXY",
 	[OPT_DETERMINISTIC] = "SINGULARITY_DETERMINISTIC",
+	[OPT_TRANSPARENT] = "SINGULARITY_TRANSPARENT",
+	[OPT_CKPT_EVERY] = "SINGULARITY_CKPT_EVERY_S",
 };
 
 const char *singularity_option_env(int id)
@@ -134,6 +145,8 @@ int singularity_option_check(int id, const char *v, char *msg, size_t len)
 {
 	long n;
 
+	if (v == NULL && id == OPT_TRANSPARENT)
+		return 0;
 	if (v == NULL) {
 		snprintf(msg, len, "--%s needs a value", singularity_option_name(id));
 		return -1;
@@ -171,6 +184,15 @@ int singularity_option_check(int id, const char *v, char *msg, size_t len)
 			return -1;
 		}
 		return 0;
+	case OPT_TRANSPARENT:
+		return 0;
+	case OPT_CKPT_EVERY:
+		n = parse_count(v, v + strlen(v));
+		if (n < 1 || n > 2592000) {
+			snprintf(msg, len, "--ckpt-every=%s: expected whole seconds in 1..2592000", v);
+			return -1;
+		}
+		return 0;
 	default:
 		snprintf(msg, len, "unknown option id %d", id);
 		return -1;
@@ -187,7 +209,7 @@ static int option_cb(int val, const char *optarg, int remote)
 		slurm_error("singularity: %s", msg);
 		return -1;
 	}
-	copy = strdup(optarg);
+	copy = strdup(optarg != NULL ? optarg : "on");
 	if (copy == NULL) {
 		slurm_error("singularity: --%s: out of memory", singularity_option_name(val));
 		return -1;

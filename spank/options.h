@@ -23,6 +23,8 @@ enum singularity_option_id {
 	OPT_CKPT_DIR,
 	OPT_PROXY,
 	OPT_DETERMINISTIC,
+	OPT_TRANSPARENT,
+	OPT_CKPT_EVERY,
 	OPT_COUNT /* number of options + 1 */
 };
 

@@ -66,6 +66,11 @@ int proxies_configure(int ac, char **av)
 	return 0;
 }
 
+const char *proxies_python(void)
+{
+	return python_path;
+}
+
 /* Seconds since some fixed point, for timeouts. */
 static double now_s(void)
 {

@@ -18,6 +18,9 @@ int proxies_start(spank_t sp);
  * its proxies. */
 void proxies_check_task(void);
 
+/* python=PATH of plugstack.conf ("" when not given). */
+const char *proxies_python(void);
+
 /* slurm_spank_exit: stop the proxies proxies_start started, if any. */
 int proxies_stop(void);
 

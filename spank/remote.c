@@ -34,8 +34,8 @@ int remote_user_init(spank_t sp)
 
 int remote_task_init(spank_t sp)
 {
-	(void)sp;
 	proxies_check_task();
+	transparent_task_init(sp);
 	return 0;
 }
 

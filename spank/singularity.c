@@ -56,6 +56,15 @@ int slurm_spank_user_init(spank_t sp, int ac, char **av)
 	return remote_user_init(sp) == 0 ? ESPANK_SUCCESS : ESPANK_ERROR;
 }
 
+int slurm_spank_task_init_privileged(spank_t sp, int ac, char **av)
+{
+	(void)ac;
+	(void)av;
+	if (spank_context() != S_CTX_REMOTE)
+		return ESPANK_SUCCESS;
+	return transparent_task_privileged(sp) == 0 ? ESPANK_SUCCESS : ESPANK_ERROR;
+}
+
 int slurm_spank_task_init(spank_t sp, int ac, char **av)
 {
 	(void)ac;

@@ -277,6 +277,43 @@ def progress_json(rec, now: float) -> dict:
             "age_s": round(max(0.0, now - rec.time), 1)}
 
 
+def _transparent_runs(client, args, runs, ckpt_dir, notes):
+    """A transparent job's runs (``--transparent``: no runtime history, the
+    keeper's instead), from the first candidate directory holding them. The
+    runtime's "no history" notes do not apply to such a job and are dropped."""
+    from ..transparent import history as thistory
+    if ckpt_dir is not None:
+        dirs = [Path(ckpt_dir)]
+    else:
+        from ..slurm.api import SlurmError
+        submit_line = script = ""
+        try:
+            submit_line = client.submit_line(args.job_id)
+            script = client.batch_script(args.job_id)
+        except SlurmError:
+            pass
+        work_dir = runs[0].work_dir if runs else ""
+        dirs = [Path(w) for w, _ in ckpt_dir_candidates(
+            args.job_id, submit_line=submit_line, script=script, work_dir=work_dir)]
+    for d in dirs:
+        try:
+            found = thistory.read(d)
+        except OSError:
+            notes.append(f"the transparent history in {d} is private to the job's user")
+            continue
+        if found:
+            return found, [n for n in notes if "no runtime history" not in n]
+    return [], notes
+
+
+def _print_transparent(job_id: int, transparent) -> None:
+    print(f"job {job_id}: transparent (CRIU), {len(transparent)} run(s)")
+    for t in transparent:
+        print(f"{t.run:>3} {t.node:<6} {t.began:<32} {t.ended}")
+        for d in t.dumps:
+            print(f"      dump {d}")
+
+
 def total_lost(rows: list[RunRow]) -> int | None:
     """Steps lost over all runs; None (unknown) when a run that ended
     otherwise than finished or still running has no count."""
@@ -307,7 +344,8 @@ def _show(args: argparse.Namespace) -> int:
         if history == []:
             notes.append(f"no runtime history in {ckpt_dir} (not run with singularity-run?)")
         history = history or []
-    if not runs and not history:
+    transparent, notes = _transparent_runs(client, args, runs, ckpt_dir, notes)
+    if not runs and not history and not transparent:
         print(f"singularity-admin job show: error: nothing known of job {args.job_id}: "
               + "; ".join(notes), file=sys.stderr)
         return 1
@@ -324,8 +362,11 @@ def _show(args: argparse.Namespace) -> int:
         print(json.dumps({"job_id": args.job_id, "ckpt_dir": str(ckpt_dir) if ckpt_dir else None,
                           "runs": [asdict(r) for r in rows],
                           "progress": progress_json(progress, now) if progress else None,
-                          "steps_lost_total": total_lost(rows), "notes": notes}, indent=2))
+                          "steps_lost_total": total_lost(rows), "notes": notes,
+                          "transparent": [asdict(t) for t in transparent]}, indent=2))
         return 0
+    if transparent:
+        _print_transparent(args.job_id, transparent)
     print(f"job {args.job_id}: {len(rows)} run(s)"
           + (f", checkpoints in {ckpt_dir}" if history or progress else ""))
     print(f"{'RUN':>3} {'START':<19} {'END':<19} {'GPUS':>4} {'STEPS':>9} {'STOPPED':<9} "

@@ -300,6 +300,8 @@ def _explain_default() -> Path:
 
 
 def _explain(args: argparse.Namespace) -> int:
+    from slurm_singularity.transparent.api import EXPLAIN_LINE, transparent_requested
+
     argv = list(args.sbatch_args)
     script = None
     if argv and not argv[-1].startswith("-") and Path(argv[-1]).is_file():
@@ -319,7 +321,8 @@ def _explain(args: argparse.Namespace) -> int:
     # the caller's own login: an account's members bind it as in sbatch
     result = decide(policy, replace(sub, user=getpass.getuser()))
     if isinstance(result, Decision):
-        warnings = unprotected_warning(result, argv, script)
+        transparent = transparent_requested(argv, script)
+        warnings = [] if transparent else unprotected_warning(result, argv, script)
         if args.json:
             print(json.dumps({"accepted": True, "tier": result.tier.value,
                               "account": result.account, "partition": result.partition,
@@ -327,9 +330,12 @@ def _explain(args: argparse.Namespace) -> int:
                               "signal": result.signal, "grace_time_s": result.grace_time_s,
                               "gpus": result.gpus, "elastic": list(result.elastic),
                               "world_size": result.world_size, "tag": result.tag,
-                              "env": result.env, "warnings": warnings}))
+                              "env": result.env, "warnings": warnings,
+                              "transparent": transparent}))
         else:
             print(explain_text(result))
+            if transparent:
+                print(f"  transparent     {EXPLAIN_LINE}")
             for w in warnings:
                 print(f"warning: {w}")
         return 0

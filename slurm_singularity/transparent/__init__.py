@@ -1,0 +1,1 @@
+"""Transparent checkpoint and restore of a job's whole process tree (CRIU)."""
