@@ -50,10 +50,14 @@ class GradReducer:
         self.numel = sum(p.numel() for p in params)
         self._slots: torch.Tensor | None = None
         self._gathered: list[torch.Tensor] = []
+        #: per parameter: some logical rank of this device gave it a gradient
+        #: this step (when all did, no rank anywhere lacks one: no flags read)
+        self._local_had = [False] * len(params)
 
     def begin_step(self) -> None:
         for p in self.params:
             p.grad = None
+        self._local_had = [False] * len(self.params)
 
     def end_turn(self, turn: int) -> None:
         """After logical rank number ``turn`` (0..k-1 on this device) ran
@@ -79,7 +83,9 @@ class GradReducer:
             had.append(float(p.grad is not None))
             p.grad = None
             offset += n
-        row[self.numel:].copy_(torch.tensor(had, dtype=row.dtype))
+        self._local_had = [a or bool(h) for a, h in zip(self._local_had, had)]
+        flags = torch.tensor(had, dtype=row.dtype).to(row.device)
+        row[self.numel:].view_as(flags).copy_(flags)     # a view, as the gradients' (the proxy)
 
     def finish(self) -> None:
         """Leave the mean over the W logical ranks in every ``p.grad``."""
@@ -87,8 +93,9 @@ class GradReducer:
             self._fold_gathered()
             return
         if self.devices > 1:
-            had = torch.tensor([float(p.grad is not None) for p in self.params],
-                               dtype=self.params[0].dtype, device=self.params[0].device)
+            self._local_had = [p.grad is not None for p in self.params]
+            had = torch.tensor([float(h) for h in self._local_had],
+                               dtype=self.params[0].dtype).to(self.params[0].device)
             for p in self.params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
@@ -101,8 +108,12 @@ class GradReducer:
                 p.grad.div_(self.world_size)
 
     def _drop_unused(self, had: torch.Tensor) -> None:
-        """``grad = None`` for parameters no logical rank gave a gradient."""
-        for p, count in zip(self.params, had.tolist()):
+        """``grad = None`` for parameters no logical rank gave a gradient.
+        Reads the flags (a wait for the device) only when some parameter got
+        no gradient from this device's ranks."""
+        if all(self._local_had):
+            return
+        for p, count in zip(self.params, had.cpu().tolist()):
             if count == 0:
                 p.grad = None
 
