@@ -4,6 +4,9 @@ Goal: one pass of ``sched.planner.plan`` in <= 1 s. Baseline, in the same
 process on the same state: a plain priority-sorted FIFO pass (sort pending
 jobs by tier then submission time, start each at its MIN while GPUs are free)
 -- the least any scheduler pass does. Alternating runs, median of each.
+Running jobs started or resized up to an hour ago, so that the planner's
+hysteresis (``PlannerSettings.min_run_s``, 10 minutes) holds about a sixth
+of them.
 The last line is the JSON result.
 """
 
@@ -52,7 +55,8 @@ def fleet(seed: int = 1) -> ClusterState:
         jobs.append(JobState(k, tier, f"acct{rng.randrange(40)}", w, lo, w,
                              JobPhase.RUNNING if running else JobPhase.PENDING,
                              rng.uniform(0, 3600), size if running else 0, tuple(placement),
-                             rng.uniform(0, 3000), None, (size / w) if running else 0.0))
+                             rng.uniform(0, 3000), None, (size / w) if running else 0.0,
+                             rng.uniform(0, 3600) if running else None))
     # free up a little so that starts, shrinks and grows all happen
     nodes = tuple(NodeState(f"n{i}", GPN, free[i]) for i in range(NODES))
     return ClusterState(3600.0, nodes, tuple(jobs))

@@ -121,6 +121,9 @@ class JobState:
     work_as_of: float | None = None
     #: Work seconds gained per second since ``work_as_of`` (about D/W while running).
     work_rate: float = 0.0
+    #: When the job last started or changed size (same clock as ``now``); None
+    #: = unknown, and then no hysteresis protects it (``PlannerSettings.min_run_s``).
+    sized_at: float | None = None
 
     def __post_init__(self) -> None:
         j = f"job {self.job_id}"
@@ -154,6 +157,68 @@ class JobState:
         if elapsed <= 0:
             return 1.0
         return min(1.0, self.work_at(now) / elapsed)
+
+
+@dataclass(frozen=True, slots=True)
+class PlannerSettings:
+    """How the planner trades churn against response: the knobs that are not
+    policy (the policy says who may take from whom; these say how eagerly).
+
+    The defaults are the ones ``bench/simulate.py`` measured best on Philly
+    (docs/simulator.md, the ablations); each can be turned off for an
+    ablation or a site that wants the old behaviour.
+    """
+
+    #: Hysteresis, seconds (default 600, range 0 to 1e6; 0 = off): a running
+    #: job that started or changed size less than this long ago is not
+    #: shrunk or preempted to make room, except for a demand of the policy's
+    #: top tier (premium's promise outranks it), which takes such jobs last.
+    #: Stops one job being preempted hundreds of times.
+    min_run_s: float = 600.0
+    #: Least attained service inside a tier (default True): demands of one
+    #: account go in order of GPU-seconds already received (work done x W),
+    #: fewest first, and a running job held below its promise competes in
+    #: that order instead of before every pending job of its tier. False: by
+    #: submission, below-promise jobs first (the rule issue 14 questioned).
+    las_order: bool = True
+    #: Fair share between accounts inside a tier (default True): accounts take
+    #: turns, lowest usage per ``fair_share_weight`` first. False: one queue
+    #: for the whole tier (an ablation; quotas still hold).
+    fair_share: bool = True
+    #: What one grow costs the job, seconds without progress (default 10.0,
+    #: range 0 to 1e4): checkpoint 1.3 s + hand-over 2.3 s + decision to
+    #: running 2.0 s + restore 4.1 s, the figures of ``sched/sim/constants.py``.
+    grow_cost_s: float = 10.0
+    #: Grow into idle GPUs only when it pays this many times over (default
+    #: 0.0 = always grow, range 0 to 1e6): the time a grow saves, estimated
+    #: from the work the job has done (a job that has run long is expected to
+    #: run about as long again, the premise of least attained service), must
+    #: be at least ``grow_payback x grow_cost_s``. Off by default: with
+    #: ``start_at_max`` only shrunk jobs grow, and on Philly 4.0 changed
+    #: nothing (``bench/simulate.py``, ablation ``singularity:cost-aware-growth``).
+    grow_payback: float = 0.0
+    #: Start at MAX (default True): a pending job starts only at the largest
+    #: size of its ladder, never smaller. Elasticity is then for jobs that run:
+    #: shrinking them for a higher tier instead of preempting them, and growing
+    #: them back. With speed-up about linear in the GPUs, fewer jobs at full
+    #: speed finish sooner on average than more at part speed (on the first
+    #: 15,000 Philly jobs, 512 GPUs: average JCT 7.66 h -> 6.66 h).
+    start_at_max: bool = True
+    #: Elasticity (default True): False is the rigid planner (the ablation
+    #: "MIN = W"): every job runs at its MAX only, so nothing grows or shrinks
+    #: and making room preempts whole jobs.
+    elastic: bool = True
+
+    def __post_init__(self) -> None:
+        for name, hi in (("min_run_s", 1e6), ("grow_cost_s", 1e4), ("grow_payback", 1e6)):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v <= hi:
+                raise SchedError(f"planner settings: {name} must be a number in [0, {hi:g}], "
+                                 f"got {v!r}")
+        for name in ("las_order", "fair_share", "start_at_max", "elastic"):
+            if not isinstance(getattr(self, name), bool):
+                raise SchedError(f"planner settings: {name} must be true or false, "
+                                 f"got {getattr(self, name)!r}")
 
 
 @dataclass(frozen=True, slots=True)

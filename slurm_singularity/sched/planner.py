@@ -43,7 +43,7 @@ import logging
 from functools import lru_cache
 
 from ..policy.api import Policy, Tier
-from .api import Action, ActionKind, ClusterState, JobPhase, SchedError
+from .api import Action, ActionKind, ClusterState, JobPhase, PlannerSettings, SchedError
 from .placement import NodePool
 
 log = logging.getLogger(__name__)
@@ -74,14 +74,21 @@ def _promised(world_size: int, lo: int, hi: int, max_splice: int, promise: float
     return promised_size(ladder, world_size, promise) if ladder else 0
 
 
-def plan(state: ClusterState, policy: Policy, *, explain_waiting: bool = False) -> tuple[Action, ...]:
+#: The settings the daemon and the simulator use unless told otherwise.
+DEFAULT_SETTINGS = PlannerSettings()
+
+
+def plan(state: ClusterState, policy: Policy, *, explain_waiting: bool = False,
+         settings: PlannerSettings = DEFAULT_SETTINGS) -> tuple[Action, ...]:
     """Decide what to do now.
 
     :param explain_waiting: also return a LEAVE action, with the reason, for
         every pending job that is not started (for ``job explain``).
+    :param settings: hysteresis, in-tier order, fair share, growth cost and
+        elasticity (``PlannerSettings``; the ablations turn them off).
     :raises SchedError: a job's tier is missing from the policy.
     """
-    return _Pass(state, policy, explain_waiting).run()
+    return _Pass(state, policy, explain_waiting, settings).run()
 
 
 _RANK_TIER = {2: Tier.PREMIUM, 1: Tier.STANDARD, 0: Tier.BASIC}
@@ -100,16 +107,22 @@ class _Pass:
     when some GPUs could be found for that tier.
     """
 
-    def __init__(self, state: ClusterState, policy: Policy, explain: bool) -> None:
+    def __init__(self, state: ClusterState, policy: Policy, explain: bool,
+                 settings: PlannerSettings = DEFAULT_SETTINGS) -> None:
         self.state = state
+        self.settings = settings
+        self.rigid = not settings.elastic
+        self.fair = settings.fair_share
         self.policy = policy
         self.explain = explain
         self.now = state.now
         self.free = state.free_gpus
+        self.total = state.total_gpus
         self.splice = policy.elastic.max_splice_factor
         specs = policy.tiers
         self.promise = [0.0, 0.0, 0.0]
         self.victim_ranks: list[list[int]] = [[], [], []]
+        self.top = max((_rank(t) for t in specs), default=2)
         for t, spec in specs.items():
             self.promise[_rank(t)] = spec.gpu_fraction
         for t in specs:
@@ -139,7 +152,7 @@ class _Pass:
                 d = tgt[i] = job.devices
                 running[r].append(i)
                 whole[r] += d
-                if job.min_devices < job.max_devices:
+                if job.min_devices < job.max_devices and settings.elastic:
                     elastic[r].append(i)
                 usage[job.account] = usage.get(job.account, 0) + d
             elif not phase.terminal:
@@ -179,14 +192,41 @@ class _Pass:
         lad = self._ladders.get(i)
         if lad is None:
             job = self.jobs[i]
-            lad = self._ladders[i] = legal_sizes(job.world_size, job.min_devices,
-                                                 job.max_devices, self.splice)
+            lo = job.max_devices if self.rigid else job.min_devices
+            lad = self._ladders[i] = legal_sizes(job.world_size, lo, job.max_devices,
+                                                 self.splice)
         return lad
 
     def promised(self, i: int) -> int:
         job = self.jobs[i]
-        return _promised(job.world_size, job.min_devices, job.max_devices, self.splice,
+        lo = job.max_devices if self.rigid else job.min_devices
+        return _promised(job.world_size, lo, job.max_devices, self.splice,
                          self.promise[_rank(job.tier)])
+
+    def attained(self, i: int) -> float:
+        """GPU-seconds of service so far, as least attained service counts it."""
+        job = self.jobs[i]
+        return job.work_at(self.now) * job.world_size
+
+    def protected(self, i: int) -> bool:
+        """Within ``min_run_s`` of its last start or resize (hysteresis)."""
+        at = self.jobs[i].sized_at
+        return at is not None and self.now - at < self.settings.min_run_s
+
+    def grow_pays(self, i: int, cur: int, nxt: int) -> bool:
+        """Whether growing job ``i`` from ``cur`` to ``nxt`` GPUs saves at least
+        ``grow_payback`` times what the grow costs. The remaining work is
+        estimated as the work done so far (least attained service's premise:
+        a job that has run long runs long)."""
+        s = self.settings
+        if s.grow_payback <= 0:
+            return True
+        job = self.jobs[i]
+        saved = job.work_at(self.now) * job.world_size * (1.0 / cur - 1.0 / nxt)
+        return saved >= s.grow_payback * s.grow_cost_s
+
+    def norm(self, acct: str) -> float:
+        return self.usage[acct] / self.weight[acct] if self.fair else 0.0
 
     def fraction(self, i: int) -> float:
         f = self.frac.get(i)
@@ -204,9 +244,6 @@ class _Pass:
     def promise_floor(self, i: int) -> int:
         lad = self.lad(i)
         return min(self.tgt[i], max(lad[0], self.promised(i))) if lad else self.tgt[i]
-
-    def norm(self, acct: str) -> float:
-        return self.usage[acct] / self.weight[acct]
 
     def quota_left(self, acct: str) -> int:
         q = self.quota[acct]
@@ -239,22 +276,29 @@ class _Pass:
 
     def _serve_rank(self, r: int) -> None:
         jobs = self.jobs
-        groups: dict[str, list[tuple[int, float, int, int]]] = {}
+        groups: dict[str, list[tuple[float, float, int, int]]] = {}
+        las, fair = self.settings.las_order, self.fair
         if self.promise[r] > 0:
             for i in self.elastic[r]:       # a job shrunk in this pass waits for the next
                 if (self.tgt[i] < jobs[i].max_devices and i not in self.victim_of
                         and self.lad(i) and self.tgt[i] < self.promised(i)):
                     job = jobs[i]
-                    groups.setdefault(job.account, []).append((0, job.submit_time, job.job_id, i))
+                    groups.setdefault(job.account if fair else "", []).append(
+                        (self.attained(i) if las else 0, job.submit_time, job.job_id, i))
         if not (groups or self.pending[r]):
             return
         if self.bound(r) <= 0:
             return
         for i in self.pending[r]:
             job = jobs[i]
-            groups.setdefault(job.account, []).append((1, job.submit_time, job.job_id, i))
+            groups.setdefault(job.account if fair else "", []).append(
+                (self.attained(i) if las else 1, job.submit_time, job.job_id, i))
         for acct, lst in groups.items():
-            self._account(acct)
+            if fair:
+                self._account(acct)
+            else:
+                for e in lst:
+                    self._account(jobs[e[3]].account)
             lst.sort()
         heap = [(self.norm(a), a, 0) for a in groups]
         heapq.heapify(heap)
@@ -273,6 +317,10 @@ class _Pass:
                                f"factor {self.splice}")
             return
         cur = self.tgt[i]
+        if cur == 0 and self.settings.start_at_max:
+            # starts at its MAX only (PlannerSettings.start_at_max), or the
+            # largest size the cluster has, if its MAX is larger
+            lad = [d for d in lad if d <= self.total][-1:] or lad[:1]
         want = max(lad[0], self.promised(i))
         least = lad[0] if cur == 0 else next(d for d in lad if d > cur)
         room = self.quota_left(job.account) + cur
@@ -318,16 +366,23 @@ class _Pass:
         for v in self.victim_ranks[r]:
             yield v, "whole"
 
-    def _pool(self, r: int, kind: str) -> list[int]:
-        key = (r, kind)
+    def _pool(self, r: int, kind: str, top: bool) -> list[int]:
+        """Victims of rank ``r`` for stage ``kind``, in the order they are
+        taken. Jobs under hysteresis (``protected``) are left out, or put last
+        when the demand is of the top tier (``top``)."""
+        key = (r, kind, top)
         pool = self.pool.get(key)
         if pool is None:
-            jobs, norm = self.jobs, self.start_norm
+            jobs = self.jobs
+            norm = self.start_norm if self.fair else {}
             members = self.running[r] if kind == "whole" else self.elastic[r]
+            if self.settings.min_run_s > 0 and not top:
+                members = [i for i in members if not self.protected(i)]
+            guard = self.protected if self.settings.min_run_s > 0 else (lambda i: False)
             promise = self.promise[r]
             pool = self.pool[key] = sorted(members, key=lambda i: (
-                self.below_promise(i), -norm[jobs[i].account], -(self.fraction(i) - promise),
-                -jobs[i].submit_time, -jobs[i].job_id))
+                guard(i), self.below_promise(i), -norm.get(jobs[i].account, 0.0),
+                -(self.fraction(i) - promise), -jobs[i].submit_time, -jobs[i].job_id))
             self.cursor[key] = 0
         return pool
 
@@ -342,11 +397,12 @@ class _Pass:
         """How much stages (a)-(c) could free for a demand, counting up to ``need``."""
         got = 0
         my_norm = self.norm(acct)
+        top = r == self.top
         for v, kind in self._stages(r):
-            pool = self._pool(v, kind)
-            for pos in range(self.cursor[v, kind], len(pool)):
+            pool = self._pool(v, kind, top)
+            for pos in range(self.cursor[v, kind, top], len(pool)):
                 j = pool[pos]
-                if kind == "loan" and self.start_norm[self.jobs[j].account] < my_norm:
+                if kind == "loan" and self.fair and self.start_norm[self.jobs[j].account] < my_norm:
                     break
                 if kind == "whole":
                     got += min(self.tgt[j], self.min_floor(j))
@@ -360,14 +416,15 @@ class _Pass:
         """Free at least ``need`` GPUs for job ``i`` along the stages; say how."""
         counts = {"shrink": 0, "loan": 0, "whole": 0}
         my_norm = self.norm(self.jobs[i].account)
+        top = r == self.top
         for v, kind in self._stages(r):
             if need <= 0:
                 break
-            pool = self._pool(v, kind)
-            pos = self.cursor[v, kind]
+            pool = self._pool(v, kind, top)
+            pos = self.cursor[v, kind, top]
             while pos < len(pool) and need > 0:
                 j = pool[pos]
-                if kind == "loan" and self.start_norm[self.jobs[j].account] < my_norm:
+                if kind == "loan" and self.fair and self.start_norm[self.jobs[j].account] < my_norm:
                     break
                 cur = self.tgt[j]
                 floor = self._floor(j, kind)
@@ -383,7 +440,7 @@ class _Pass:
                 need -= cur - size
                 if size <= floor:
                     pos += 1
-            self.cursor[v, kind] = pos
+            self.cursor[v, kind, top] = pos
         parts = [f"{counts['shrink']} lower-tier job(s) shrunk"] if counts["shrink"] else []
         if counts["loan"]:
             parts.append(f"{counts['loan']} loan(s) of {_RANK_TIER[r].value} jobs taken back")
@@ -440,7 +497,7 @@ class _Pass:
             cur = self.tgt[i]
             if cur and cur < jobs[i].max_devices:
                 lad = self.lad(i)
-                if lad and cur < lad[-1]:
+                if lad and cur < lad[-1] and self.grow_pays(i, cur, next(d for d in lad if d > cur)):
                     job = jobs[i]
                     heap.append((not self.below_promise(i), -_rank(job.tier),
                                  self.norm(job.account), job.submit_time, job.job_id, i))
@@ -457,7 +514,8 @@ class _Pass:
             cur = self.tgt[i]
             lad = self.lad(i)
             nxt = next(d for d in lad if d > cur)
-            if nxt - cur > self.free or nxt - cur > self.quota_left(acct):
+            if (nxt - cur > self.free or nxt - cur > self.quota_left(acct)
+                    or not self.grow_pays(i, cur, nxt)):
                 continue
             self.set_target(i, nxt)
             if i not in self.granted or i in self.victim_of:
