@@ -42,7 +42,7 @@ import heapq
 import logging
 from functools import lru_cache
 
-from ..policy.api import Policy, Tier
+from ..policy.api import Policy, PreemptMode, Tier
 from .api import Action, ActionKind, ClusterState, JobPhase, PlannerSettings, SchedError
 from .placement import NodePool
 
@@ -123,6 +123,12 @@ class _Pass:
         self.promise = [0.0, 0.0, 0.0]
         self.victim_ranks: list[list[int]] = [[], [], []]
         self.top = max((_rank(t) for t in specs), default=2)
+        # least-attained-service preemption inside a tier: only where the
+        # tier promises no GPU fraction (PlannerSettings.las_preempt_factor)
+        self.las_preempt = [settings.las_preempt_factor > 0 and _RANK_TIER[r] in specs
+                            and specs[_RANK_TIER[r]].gpu_fraction <= 0
+                            and specs[_RANK_TIER[r]].preempt_mode is not PreemptMode.OFF
+                            for r in (0, 1, 2)]
         for t, spec in specs.items():
             self.promise[_rank(t)] = spec.gpu_fraction
         for t in specs:
@@ -256,7 +262,8 @@ class _Pass:
 
     def bound(self, r: int) -> int:
         """Most GPUs a demand of rank ``r`` could get now (free + what it may take)."""
-        return self.free + self.loan_cap(r) + sum(self.whole[v] for v in self.victim_ranks[r])
+        return (self.free + self.loan_cap(r) + sum(self.whole[v] for v in self.victim_ranks[r])
+                + (self.whole[r] if self.las_preempt[r] else 0))
 
     def set_target(self, i: int, size: int) -> None:
         acct = self.jobs[i].account
@@ -270,8 +277,11 @@ class _Pass:
     def run(self) -> tuple[Action, ...]:
         for r in (2, 1, 0):
             self._serve_rank(r)
-        if self.free > 0:
+        reserve = int(self.settings.grow_reserve * self.total)
+        if self.free > reserve:
+            self.free -= reserve      # left idle for arrivals (PlannerSettings.grow_reserve)
             self._grow_idle()
+            self.free += reserve
         return self._actions()
 
     def _serve_rank(self, r: int) -> None:
@@ -337,7 +347,7 @@ class _Pass:
             return
         if least - cur > self.bound(r):
             return
-        reach = self.free + self._reclaimable(r, job.account, want - cur - self.free)
+        reach = self.free + self._reclaimable(r, i, want - cur - self.free)
         size = max((d for d in lad if cur < d <= want and d - cur <= reach), default=0)
         if size < least:
             return
@@ -359,12 +369,20 @@ class _Pass:
             f"{self.usage[job.account]} GPUs (weight {self.weight[job.account]:g}); "
             f"GPUs from {source}")
 
-    def _stages(self, r: int):
+    def _stages(self, r: int, i: int):
         for v in self.victim_ranks[r]:
             yield v, "shrink"
         yield r, "loan"
         for v in self.victim_ranks[r]:
             yield v, "whole"
+        if self.las_preempt[r] and self.tgt[i] == 0:
+            yield r, "las"
+
+    def las_threshold(self, i: int) -> float:
+        """Attained GPU-seconds a running job of demand ``i``'s own tier must
+        have for ``i`` to preempt it (least attained service)."""
+        s = self.settings
+        return max(s.las_preempt_min_gpu_s, s.las_preempt_factor * self.attained(i))
 
     def _pool(self, r: int, kind: str, top: bool) -> list[int]:
         """Victims of rank ``r`` for stage ``kind``, in the order they are
@@ -375,9 +393,13 @@ class _Pass:
         if pool is None:
             jobs = self.jobs
             norm = self.start_norm if self.fair else {}
-            members = self.running[r] if kind == "whole" else self.elastic[r]
-            if self.settings.min_run_s > 0 and not top:
+            members = self.running[r] if kind in ("whole", "las") else self.elastic[r]
+            if self.settings.min_run_s > 0 and (kind == "las" or not top):
                 members = [i for i in members if not self.protected(i)]
+            if kind == "las":       # most attained service first
+                pool = self.pool[key] = sorted(members, key=lambda i: (-self.attained(i), i))
+                self.cursor[key] = 0
+                return pool
             guard = self.protected if self.settings.min_run_s > 0 else (lambda i: False)
             promise = self.promise[r]
             pool = self.pool[key] = sorted(members, key=lambda i: (
@@ -393,18 +415,23 @@ class _Pass:
             return self.promise_floor(i)
         return 0
 
-    def _reclaimable(self, r: int, acct: str, need: int) -> int:
-        """How much stages (a)-(c) could free for a demand, counting up to ``need``."""
+    def _reclaimable(self, r: int, i: int, need: int) -> int:
+        """How much stages (a)-(c) could free for demand ``i``, counting up to ``need``."""
         got = 0
-        my_norm = self.norm(acct)
+        my_norm = self.norm(self.jobs[i].account)
         top = r == self.top
-        for v, kind in self._stages(r):
+        for v, kind in self._stages(r, i):
             pool = self._pool(v, kind, top)
+            bar = self.las_threshold(i) if kind == "las" else 0.0
             for pos in range(self.cursor[v, kind, top], len(pool)):
                 j = pool[pos]
                 if kind == "loan" and self.fair and self.start_norm[self.jobs[j].account] < my_norm:
                     break
-                if kind == "whole":
+                if kind == "las":
+                    if self.attained(j) < bar:
+                        break
+                    got += min(self.tgt[j], self.promise_floor(j))
+                elif kind == "whole":
                     got += min(self.tgt[j], self.min_floor(j))
                 else:
                     got += max(0, self.tgt[j] - self._floor(j, kind))
@@ -414,17 +441,20 @@ class _Pass:
 
     def _reclaim(self, r: int, i: int, need: int) -> str:
         """Free at least ``need`` GPUs for job ``i`` along the stages; say how."""
-        counts = {"shrink": 0, "loan": 0, "whole": 0}
+        counts = {"shrink": 0, "loan": 0, "whole": 0, "las": 0}
         my_norm = self.norm(self.jobs[i].account)
         top = r == self.top
-        for v, kind in self._stages(r):
+        for v, kind in self._stages(r, i):
             if need <= 0:
                 break
             pool = self._pool(v, kind, top)
             pos = self.cursor[v, kind, top]
+            bar = self.las_threshold(i) if kind == "las" else 0.0
             while pos < len(pool) and need > 0:
                 j = pool[pos]
                 if kind == "loan" and self.fair and self.start_norm[self.jobs[j].account] < my_norm:
+                    break
+                if kind == "las" and self.attained(j) < bar:
                     break
                 cur = self.tgt[j]
                 floor = self._floor(j, kind)
@@ -432,7 +462,7 @@ class _Pass:
                     pos += 1
                     continue
                 size = floor
-                if kind != "whole":
+                if kind not in ("whole", "las"):
                     size = max((d for d in self.lad(j) if floor <= d < cur and cur - d >= need),
                                default=floor)
                 self._take(v, j, size, i, kind)
@@ -446,6 +476,9 @@ class _Pass:
             parts.append(f"{counts['loan']} loan(s) of {_RANK_TIER[r].value} jobs taken back")
         if counts["whole"]:
             parts.append(f"{counts['whole']} lower-tier job(s) preempted")
+        if counts["las"]:
+            parts.append(f"{counts['las']} {_RANK_TIER[r].value} job(s) with more attained "
+                         f"service preempted")
         return "free GPUs and " + ", ".join(parts)
 
     def _take(self, v: int, j: int, size: int, i: int, kind: str) -> None:
@@ -578,6 +611,10 @@ class _Pass:
             why = (f"account {job.account} is at its gpu_quota of {self.quota[job.account]} "
                    f"GPUs and its own job {rj.job_id} ({rj.tier.value}) needs them{tail}; "
                    f"tiers.{job.tier.value}.preemptible_by includes {rj.tier.value}")
+        elif kind == "las":
+            why = (f"job {rj.job_id} of the same tier {rj.tier.value}, which promises no GPU "
+                   f"fraction, has had less GPU time ({self.attained(req):,.0f} GPU-s against "
+                   f"{self.attained(i):,.0f}): least attained service first{tail}")
         elif kind == "loan":
             why = (f"devices above its promised size were on loan from idle GPUs; job "
                    f"{rj.job_id} of the same tier {rj.tier.value} in account {rj.account} "

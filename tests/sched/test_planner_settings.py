@@ -135,3 +135,25 @@ def test_one_planner_pass_over_100000_gpus_and_50000_jobs_takes_at_most_a_second
     print(f"planner pass: {result['value']} s")
     assert result["jobs"] == 50_000 and result["gpus"] == 100_000
     assert result["value"] <= 1.0, result
+
+
+def test_growth_leaves_the_reserve_idle_for_arrivals():
+    state = cluster([job(1, "basic", world=32, elastic=(8, 32), devices=8, work_done_s=3600.0)],
+                    now=NOW)
+    # a quarter of 32 GPUs stays idle: 16 of the 24 free may go to growth
+    assert kinds(plan(state, POLICY, settings=PlannerSettings(grow_reserve=0.25))) == [
+        (ActionKind.GROW, 1, 16)]
+
+
+@pytest.mark.parametrize("work_s, preempts", [(3600.0, True), (50.0, False)])
+def test_las_preemption_inside_basic_takes_a_job_that_has_had_far_more_gpu_time(work_s,
+                                                                              preempts):
+    # job 1 has had work_s x 32 GPU-seconds; job 2 of the same tier none
+    state = cluster([sized(job(1, "basic", world=32, devices=32, work_done_s=work_s), 0.0),
+                     job(2, "basic", world=16, submit=NOW - 1)], now=NOW)
+    las = plan(state, POLICY, settings=PlannerSettings(las_preempt_factor=4.0))
+    expected = [(ActionKind.PREEMPT, 1, 0), (ActionKind.START, 2, 16)] if preempts else []
+    assert kinds(las) == expected
+    if preempts:
+        assert "least attained service first" in las[0].reason
+    assert plan(state, POLICY) == ()          # off by default

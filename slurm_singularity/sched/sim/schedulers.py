@@ -35,7 +35,10 @@ ABLATIONS: dict[str, dict] = {
     "no-las": {"las_order": False},              # submission order, below-promise first
     "cost-aware-growth": {"grow_payback": 4.0},  # grow only when 4x the grow cost is saved
     "start-small": {"start_at_max": False},      # start at the promised size (or MIN)
-    "before": {"min_run_s": 0.0, "las_order": False, "start_at_max": False},  # issue 14's
+    "no-reserve": {"grow_reserve": 0.0},         # grow into every idle GPU
+    "las-preempt": {"las_preempt_factor": 4.0},  # LAS preemption inside basic
+    "before": {"min_run_s": 0.0, "las_order": False, "start_at_max": False,  # issue 14's
+               "grow_reserve": 0.0},
 }
 
 #: The names ``--scheduler`` takes (SECONDS and K: positive numbers).
