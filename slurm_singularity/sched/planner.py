@@ -11,7 +11,10 @@ One pass, in order:
    ``D`` with ``D/W`` >= its tier's ``gpu_fraction``, at least MIN) and a
    running job held below its promised size. Within a tier, accounts take
    turns lowest weighted usage first (GPUs held / ``fair_share_weight``),
-   jobs of one account in submission order; an account never goes above its
+   jobs of one account least attained service first (GPU-seconds had so far;
+   a running job below its promise competes in that order, not ahead of
+   every pending job); a pending job starts at its MAX only (elasticity is
+   for running jobs: shrink instead of preempt, grow back); an account never goes above its
    ``gpu_quota`` (one at its quota makes room for its demand from its own
    running jobs of the tiers the demand may preempt, when that is enough).
 2. **Making room.** A demand that free GPUs cannot cover takes, in order:
@@ -25,9 +28,16 @@ One pass, in order:
    over-share account first, newest first. Nothing is touched unless the
    demand can then get at least its MIN; a job of a tier that is not
    ``preemptible_by`` the demand's tier is never shrunk or preempted for it.
-3. **Idle GPUs to elastic jobs.** What is still free goes, one legal step at
-   a time, to running jobs below MAX: jobs below their promised GPU fraction
-   first, then higher tiers, then the account with the lowest weighted usage.
+3. **Idle GPUs to elastic jobs.** What is still free, less a small reserve
+   kept for arrivals, goes, one legal step at a time, to running jobs below
+   MAX: jobs below their promised GPU fraction first, then higher tiers, then
+   the account with the lowest weighted usage.
+
+**Hysteresis**: a job that started or changed size less than ``min_run_s``
+ago is no victim, except for the top tier's demands, which take it last.
+Each of these rules is a ``PlannerSettings`` field, so the simulator can
+measure what each is worth (``singularity:ABLATION``); the defaults are the
+measured best (docs/simulator.md).
 
 Every size given divides the job's world size ``W``, lies in its elastic
 range and keeps ``W/D`` within ``policy.elastic.max_splice_factor``. The
