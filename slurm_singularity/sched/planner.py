@@ -213,6 +213,14 @@ class _Pass:
                                                  self.splice)
         return lad
 
+    def start_ladder(self, i: int):
+        """Sizes a pending job may start at: its MAX only (``start_at_max``),
+        or the largest size the cluster has if its MAX is larger."""
+        lad = self.lad(i)
+        if not self.settings.start_at_max:
+            return lad
+        return [d for d in lad if d <= self.total][-1:] or lad[:1]
+
     def promised(self, i: int) -> int:
         job = self.jobs[i]
         lo = job.max_devices if self.rigid else job.min_devices
@@ -337,10 +345,8 @@ class _Pass:
                                f"factor {self.splice}")
             return
         cur = self.tgt[i]
-        if cur == 0 and self.settings.start_at_max:
-            # starts at its MAX only (PlannerSettings.start_at_max), or the
-            # largest size the cluster has, if its MAX is larger
-            lad = [d for d in lad if d <= self.total][-1:] or lad[:1]
+        if cur == 0:
+            lad = self.start_ladder(i)
         want = max(lad[0], self.promised(i))
         least = lad[0] if cur == 0 else next(d for d in lad if d > cur)
         room = self.quota_left(job.account) + cur
@@ -607,9 +613,12 @@ class _Pass:
         if i in self.waiting:
             return self.waiting[i]
         victims = "/".join(_RANK_TIER[v].value for v in self.victim_ranks[r]) or "no lower-tier"
-        return (f"needs {self.lad(i)[0] if self.lad(i) else '?'} GPUs; {self.free} free, and "
+        spared = (f" (jobs started or resized in the last {self.settings.min_run_s:g} s are "
+                  f"spared)" if self.settings.min_run_s > 0 and r != self.top else "")
+        lad = self.start_ladder(i) if self.lad(i) else ()
+        return (f"needs {lad[0] if lad else '?'} GPUs; {self.free} free, and "
                 f"{victims} jobs (the tiers that may be shrunk or preempted for "
-                f"{_RANK_TIER[r].value}) have no more to give")
+                f"{_RANK_TIER[r].value}) have no more to give{spared}")
 
     def _free_action(self, i: int, placement: tuple[tuple[str, int], ...]) -> Action:
         job = self.jobs[i]

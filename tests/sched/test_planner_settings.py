@@ -51,6 +51,8 @@ def test_hysteresis_makes_a_standard_job_wait_but_not_a_premium_one():
     young = sized(job(1, "basic", world=32, devices=32, submit=0.0), NOW - 60)
     standard = cluster([young, job(2, "standard", world=16, submit=NOW - 1)], now=NOW)
     assert plan(standard, POLICY) == ()
+    why = plan(standard, POLICY, explain_waiting=True)[0].reason
+    assert "needs 16 GPUs" in why and "started or resized in the last 600 s are spared" in why
     premium = cluster([young, job(2, "premium", world=16, submit=NOW - 1)], now=NOW)
     assert kinds(plan(premium, POLICY)) == [(ActionKind.PREEMPT, 1, 0), (ActionKind.START, 2, 16)]
     # ten minutes later the standard job gets it
