@@ -124,6 +124,12 @@ class JobState:
     #: When the job last started or changed size (same clock as ``now``); None
     #: = unknown, and then no hysteresis protects it (``PlannerSettings.min_run_s``).
     sized_at: float | None = None
+    #: The size a resize in flight goes to (0 = none; the daemon's, whose
+    #: resizes are requeues): a RESIZING job that grows holds the GPUs it
+    #: grows into, and a PENDING one (requeued, not run again) starts at this
+    #: size only; fair-share corrections of its account wait until it runs.
+    #: The simulator's resizes are instant and never set it.
+    restart_size: int = 0
 
     def __post_init__(self) -> None:
         j = f"job {self.job_id}"
@@ -143,6 +149,13 @@ class JobState:
             raise SchedError(f"{j}: a running job holds devices, got devices=0")
         if self.placement and sum(n for _, n in self.placement) != self.devices:
             raise SchedError(f"{j}: placement {self.placement} does not sum to devices={self.devices}")
+        if self.restart_size and (self.phase not in (JobPhase.PENDING, JobPhase.HELD,
+                                                     JobPhase.RESIZING)
+                                  or self.restart_size < 0
+                                  or self.world_size % self.restart_size):
+            raise SchedError(f"{j}: restart_size must divide world_size={self.world_size} and "
+                             f"is for a pending or resizing job only, got {self.restart_size} "
+                             f"({self.phase.value})")
         if self.work_done_s < 0 or self.work_rate < 0:
             raise SchedError(f"{j}: work_done_s and work_rate must be >= 0")
 

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+import math
 from functools import lru_cache
 
 from ..policy.api import Policy, PreemptMode, Tier
@@ -155,6 +156,12 @@ class _Pass:
         self.pending: tuple[list[int], ...] = ([], [], [])
         self.whole = [0, 0, 0]
         usage: dict[str, int] = {}
+        #: (rank, account) with a resize in flight (the daemon's: a job
+        #: RESIZING, or pending with a ``restart_size``; the simulator's
+        #: resizes are instant): no fair-share correction between such an
+        #: account and another until it lands (``fair_cap``)
+        self.moving = moving = set()
+        grows = 0
         run_phase, pend_phase = JobPhase.RUNNING, JobPhase.PENDING
         prem, std = Tier.PREMIUM, Tier.STANDARD
         pending, running, elastic, whole = self.pending, self.running, self.elastic, self.whole
@@ -164,6 +171,8 @@ class _Pass:
             r = 2 if t is prem else (1 if t is std else 0)
             if phase is pend_phase:
                 pending[r].append(i)
+                if job.restart_size:
+                    moving.add((r, job.account))
             elif phase is run_phase:
                 d = tgt[i] = job.devices
                 running[r].append(i)
@@ -172,12 +181,17 @@ class _Pass:
                     elastic[r].append(i)
                 usage[job.account] = usage.get(job.account, 0) + d
             elif not phase.terminal:
-                usage[job.account] = usage.get(job.account, 0) + job.devices
+                d = max(job.devices, job.restart_size)
+                usage[job.account] = usage.get(job.account, 0) + d
+                moving.add((r, job.account))
+                if d > job.devices:
+                    grows += d - job.devices    # a grow in flight: its GPUs are taken
         for r in (2, 1, 0):
             group = self.running[r] or self.pending[r]
             if group and _RANK_TIER[r] not in specs:
                 raise SchedError(f"job {jobs[group[0]].job_id}: tier "
                                  f"{_RANK_TIER[r].value!r} is not in the policy")
+        self.free -= grows
         self.usage = usage
         for a in list(usage):
             self._account(a)
@@ -217,6 +231,9 @@ class _Pass:
         """Sizes a pending job may start at: its MAX only (``start_at_max``),
         or the largest size the cluster has if its MAX is larger."""
         lad = self.lad(i)
+        size = self.jobs[i].restart_size
+        if size and size in lad:
+            return [size]             # resized by a requeue: restarts at its new size
         if not self.settings.start_at_max:
             return lad
         return [d for d in lad if d <= self.total][-1:] or lad[:1]
@@ -303,6 +320,10 @@ class _Pass:
         return self._actions()
 
     def _serve_rank(self, r: int) -> None:
+        self._serve_demands(r)
+        self._rebalance(r)
+
+    def _serve_demands(self, r: int) -> None:
         jobs = self.jobs
         groups: dict[str, list[tuple[float, float, int, int]]] = {}
         las, fair = self.settings.las_order, self.fair
@@ -365,12 +386,29 @@ class _Pass:
             return
         reach = self.free + self._reclaimable(r, i, want - cur - self.free)
         size = max((d for d in lad if cur < d <= want and d - cur <= reach), default=0)
-        if size < least:
+        if size < least and cur == 0:
+            size = self._fair_start(r, i, room)
+        if size < least and (cur or size <= 0):
             return
         need = size - cur - self.free
         taken = self._reclaim(r, i, need) if need > 0 else "free GPUs"
         self.set_target(i, size)
         self._granted(i, cur, size, taken)
+
+    def _fair_start(self, r: int, i: int, room: int) -> int:
+        """The size at which pending job ``i`` starts below its MAX, or 0:
+        only when its account is below its fair share and the GPUs that fair
+        share lets it take back from other accounts (``fair_cap``) are too
+        few for its MAX. Otherwise an account below its share would wait for
+        a MAX that no fair correction can give it."""
+        full = self.lad(i)
+        if (not (self.fair and self.settings.start_at_max) or len(full) < 2
+                or self.jobs[i].restart_size):
+            return 0
+        lent = self._loans(r, i, full[-1], r == self.top, take=False, cross_only=True)
+        if lent <= 0:
+            return 0
+        return max((d for d in full if d <= min(self.free + lent, room)), default=0)
 
     def _granted(self, i: int, cur: int, size: int, source: str) -> None:
         job = self.jobs[i]
@@ -410,7 +448,9 @@ class _Pass:
             jobs = self.jobs
             norm = self.start_norm if self.fair else {}
             members = self.running[r] if kind in ("whole", "las") else self.elastic[r]
-            if self.settings.min_run_s > 0 and (kind == "las" or not top):
+            if self.settings.min_run_s > 0 and (kind == "las" or (not top and kind != "loan")):
+                # a loan keeps its protected jobs, last: a fair-share correction
+                # takes from them (``_loan_size``)
                 members = [i for i in members if not self.protected(i)]
             if kind == "las":       # most attained service first
                 pool = self.pool[key] = sorted(members, key=lambda i: (-self.attained(i), i))
@@ -434,15 +474,17 @@ class _Pass:
     def _reclaimable(self, r: int, i: int, need: int) -> int:
         """How much stages (a)-(c) could free for demand ``i``, counting up to ``need``."""
         got = 0
-        my_norm = self.norm(self.jobs[i].account)
         top = r == self.top
         for v, kind in self._stages(r, i):
             pool = self._pool(v, kind, top)
             bar = self.las_threshold(i) if kind == "las" else 0.0
+            if kind == "loan":
+                got += self._loans(v, i, need - got, top, take=False)
+                if got >= need:
+                    return got
+                continue
             for pos in range(self.cursor[v, kind, top], len(pool)):
                 j = pool[pos]
-                if kind == "loan" and self.fair and self.start_norm[self.jobs[j].account] < my_norm:
-                    break
                 if kind == "las":
                     if self.attained(j) < bar:
                         break
@@ -458,18 +500,20 @@ class _Pass:
     def _reclaim(self, r: int, i: int, need: int) -> str:
         """Free at least ``need`` GPUs for job ``i`` along the stages; say how."""
         counts = {"shrink": 0, "loan": 0, "whole": 0, "las": 0}
-        my_norm = self.norm(self.jobs[i].account)
         top = r == self.top
         for v, kind in self._stages(r, i):
             if need <= 0:
                 break
+            if kind == "loan":
+                taken, n = self._loans(v, i, need, top, take=True)
+                need -= taken
+                counts[kind] += n
+                continue
             pool = self._pool(v, kind, top)
             pos = self.cursor[v, kind, top]
             bar = self.las_threshold(i) if kind == "las" else 0.0
             while pos < len(pool) and need > 0:
                 j = pool[pos]
-                if kind == "loan" and self.fair and self.start_norm[self.jobs[j].account] < my_norm:
-                    break
                 if kind == "las" and self.attained(j) < bar:
                     break
                 cur = self.tgt[j]
@@ -496,6 +540,133 @@ class _Pass:
             parts.append(f"{counts['las']} {_RANK_TIER[r].value} job(s) with more attained "
                          f"service preempted")
         return "free GPUs and " + ", ".join(parts)
+
+    def fair_cap(self, r: int, victim: str, taker: str, landing: bool = False) -> int:
+        """Most GPUs that may go from account ``victim`` to account ``taker``
+        in rank ``r`` as a fair-share correction: the move must narrow the
+        gap between their usages per weight (it may overshoot by less than
+        it closes), so that corrections never swing back and forth. 0 when
+        the victim is not above the taker, or while either has a resize of
+        that rank in flight (the daemon: its usage is not what it will be;
+        the next correction is decided once the last one has landed) --
+        except for the taker's job that is landing (``landing``: restarting
+        at its new size, ``JobState.restart_size``)."""
+        gap = self.norm(victim) - self.norm(taker)
+        if gap <= _EPS or (not landing and ((r, victim) in self.moving
+                                            or (r, taker) in self.moving)):
+            return 0
+        span = 1.0 / self.weight[victim] + 1.0 / self.weight[taker]
+        return max(0, math.ceil(2.0 * gap / span - _EPS) - 1)
+
+    def _loans(self, v: int, i: int, need: int, top: bool, take: bool,
+               cross_only: bool = False):
+        """GPUs on loan in rank ``v`` (above their jobs' promised sizes) that
+        demand ``i`` may take back, up to ``need``: counted (``take=False``;
+        returns the count) or taken (returns ``(GPUs taken, jobs shrunk)``).
+
+        From another account only as a fair-share correction (``fair_cap``),
+        and then hysteresis does not hold the job: a job over its account's
+        share while another account is below its own is what a shrink is
+        for. From the demand's own account, or with fair share off, only
+        jobs out of hysteresis (the top tier's demands take those last).
+        ``cross_only``: from other accounts only."""
+        key = (v, "loan", top)
+        pool = self._pool(v, "loan", top)
+        me = self.jobs[i].account
+        landing = self.jobs[i].restart_size > 0
+        guard = self.settings.min_run_s > 0 and not top
+        left: dict[str, int] = {}
+        got = shrunk = 0
+        pos = start = self.cursor[key]
+        while pos < len(pool) and got < need:
+            j = pool[pos]
+            pos += 1
+            cur, floor = self.tgt[j], self.promise_floor(j)
+            if cur <= floor:
+                if pos - 1 == start:
+                    start = pos           # nothing left on loan: for every demand
+                continue
+            acct = self.jobs[j].account
+            if self.fair and acct != me:
+                cap = left.get(acct)
+                if cap is None:
+                    cap = left[acct] = self.fair_cap(v, acct, me, landing)
+            elif cross_only or (guard and self.protected(j)):
+                continue
+            else:
+                cap = cur - floor
+            sizes = [d for d in self.lad(j) if floor <= d < cur and cur - d <= cap]
+            if not sizes:
+                continue
+            size = max((d for d in sizes if cur - d >= need - got), default=sizes[0])
+            if acct in left:
+                left[acct] -= cur - size
+            got += cur - size
+            if take:
+                self._take(v, j, size, i, "loan")
+                shrunk += 1
+        if not take:
+            return got
+        self.cursor[key] = start
+        return got, shrunk
+
+    def _rebalance(self, r: int) -> None:
+        """Fair share among the running jobs of rank ``r``: a running
+        elastic job of the account furthest below its share grows one step
+        with GPUs on loan to an account above its share (``_loans``), while
+        that narrows the gap (``fair_cap``). Pending jobs take loans back as
+        they start; without this, jobs that grew while GPUs were idle would
+        keep their account above its share for as long as they run."""
+        if not self.fair or not self.elastic[r] or self.loan_cap(r) <= 0:
+            return
+        jobs = self.jobs
+        growers: dict[str, list[int]] = {}
+        for i in self.elastic[r]:
+            lad = self.lad(i)
+            if lad and 0 < self.tgt[i] < lad[-1] and i not in self.victim_of:
+                growers.setdefault(jobs[i].account, []).append(i)
+        for _ in range(4 * len(self.elastic[r])):
+            lenders = {jobs[j].account for j in self.elastic[r]
+                       if self.tgt[j] > self.promise_floor(j)}
+            high = max((self.norm(a) for a in lenders), default=0.0)
+            for acct in sorted(growers, key=lambda a: (self.norm(a), a)):
+                if self.norm(acct) >= high - _EPS:
+                    return
+                if self._fair_grow(r, growers[acct]):
+                    break
+            else:
+                return
+
+    def _fair_grow(self, r: int, mine: list[int]) -> bool:
+        """Grow one of ``mine`` (running jobs of one account, rank ``r``) one
+        step with loans of accounts above its share; whether one grew."""
+        jobs = self.jobs
+        top = r == self.top
+
+        def step(i: int) -> int:
+            cur = self.tgt[i]
+            return next((d for d in self.lad(i) if d > cur), cur) - cur
+
+        for i in sorted(mine, key=lambda i: (step(i), self.attained(i), jobs[i].job_id)):
+            cur = self.tgt[i]
+            need = step(i)
+            if i in self.victim_of or not need or need > self.quota_left(jobs[i].account):
+                continue
+            lent = need - max(0, self.free)
+            if lent <= 0:
+                continue                  # idle GPUs are _grow_idle's
+            if self._loans(r, i, lent, top, take=False, cross_only=True) < lent:
+                continue
+            self._loans(r, i, lent, top, take=True, cross_only=True)
+            acct = jobs[i].account
+            self.set_target(i, cur + need)
+            self.granted[i] = (
+                f"grow to {cur + need} of MAX={jobs[i].max_devices} for fair share: account "
+                f"{acct} is below its share in tier {jobs[i].tier.value} ({self.usage[acct]} "
+                f"GPUs after, weight {self.weight[acct]:g}); GPUs on loan to accounts above "
+                f"theirs taken back")
+            return True
+        return False
 
     def _take(self, v: int, j: int, size: int, i: int, kind: str) -> None:
         """Set victim ``j`` (rank ``v``) to ``size`` for demand ``i``."""
@@ -544,7 +715,7 @@ class _Pass:
         heap = []
         for i in [i for el in self.elastic for i in el] + self.started:
             cur = self.tgt[i]
-            if cur and cur < jobs[i].max_devices:
+            if cur and cur < jobs[i].max_devices and not jobs[i].restart_size:
                 lad = self.lad(i)
                 if lad and cur < lad[-1] and self.grow_pays(i, cur, next(d for d in lad if d > cur)):
                     job = jobs[i]
@@ -634,10 +805,15 @@ class _Pass:
             why = (f"job {rj.job_id} of the same tier {rj.tier.value}, which promises no GPU "
                    f"fraction, has had less GPU time ({self.attained(req):,.0f} GPU-s against "
                    f"{self.attained(i):,.0f}): least attained service first{tail}")
+        elif kind == "loan" and rj.account != job.account and self.fair:
+            why = (f"devices above its promised size were on loan from idle GPUs; job "
+                   f"{rj.job_id} of the same tier {rj.tier.value} in account {rj.account}, "
+                   f"below its fair share against {job.account}, needs them (a fair-share "
+                   f"correction: hysteresis does not hold it){tail}")
         elif kind == "loan":
             why = (f"devices above its promised size were on loan from idle GPUs; job "
                    f"{rj.job_id} of the same tier {rj.tier.value} in account {rj.account} "
-                   f"(usage per weight not above {job.account}'s) needs them{tail}")
+                   f"needs them{tail}")
         else:
             why = (f"job {rj.job_id} ({rj.tier.value}) needs GPUs{tail} and "
                    f"tiers.{job.tier.value}.preemptible_by includes {rj.tier.value}")
