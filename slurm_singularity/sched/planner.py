@@ -621,10 +621,15 @@ class _Pass:
             return
         jobs = self.jobs
         growers: dict[str, list[int]] = {}
+        short = False                     # some grower needs more than the free GPUs
         for i in self.elastic[r]:
             lad = self.lad(i)
-            if lad and 0 < self.tgt[i] < lad[-1] and i not in self.victim_of:
+            cur = self.tgt[i]
+            if lad and 0 < cur < lad[-1] and i not in self.victim_of:
                 growers.setdefault(jobs[i].account, []).append(i)
+                short = short or next(d for d in lad if d > cur) - cur > self.free
+        if not short:
+            return                        # idle GPUs cover every step: _grow_idle's
         for _ in range(4 * len(self.elastic[r])):
             lenders = {jobs[j].account for j in self.elastic[r]
                        if self.tgt[j] > self.promise_floor(j)}

@@ -9,7 +9,7 @@ import dataclasses
 
 import pytest
 
-from slurm_singularity.sched.api import ActionKind, JobPhase, SchedError
+from slurm_singularity.sched.api import ActionKind, ClusterState, JobPhase, SchedError
 from slurm_singularity.sched.apply import apply_actions
 from slurm_singularity.sched.planner import plan
 from slurm_singularity.sched.sim.policies import reference_policy
@@ -114,3 +114,13 @@ def test_a_restart_size_that_does_not_fit_the_job_is_refused_by_name():
         dataclasses.replace(job(1, "basic", world=8, elastic=(1, 8)), restart_size=3)
     with pytest.raises(SchedError, match="restart_size"):
         dataclasses.replace(job(1, "basic", world=8, elastic=(1, 8), devices=4), restart_size=4)
+
+
+def test_a_state_given_its_gpu_sums_keeps_them_and_refuses_impossible_ones_by_name():
+    # the simulator keeps the sums as its nodes change instead of summing
+    # 12,500 nodes on every pass
+    state = cluster([job(1, "basic", world=8, devices=8)])
+    kept = ClusterState(state.now, state.nodes, state.jobs, sums=(32, 24))
+    assert (kept.total_gpus, kept.free_gpus) == (32, 24) == (state.total_gpus, state.free_gpus)
+    with pytest.raises(SchedError, match="sums"):
+        ClusterState(state.now, state.nodes, state.jobs, sums=(32, 33))

@@ -113,6 +113,9 @@ class SingularityScheduler:
             self.free[f"n{k + 1}"] = g
             self.nodes.append(NodeState(f"n{k + 1}", g, g))
         self.node_index = {n.name: k for k, n in enumerate(self.nodes)}
+        self.total = total_gpus
+        self.free_total = total_gpus      # kept as placements move (ClusterState.sums)
+        self.node_tuple: tuple[NodeState, ...] | None = None
         self.record = record
         self.dirty = True
         self.passes = 0
@@ -138,8 +141,11 @@ class SingularityScheduler:
         self.dirty = True
 
     def _move(self, placement: tuple[tuple[str, int], ...], sign: int) -> None:
+        if placement:
+            self.node_tuple = None
         for name, n in placement:
             self.free[name] += sign * n
+            self.free_total += sign * n
             k = self.node_index[name]
             self.nodes[k] = NodeState(name, self.nodes[k].gpus, self.free[name])
 
@@ -148,7 +154,10 @@ class SingularityScheduler:
             return None
         self.dirty = False
         engine = self.engine
-        state = ClusterState(now, tuple(self.nodes), tuple(j.view for j in engine.active.values()))
+        if self.node_tuple is None:
+            self.node_tuple = tuple(self.nodes)
+        state = ClusterState(now, self.node_tuple, tuple(j.view for j in engine.active.values()),
+                             (self.total, self.free_total))
         actions = planner_module.plan(state, self.policy, settings=self.settings)
         self.passes += 1
         if self.record is not None:
