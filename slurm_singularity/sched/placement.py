@@ -45,7 +45,7 @@ class NodePool:
     def __init__(self, nodes: Sequence[NodeState]) -> None:
         self.nodes = nodes
         self.free: list[int] = list(map(_FREE, nodes))
-        self.max_gpus = max(map(_GPUS, nodes), default=0)
+        self._max_gpus = -1               # computed on the first fit
         self._index: dict[str, int] | None = None
         #: Nodes by free count (insertion = input order), built once a pass
         #: has fitted ``SCAN_FITS`` jobs by scanning.
@@ -53,6 +53,12 @@ class NodePool:
         self._scans = 0
         #: Devices released by jobs without a known placement.
         self.unknown_free = 0
+
+    @property
+    def max_gpus(self) -> int:
+        if self._max_gpus < 0:
+            self._max_gpus = max(map(_GPUS, self.nodes), default=0)
+        return self._max_gpus
 
     def index(self, name: str) -> int | None:
         if self._index is None:
@@ -147,7 +153,7 @@ class NodePool:
         """``_fit`` by scanning the free counts (no buckets): the first node
         whose free count fits ``count`` most tightly, else the emptiest."""
         free = self.free
-        top = self.max_gpus
+        top = max(free, default=0)        # no node has more free than that
         for f in range(max(count, 1), top + 1):
             if f in free:
                 return free.index(f)

@@ -617,7 +617,7 @@ class _Pass:
         that narrows the gap (``fair_cap``). Pending jobs take loans back as
         they start; without this, jobs that grew while GPUs were idle would
         keep their account above its share for as long as they run."""
-        if not self.fair or not self.elastic[r] or self.loan_cap(r) <= 0:
+        if not self.fair or not self.elastic[r]:
             return
         jobs = self.jobs
         growers: dict[str, list[int]] = {}
@@ -628,8 +628,8 @@ class _Pass:
             if lad and 0 < cur < lad[-1] and i not in self.victim_of:
                 growers.setdefault(jobs[i].account, []).append(i)
                 short = short or next(d for d in lad if d > cur) - cur > self.free
-        if not short:
-            return                        # idle GPUs cover every step: _grow_idle's
+        if not short or self.loan_cap(r) <= 0:
+            return                        # idle GPUs cover every step (_grow_idle's), or no loans
         for _ in range(4 * len(self.elastic[r])):
             lenders = {jobs[j].account for j in self.elastic[r]
                        if self.tgt[j] > self.promise_floor(j)}
