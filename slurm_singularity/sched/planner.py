@@ -197,6 +197,8 @@ class _Pass:
             self._account(a)
         self.start_norm = {a: usage[a] / self.weight[a] for a in usage}
         self._ladders: dict[int, tuple[int, ...]] = {}
+        self._promised_of: dict[int, int] = {}
+        self._lender_sets: list[set[str] | None] = [None, None, None]
         self.frac: dict[int, float] = {}
         self.loan = [-1, -1, -1]          # GPUs on loan per rank, computed when first needed
         self.pool: dict[tuple[int, str], list[int]] = {}
@@ -239,10 +241,13 @@ class _Pass:
         return [d for d in lad if d <= self.total][-1:] or lad[:1]
 
     def promised(self, i: int) -> int:
-        job = self.jobs[i]
-        lo = job.max_devices if self.rigid else job.min_devices
-        return _promised(job.world_size, lo, job.max_devices, self.splice,
-                         self.promise[_rank(job.tier)])
+        p = self._promised_of.get(i)
+        if p is None:
+            job = self.jobs[i]
+            lo = job.max_devices if self.rigid else job.min_devices
+            p = self._promised_of[i] = _promised(job.world_size, lo, job.max_devices,
+                                                 self.splice, self.promise[_rank(job.tier)])
+        return p
 
     def attained(self, i: int) -> float:
         """GPU-seconds of service so far, as least attained service counts it."""
@@ -578,19 +583,29 @@ class _Pass:
         left: dict[str, int] = {}
         got = shrunk = 0
         pos = start = self.cursor[key]
+        fair = self.fair
+        lenders = self._lenders(v)
+        if not ((me in lenders and not cross_only) or (lenders and not fair) or any(
+                a != me and self.norm(a) > self.norm(me) + _EPS for a in lenders)):
+            return (0, 0) if take else 0  # no account may lend to this one now
         while pos < len(pool) and got < need:
             j = pool[pos]
             pos += 1
+            acct = self.jobs[j].account
+            cap = -1
+            if fair and acct != me:
+                cap = left.get(acct)
+                if cap is None:
+                    cap = left[acct] = self.fair_cap(v, acct, me, landing)
+                if cap <= 0 and pos - 1 != start:
+                    continue              # (checked before the floor: the common case)
             cur, floor = self.tgt[j], self.promise_floor(j)
             if cur <= floor:
                 if pos - 1 == start:
                     start = pos           # nothing left on loan: for every demand
                 continue
-            acct = self.jobs[j].account
-            if self.fair and acct != me:
-                cap = left.get(acct)
-                if cap is None:
-                    cap = left[acct] = self.fair_cap(v, acct, me, landing)
+            if cap >= 0:
+                pass
             elif cross_only or (guard and self.protected(j)):
                 continue
             else:
@@ -609,6 +624,17 @@ class _Pass:
             return got
         self.cursor[key] = start
         return got, shrunk
+
+    def _lenders(self, r: int) -> set[str]:
+        """Accounts with GPUs on loan in rank ``r`` at the start of the pass
+        (a superset later: loans are only taken back within a pass before
+        idle GPUs are handed out)."""
+        out = self._lender_sets[r]
+        if out is None:
+            jobs = self.jobs
+            out = self._lender_sets[r] = {jobs[j].account for j in self.elastic[r]
+                                          if self.tgt[j] > self.promise_floor(j)}
+        return out
 
     def _rebalance(self, r: int) -> None:
         """Fair share among the running jobs of rank ``r``: a running
