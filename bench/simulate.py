@@ -111,7 +111,7 @@ def main() -> int:
                     help="schedulers to run, comma-separated (default: the baselines and "
                          "the ablations singularity:rigid, :no-hysteresis, :no-fair-share; "
                          "others: :no-las, :start-small, :no-reserve, :las-preempt, "
-                         ":cost-aware-growth, :before)")
+                         ":rigid-las-preempt, :cost-aware-growth, :before)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the tier rule (default 0)")
     ap.add_argument("--json-out", type=Path, help="also write every summary here")
     ap.add_argument("--sweep", default="", metavar="GPUS,GPUS,...",

@@ -37,6 +37,7 @@ ABLATIONS: dict[str, dict] = {
     "start-small": {"start_at_max": False},      # start at the promised size (or MIN)
     "no-reserve": {"grow_reserve": 0.0},         # grow into every idle GPU
     "las-preempt": {"las_preempt_factor": 4.0},  # LAS preemption inside basic
+    "rigid-las-preempt": {"elastic": False, "las_preempt_factor": 4.0},  # both
     "before": {"min_run_s": 0.0, "las_order": False, "start_at_max": False,  # issue 14's
                "grow_reserve": 0.0},
 }
