@@ -34,7 +34,13 @@ One pass, in order:
    the account with the lowest weighted usage.
 
 **Hysteresis**: a job that started or changed size less than ``min_run_s``
-ago is no victim, except for the top tier's demands, which take it last.
+ago is no victim, except for the top tier's demands, which take it last,
+and except for a fair-share correction: loans of an account above its share
+go back to an account below its own (its pending job, started smaller if
+fair share cannot give its MAX, or its running jobs, one step at a time),
+as long as each move narrows the gap between the two (``fair_cap``), so that
+corrections never swing back. Resizes the daemon has in flight
+(``JobState.restart_size``) hold their account's corrections until they land.
 Each of these rules is a ``PlannerSettings`` field, so the simulator can
 measure what each is worth (``singularity:ABLATION``); the defaults are the
 measured best (docs/simulator.md).
