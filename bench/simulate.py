@@ -12,6 +12,10 @@ las-tiers); goal (issue 14): value <= 0.8 x baseline, premium SLA >= 99%,
 standard >= 95%, no lost GPU-hours. Simulations are deterministic, so each
 runs once; each one's CPU time is reported (the simulator's speed).
 
+The planner's ablations (``singularity:NAME``, ``schedulers.ABLATIONS``) run
+in the same process: by default rigid (MIN = W), no hysteresis and no fair
+share; the verdict also asks that elastic is no worse than rigid.
+
 ``--jobs N`` runs the first N jobs by submission only; ``--gpus`` another
 size; ``--seed`` another draw of the tier rule; ``--only a,b`` a subset;
 ``--sweep 256,384,512,768 --seeds 5`` a load sweep (mean and 95% interval
@@ -33,6 +37,10 @@ from slurm_singularity import paths
 from slurm_singularity.policy.load import load_policy
 from slurm_singularity.sched.sim.run import SimSpec, simulate
 from slurm_singularity.sched.sim.schedulers import COMPARED
+
+#: The planner's ablations run beside the baselines (``schedulers.ABLATIONS``):
+#: rigid (MIN = W), no hysteresis, no fair share.
+ABLATED = ("singularity:rigid", "singularity:no-hysteresis", "singularity:no-fair-share")
 
 TRACE = Path("/work/shared/traces/philly.csv")
 FAIR = ("slurm", "tiresias", "las-tiers")
@@ -99,7 +107,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--jobs", type=int, default=0, help="first N jobs only (default: all)")
     ap.add_argument("--gpus", type=int, default=512)
-    ap.add_argument("--only", default=",".join(COMPARED))
+    ap.add_argument("--only", default=",".join(COMPARED + ABLATED),
+                    help="schedulers to run, comma-separated (default: the baselines and "
+                         "the ablations singularity:rigid, :no-hysteresis, :no-fair-share; "
+                         "others: :no-las, :start-small, :no-reserve, :las-preempt, "
+                         ":rigid-las-preempt, :cost-aware-growth, :before)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the tier rule (default 0)")
     ap.add_argument("--json-out", type=Path, help="also write every summary here")
     ap.add_argument("--sweep", default="", metavar="GPUS,GPUS,...",
@@ -147,15 +159,18 @@ def main() -> int:
         best = min(fair, key=fair.get)
         s = out["singularity"]
         value = s["avg_jct_s"] / 3600
+        rigid = out.get("singularity:rigid")
+        elastic_ok = rigid is None or s["avg_jct_s"] <= rigid["avg_jct_s"]
         ok = (value <= 0.8 * fair[best] and s["lost_gpu_hours"] == 0
               and s["sla_attainment"].get("premium", 1) >= 0.99
-              and s["sla_attainment"].get("standard", 1) >= 0.95)
+              and s["sla_attainment"].get("standard", 1) >= 0.95 and elastic_ok)
         verdict.update({"value": round(value, 3), "baseline": round(fair[best], 3),
                         "baseline_scheduler": best, "ratio": round(value / fair[best], 3),
                         "goal": round(0.8 * fair[best], 3), "ok": ok,
                         "premium_sla": s["sla_attainment"].get("premium"),
                         "standard_sla": s["sla_attainment"].get("standard"),
-                        "lost_gpu_hours": s["lost_gpu_hours"]})
+                        "lost_gpu_hours": s["lost_gpu_hours"],
+                        "elastic_le_rigid": None if rigid is None else elastic_ok})
     verdict["cpu_s"] = {n: round(out[n]["cpu_s"], 1) for n in names}
     print(json.dumps(verdict))
     return 0

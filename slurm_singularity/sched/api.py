@@ -108,6 +108,15 @@ class JobState:
     work_as_of: float | None = None
     #: Work seconds gained per second since ``work_as_of`` (about D/W while running).
     work_rate: float = 0.0
+    #: When the job last started or changed size (same clock as ``now``); None
+    #: = unknown, and then no hysteresis protects it (``PlannerSettings.min_run_s``).
+    sized_at: float | None = None
+    #: The size a resize in flight goes to (0 = none; the daemon's, whose
+    #: resizes are requeues): a RESIZING job that grows holds the GPUs it
+    #: grows into, and a PENDING one (requeued, not run again) starts at this
+    #: size only; fair-share corrections of its account wait until it runs.
+    #: The simulator's resizes are instant and never set it.
+    restart_size: int = 0
 
     def __post_init__(self) -> None:
         j = f"job {self.job_id}"
@@ -127,6 +136,13 @@ class JobState:
             raise SchedError(f"{j}: a running job holds devices, got devices=0")
         if self.placement and sum(n for _, n in self.placement) != self.devices:
             raise SchedError(f"{j}: placement {self.placement} does not sum to devices={self.devices}")
+        if self.restart_size and (self.phase not in (JobPhase.PENDING, JobPhase.HELD,
+                                                     JobPhase.RESIZING)
+                                  or self.restart_size < 0
+                                  or self.world_size % self.restart_size):
+            raise SchedError(f"{j}: restart_size must divide world_size={self.world_size} and "
+                             f"is for a pending or resizing job only, got {self.restart_size} "
+                             f"({self.phase.value})")
         if self.work_done_s < 0 or self.work_rate < 0:
             raise SchedError(f"{j}: work_done_s and work_rate must be >= 0")
 
@@ -144,25 +160,119 @@ class JobState:
 
 
 @dataclass(frozen=True, slots=True)
+class PlannerSettings:
+    """How the planner trades churn against response: the knobs that are not
+    policy (the policy says who may take from whom; these say how eagerly).
+
+    The defaults are the ones ``bench/simulate.py`` measured best on Philly
+    (docs/simulator.md, the ablations); each can be turned off for an
+    ablation or a site that wants the old behaviour.
+    """
+
+    #: Hysteresis, seconds (default 600, range 0 to 1e6; 0 = off): a running
+    #: job that started or changed size less than this long ago is not
+    #: shrunk or preempted to make room, except for a demand of the policy's
+    #: top tier (premium's promise outranks it), which takes such jobs last.
+    #: Stops one job being preempted hundreds of times.
+    min_run_s: float = 600.0
+    #: Least attained service inside a tier (default True): demands of one
+    #: account go in order of GPU-seconds already received (work done x W),
+    #: fewest first, and a running job held below its promise competes in
+    #: that order instead of before every pending job of its tier. False: by
+    #: submission, below-promise jobs first (the rule issue 14 questioned).
+    las_order: bool = True
+    #: Fair share between accounts inside a tier (default True): accounts take
+    #: turns, lowest usage per ``fair_share_weight`` first. False: one queue
+    #: for the whole tier (an ablation; quotas still hold).
+    fair_share: bool = True
+    #: What one grow costs the job, seconds without progress (default 10.0,
+    #: range 0 to 1e4): checkpoint 1.3 s + hand-over 2.3 s + decision to
+    #: running 2.0 s + restore 4.1 s, the figures of ``sched/sim/constants.py``.
+    grow_cost_s: float = 10.0
+    #: Grow into idle GPUs only when it pays this many times over (default
+    #: 0.0 = always grow, range 0 to 1e6): the time a grow saves, estimated
+    #: from the work the job has done (a job that has run long is expected to
+    #: run about as long again, the premise of least attained service), must
+    #: be at least ``grow_payback x grow_cost_s``. Off by default: with
+    #: ``start_at_max`` only shrunk jobs grow, and on Philly 4.0 changed
+    #: nothing (``bench/simulate.py``, ablation ``singularity:cost-aware-growth``).
+    grow_payback: float = 0.0
+    #: Share of the cluster's GPUs that growth into idle GPUs leaves free
+    #: (default 0.01, range 0 to 1; rounded down: 5 GPUs of 512, none of 32):
+    #: an arriving job starts on them at once instead of waiting for a grown
+    #: job's checkpoint and hand-over. On the first 15,000 Philly jobs (512
+    #: GPUs) premium SLA per job 81.5% -> 89.4%, average JCT 6.66 h -> 6.71 h.
+    grow_reserve: float = 0.01
+    #: Least-attained-service preemption inside a tier that promises no GPU
+    #: fraction (``gpu_fraction = 0``, basic by default) and may be preempted:
+    #: a pending job preempts a running job of its own tier that has had at
+    #: least this many times its attained GPU-seconds (default 0.0 = off,
+    #: range 0 to 1e6), and at least ``las_preempt_min_gpu_s``, as Tiresias
+    #: time-shares one queue. Hysteresis (``min_run_s``) still holds.
+    las_preempt_factor: float = 0.0
+    #: The least attained service a job must have before a job of its own
+    #: tier may preempt it, GPU-seconds (default 3250, Tiresias' first queue
+    #: limit; range 0 to 1e12).
+    las_preempt_min_gpu_s: float = 3250.0
+    #: Start at MAX (default True): a pending job starts only at the largest
+    #: size of its ladder, never smaller. Elasticity is then for jobs that run:
+    #: shrinking them for a higher tier instead of preempting them, and growing
+    #: them back. With speed-up about linear in the GPUs, fewer jobs at full
+    #: speed finish sooner on average than more at part speed (on the first
+    #: 15,000 Philly jobs, 512 GPUs: average JCT 7.66 h -> 6.66 h).
+    start_at_max: bool = True
+    #: Elasticity (default True): False is the rigid planner (the ablation
+    #: "MIN = W"): every job runs at its MAX only, so nothing grows or shrinks
+    #: and making room preempts whole jobs.
+    elastic: bool = True
+
+    def __post_init__(self) -> None:
+        for name, hi in (("min_run_s", 1e6), ("grow_cost_s", 1e4), ("grow_payback", 1e6),
+                         ("las_preempt_factor", 1e6), ("las_preempt_min_gpu_s", 1e12),
+                         ("grow_reserve", 1.0)):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v <= hi:
+                raise SchedError(f"planner settings: {name} must be a number in [0, {hi:g}], "
+                                 f"got {v!r}")
+        for name in ("las_order", "fair_share", "start_at_max", "elastic"):
+            if not isinstance(getattr(self, name), bool):
+                raise SchedError(f"planner settings: {name} must be true or false, "
+                                 f"got {getattr(self, name)!r}")
+
+
+@dataclass(frozen=True, slots=True)
 class ClusterState:
     """Everything the planner decides from: the time, the nodes and the jobs."""
 
     now: float
     nodes: tuple[NodeState, ...]
     jobs: tuple[JobState, ...]
+    #: ``(GPUs, free GPUs)`` summed over ``nodes``, from a caller that keeps
+    #: the sums as its nodes change (the simulator: summing 12,500 nodes on
+    #: every pass was most of its time at 100,000 GPUs) and builds its node
+    #: names itself; None = summed here, and the names checked.
+    sums: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
+        if self.sums is not None:
+            gpus, free = self.sums
+            if not 0 <= free <= gpus:
+                raise SchedError(f"sums: free GPUs must be between 0 and GPUs={gpus}, "
+                                 f"got {free}")
+            return
         names = {n.name for n in self.nodes}
         if len(names) != len(self.nodes):
             raise SchedError("node names must be unique")
+        object.__setattr__(self, "sums", (sum(n.gpus for n in self.nodes),
+                                          sum(map(_FREE_GPUS, self.nodes))))
 
     @property
     def total_gpus(self) -> int:
-        return sum(n.gpus for n in self.nodes)
+        return self.sums[0]
 
     @property
     def free_gpus(self) -> int:
-        return sum(map(_FREE_GPUS, self.nodes))
+        return self.sums[1]
 
 
 _FREE_GPUS = attrgetter("free_gpus")

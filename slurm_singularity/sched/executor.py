@@ -152,7 +152,7 @@ class Executor:
             done = []
             if marks.resize_to and marks.resize_to != view.requested:
                 done.append(self._update_size(job_id, marks.resize_to))
-            self._clear(view, marks.cleared())
+            self._clear(view, marks.cleared(resized=marks.resize_to or None))
             if not marks.resize_to:
                 done.append("left it pending (preempted)")
             elif view.requeued:

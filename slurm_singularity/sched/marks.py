@@ -25,6 +25,7 @@ from .api import SchedError
 _RESIZE = re.compile(r"(\d+)@(\d+(?:\.\d+)?)")
 _STEP = re.compile(r"([a-z]+)@(\d+(?:\.\d+)?)")
 _WORK = re.compile(r"\d+(?:\.\d+)?")
+_SIZE = re.compile(r"[1-9][0-9]{0,5}")
 
 
 class ResizeStep(enum.Enum):
@@ -75,6 +76,10 @@ class Marks:
     work_s: float = 0.0           # work seconds done before the current run
     step: ResizeStep = ResizeStep.SIGNALLED
     step_at: float = 0.0          # when ``step`` was taken; 0 = ``resize_at``
+    #: The last action was a resize to this size, done by a requeue: until
+    #: the job runs again the planner counts it at this size (``observe``),
+    #: as the simulator keeps a resized job at its new size.
+    resized: int | None = None
 
     @property
     def signalled(self) -> bool:
@@ -84,9 +89,11 @@ class Marks:
     def step_time(self) -> float:
         return self.step_at or self.resize_at
 
-    def cleared(self, work_s: float | None = None) -> "Marks":
-        """The marks without the action in flight."""
-        return Marks(self.tag, None, 0.0, self.work_s if work_s is None else work_s)
+    def cleared(self, work_s: float | None = None, resized: int | None = None) -> "Marks":
+        """The marks without the action in flight (``resized``: it was a
+        resize to that size, by a requeue)."""
+        return Marks(self.tag, None, 0.0, self.work_s if work_s is None else work_s,
+                     resized=resized)
 
     def at_step(self, step: ResizeStep, when: float) -> "Marks":
         """The marks with the action taken one step further, at ``when``.
@@ -104,6 +111,8 @@ class Marks:
         out = self.tag
         if self.work_s:
             out += f",work={self.work_s:.1f}"
+        if self.resized:
+            out += f",resized={self.resized}"
         if self.resize_to is not None:
             out += f",resize={self.resize_to}@{self.resize_at:.0f}"
             if self.step is ResizeStep.MARKED:
@@ -123,6 +132,7 @@ def read_marks(admin_comment: str | None) -> Marks:
         return Marks(tag=text)
     kept: list[str] = []
     resize_to, resize_at, work, step, step_at = None, 0.0, 0.0, ResizeStep.SIGNALLED, 0.0
+    resized = None
     head, *items = text.split(",")
     for item in items:
         key, sep, value = item.partition("=")
@@ -132,6 +142,8 @@ def read_marks(admin_comment: str | None) -> Marks:
             resize_to, resize_at = int(m.group(1)), float(m.group(2))
         elif key == "work" and sep and _WORK.fullmatch(value):
             work = float(value)
+        elif key == "resized" and sep and _SIZE.fullmatch(value):
+            resized = int(value)
         elif key == "step" and sep and (m := _STEP.fullmatch(value)) and \
                 m.group(1) in _STEP_NAMES:
             step, step_at = ResizeStep(m.group(1)), float(m.group(2))
@@ -139,7 +151,7 @@ def read_marks(admin_comment: str | None) -> Marks:
             kept.append(item)
     if resize_to is None:
         step, step_at = ResizeStep.SIGNALLED, 0.0
-    return Marks(",".join([head, *kept]), resize_to, resize_at, work, step, step_at)
+    return Marks(",".join([head, *kept]), resize_to, resize_at, work, step, step_at, resized)
 
 
 _STEP_NAMES = {s.value for s in ResizeStep}

@@ -134,8 +134,36 @@ def observe(jobs: Iterable[Job], nodes: Iterable[Node], policy: Policy,
             waiting = is_held(job) or (job.reason == "BeginTime" and not requeued)
             view = replace(view, requeued=requeued, waiting=waiting)
         views[job.job_id] = view
-        states.append(_job_state(view, running, held, placement, now, policy))
+        state = _job_state(view, running, held, placement, now, policy)
+        size = restart_size(view, pending, now)
+        if size and not state.world_size % size and state.phase is not JobPhase.RUNNING:
+            state = replace(state, restart_size=size)
+        states.append(state)
     return Observation(ClusterState(now, node_states(nodes, used), tuple(states)), views)
+
+
+def restart_size(view: JobView, pending: bool, now: float) -> int:
+    """The size of the daemon's resize in flight on this job (0: none),
+    for ``JobState.restart_size``: the size in its resize mark while it runs
+    or has just been requeued, and, once the mark is cleared, its request if
+    it was requeued for that resize (``Marks.resized``) and has not run
+    again. The planner then starts it at that size only, keeps the GPUs a
+    grow goes to, and holds its account's fair-share corrections until it
+    runs, as the simulator keeps a resized job at its new size. Otherwise
+    the job would be started at its MAX again, its account would look short
+    of its share meanwhile, and each resize would undo the last. A requeued
+    job counts so for ``REQUEUE_DELAY_MAX_S`` after its requeue (which
+    resets ``submit_time``); one that has not started by then is pending
+    like any other."""
+    job, marks = view.job, view.marks
+    if not view.tagged or view.waiting:
+        return 0
+    if marks.resize_to is not None:
+        return marks.resize_to
+    if (pending and marks.resized == view.requested and job.restart_count > 0
+            and now - job.submit_time <= REQUEUE_DELAY_MAX_S):
+        return view.requested
+    return 0
 
 
 def _with_journal(view: JobView, journal: Journal, running: bool) -> JobView:
@@ -205,4 +233,8 @@ def _job_state(view: JobView, running: bool, held: int,
         min_devices=max(1, min(lo, hi)), max_devices=max(1, hi), phase=phase,
         submit_time=job.submit_time or now, devices=devices,
         placement=placement if devices and sum(g for _, g in placement) == devices else (),
-        work_done_s=work, work_as_of=now)
+        work_done_s=work, work_as_of=now,
+        # every start and every resize (a requeue at the new size) restarts
+        # the job, so its last start is when it was last sized: the planner's
+        # hysteresis (PlannerSettings.min_run_s) counts from it, as in the simulator
+        sized_at=start if running else None)

@@ -8,9 +8,13 @@ larger than a node takes the emptiest nodes first; a grow first fills the
 nodes the job is already on. Shrinks release the job's smallest pieces first,
 so that what stays is consolidated.
 
-Nodes are kept in buckets by free count (built on the first fit of a
-pass), so one allocation costs O(GPUs per node), not O(nodes); buckets keep
-input order, so the result is deterministic.
+The first few fits of a pass look the free counts up with ``list.index``
+(a scan in C); a pass that places more builds buckets of nodes by free
+count, after which one allocation costs O(GPUs per node), not O(nodes).
+Building the buckets in Python was most of the simulator's time at 12,500
+nodes, where a pass places only a job or two. Ties go to the first node in
+input order (in a bucket, the first put there), so the result is
+deterministic.
 """
 
 from __future__ import annotations
@@ -26,6 +30,9 @@ _GPUS = attrgetter("gpus")
 #: Pseudo-node for devices of a running job whose placement was not given.
 UNKNOWN_NODE = "*"
 
+#: Fits a pass makes by scanning before it builds buckets (``NodePool._fit``).
+SCAN_FITS = 8
+
 
 class NodePool:
     """Free GPUs per node, with best-fit allocation.
@@ -38,12 +45,20 @@ class NodePool:
     def __init__(self, nodes: Sequence[NodeState]) -> None:
         self.nodes = nodes
         self.free: list[int] = list(map(_FREE, nodes))
-        self.max_gpus = max(map(_GPUS, nodes), default=0)
+        self._max_gpus = -1               # computed on the first fit
         self._index: dict[str, int] | None = None
-        #: Nodes by free count (insertion = input order), built on the first fit.
+        #: Nodes by free count (insertion = input order), built once a pass
+        #: has fitted ``SCAN_FITS`` jobs by scanning.
         self._buckets: list[dict[int, None]] | None = None
+        self._scans = 0
         #: Devices released by jobs without a known placement.
         self.unknown_free = 0
+
+    @property
+    def max_gpus(self) -> int:
+        if self._max_gpus < 0:
+            self._max_gpus = max(map(_GPUS, self.nodes), default=0)
+        return self._max_gpus
 
     def index(self, name: str) -> int | None:
         if self._index is None:
@@ -118,6 +133,9 @@ class NodePool:
     def _fit(self, count: int) -> int | None:
         """The first node whose free count fits ``count`` most tightly, else the emptiest."""
         buckets = self._buckets
+        if buckets is None and self._scans < SCAN_FITS:
+            self._scans += 1
+            return self._scan(count)
         if buckets is None:
             buckets = self._buckets = [{} for _ in range(self.max_gpus + 1)]
             for i, f in enumerate(self.free):
@@ -129,4 +147,17 @@ class NodePool:
         for f in range(self.max_gpus, 0, -1):
             if buckets[f]:
                 return next(iter(buckets[f]))
+        return None
+
+    def _scan(self, count: int) -> int | None:
+        """``_fit`` by scanning the free counts (no buckets): the first node
+        whose free count fits ``count`` most tightly, else the emptiest."""
+        free = self.free
+        top = max(free, default=0)        # no node has more free than that
+        for f in range(max(count, 1), top + 1):
+            if f in free:
+                return free.index(f)
+        for f in range(min(count - 1, top), 0, -1):
+            if f in free:
+                return free.index(f)
         return None

@@ -28,6 +28,17 @@ def test_the_daemons_marks_survive_a_round_trip_through_admin_comment():
     assert read_marks(requeued.render()) == requeued
 
 
+def test_a_resize_done_by_a_requeue_is_remembered_until_the_next_action():
+    done = Marks(TAG, resize_to=16, resize_at=5.0, work_s=3.0).cleared(resized=16)
+    assert done.render() == TAG + ",work=3.0,resized=16"
+    assert read_marks(done.render()) == done
+    # a new action forgets it; a value that is no size is nobody's mark
+    assert Marks(TAG, 8, 9.0, 3.0).render() == TAG + ",work=3.0,resize=8@9"
+    for bad in ("0", "x", "\u00b2", "-4", "1e3"):
+        marks = read_marks(TAG + f",resized={bad}")
+        assert marks.resized is None and marks.tag == TAG + f",resized={bad}", bad
+
+
 def test_marks_are_read_only_from_the_projects_own_tag():
     # an operator's note, or a stale mark someone copied, is not the daemon's
     for text in ("resize=16@1", "moved,resize=16@1", "x singularity:sla=basic,resize=16@1"):

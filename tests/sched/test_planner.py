@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from slurm_singularity.sched.api import ActionKind, SchedError
+from slurm_singularity.sched.api import ActionKind, PlannerSettings, SchedError
 from slurm_singularity.sched.apply import apply_actions
 from slurm_singularity.sched.planner import plan
 from slurm_singularity.sched.sim.policies import reference_policy
@@ -36,7 +36,8 @@ def test_a_premium_job_arriving_shrinks_the_basic_job_instead_of_preempting_it()
 
 
 def test_the_basic_job_grows_back_when_the_premium_job_leaves():
-    state = cluster([job(1, "basic", world=32, elastic=(8, 32), devices=32),
+    # it has run an hour: growing back pays (PlannerSettings.grow_payback)
+    state = cluster([job(1, "basic", world=32, elastic=(8, 32), devices=32, work_done_s=3600.0),
                      job(2, "premium", world=16, submit=99.0)])
     after = apply_actions(state, plan(state, POLICY))
     gone = cluster([j for j in after.jobs if j.job_id == 1])
@@ -50,7 +51,8 @@ def test_the_basic_job_grows_back_when_the_premium_job_leaves():
 
 def test_two_accounts_with_weights_two_to_one_get_gpu_shares_near_two_to_one():
     policy = reference_policy(weights={"heavy": 2.0, "light": 1.0})
-    jobs = [job(k, "basic", "heavy" if k % 2 else "light", world=8, elastic=(1, 8), submit=k)
+    # jobs start at their MAX (PlannerSettings.start_at_max): 8 of 16 fit
+    jobs = [job(k, "basic", "heavy" if k % 2 else "light", world=4, elastic=(1, 4), submit=k)
             for k in range(1, 17)]
     after = apply_actions(state := cluster(jobs), plan(state, policy))
     held = {"heavy": 0, "light": 0}
@@ -110,7 +112,9 @@ def test_only_device_counts_that_divide_the_world_size_are_used():
     # 10 GPUs free on 2 nodes x 8 beside a rigid 6-GPU job: W=12 can run on 1,2,3,4,6,12
     state = cluster([job(1, "premium", world=6, devices=6),
                      job(2, "basic", world=12, elastic=(1, 12), submit=1.0)], nodes=2)
-    actions = plan(state, POLICY)
+    # (by default a job starts at its MAX only and grows once it has run; this
+    # is about the sizes it may take)
+    actions = plan(state, POLICY, settings=PlannerSettings(start_at_max=False, grow_payback=0))
     assert [(a.kind, a.job_id, a.devices_to) for a in actions] == [(ActionKind.START, 2, 6)]
 
 

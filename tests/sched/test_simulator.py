@@ -235,6 +235,7 @@ def test_a_broken_summary_to_compare_with_is_refused_naming_it(tmp_path, content
     ("slurm-periodic:nan", "'nan' must be a number in (0, 1e9]"),
     ("tiresias:-1", "'-1' must be a number in (0, 1e9]"),
     ("slurm-periodic:", "--scheduler: unknown 'slurm-periodic:'"),
+    ("singularity:nope", "ABLATION one of rigid, no-hysteresis, no-fair-share"),
 ])
 def test_an_unknown_scheduler_or_a_bad_parameter_is_refused_naming_the_option(tmp_path, name,
                                                                               message):

@@ -5,6 +5,8 @@
   no second copy of its logic here, only the bookkeeping that turns actions
   into the engine's resizes and keeps each job's ``JobState`` current. It
   runs at the daemon's period and pays the daemon's measured costs.
+  ``singularity:ABLATION`` is the same planner with one of its
+  ``PlannerSettings`` turned off (``ABLATIONS``): what each is worth.
 - ``slurm``, ``slurm-periodic:SECONDS``, ``slurm-no-ckpt`` (a bound): Slurm
   22.05 as the templates configure it (``slurm.py``).
 - ``tiresias``, ``tiresias:K``, ``las-tiers``: least-attained-service
@@ -13,20 +15,36 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Callable
 
 from ...policy.api import Policy
 from .. import planner as planner_module
-from ..api import ActionKind, ClusterState, JobPhase, JobState, NodeState
+from ..api import ActionKind, ClusterState, JobPhase, JobState, NodeState, PlannerSettings
 from .constants import DAEMON_COSTS, Costs
 from .engine import Engine, Save, SimJob
 from .las import TiresiasScheduler
 from .slurm import SlurmScheduler
 
+#: ``singularity:NAME``: the planner with these settings changed (ablations).
+ABLATIONS: dict[str, dict] = {
+    "rigid": {"elastic": False},                 # MIN = W for every job
+    "no-hysteresis": {"min_run_s": 0.0},
+    "no-fair-share": {"fair_share": False},
+    "no-las": {"las_order": False},              # submission order, below-promise first
+    "cost-aware-growth": {"grow_payback": 4.0},  # grow only when 4x the grow cost is saved
+    "start-small": {"start_at_max": False},      # start at the promised size (or MIN)
+    "no-reserve": {"grow_reserve": 0.0},         # grow into every idle GPU
+    "las-preempt": {"las_preempt_factor": 4.0},  # LAS preemption inside basic
+    "rigid-las-preempt": {"elastic": False, "las_preempt_factor": 4.0},  # both
+    "before": {"min_run_s": 0.0, "las_order": False, "start_at_max": False,  # issue 14's
+               "grow_reserve": 0.0},
+}
+
 #: The names ``--scheduler`` takes (SECONDS and K: positive numbers).
 SCHEDULERS = ("singularity", "slurm", "slurm-periodic:SECONDS", "slurm-no-ckpt", "tiresias",
-              "tiresias:K", "las-tiers")
+              "tiresias:K", "las-tiers", "singularity:ABLATION")
 
 #: What bench/simulate.py runs side by side (slurm-no-ckpt as a bound).
 COMPARED = ("singularity", "slurm", "slurm-no-ckpt", "tiresias", "las-tiers")
@@ -38,6 +56,8 @@ def check_scheduler(name: object) -> str:
         base, _, arg = name.partition(":")
         if name in SCHEDULERS and ":" not in name:
             return name
+        if base == "singularity" and arg in ABLATIONS:
+            return name
         if base in ("slurm-periodic", "tiresias") and arg:
             try:
                 value = float(arg)
@@ -46,7 +66,8 @@ def check_scheduler(name: object) -> str:
             if math.isfinite(value) and 0 < value <= 1e9:
                 return name
             raise ValueError(f"--scheduler {name!r}: {arg!r} must be a number in (0, 1e9]")
-    raise ValueError(f"--scheduler: unknown {name!r} (expected one of {', '.join(SCHEDULERS)})")
+    raise ValueError(f"--scheduler: unknown {name!r} (expected one of {', '.join(SCHEDULERS)}; "
+                     f"ABLATION one of {', '.join(ABLATIONS)})")
 
 
 def make_scheduler(name: str, policy: Policy, total_gpus: int, gpus_per_node: int,
@@ -54,7 +75,11 @@ def make_scheduler(name: str, policy: Policy, total_gpus: int, gpus_per_node: in
     """The scheduler ``name`` (checked by ``check_scheduler``) for this cluster."""
     base, _, arg = name.partition(":")
     if base == "singularity":
-        return SingularityScheduler(policy, total_gpus, gpus_per_node, record)
+        settings = PlannerSettings(**ABLATIONS[arg]) if arg else PlannerSettings()
+        sched = SingularityScheduler(policy, total_gpus, gpus_per_node, record,
+                                     settings=settings)
+        sched.name = name
+        return sched
     if base == "slurm":
         return SlurmScheduler(policy, total_gpus)
     if base == "slurm-no-ckpt":
@@ -75,8 +100,9 @@ class SingularityScheduler:
 
     def __init__(self, policy: Policy, total_gpus: int, gpus_per_node: int,
                  record: Callable[[ClusterState, tuple], None] | None = None,
-                 costs: Costs = DAEMON_COSTS) -> None:
+                 costs: Costs = DAEMON_COSTS, settings: PlannerSettings | None = None) -> None:
         self.policy = policy
+        self.settings = settings or PlannerSettings()
         self.costs = costs
         count = -(-total_gpus // gpus_per_node)
         self.free = {}
@@ -88,6 +114,9 @@ class SingularityScheduler:
             self.free[f"n{k + 1}"] = g
             self.nodes.append(NodeState(f"n{k + 1}", g, g))
         self.node_index = {n.name: k for k, n in enumerate(self.nodes)}
+        self.total = total_gpus
+        self.free_total = total_gpus      # kept as placements move (ClusterState.sums)
+        self.node_tuple: tuple[NodeState, ...] | None = None
         self.record = record
         self.dirty = True
         self.passes = 0
@@ -100,7 +129,8 @@ class SingularityScheduler:
         return JobState(job.job_id, job.tier, job.account, job.world_size, job.min_devices,
                         job.max_devices, JobPhase.RUNNING if running else JobPhase.PENDING,
                         job.submit, job.devices, job.placement if running else (),
-                        job.work, max(now, job.stall_until), job.rate if running else 0.0)
+                        job.work, max(now, job.stall_until), job.rate if running else 0.0,
+                        job.step_start if running else None)
 
     def on_arrival(self, job: SimJob, now: float) -> None:
         job.view = self._view(job, now)
@@ -112,8 +142,11 @@ class SingularityScheduler:
         self.dirty = True
 
     def _move(self, placement: tuple[tuple[str, int], ...], sign: int) -> None:
+        if placement:
+            self.node_tuple = None
         for name, n in placement:
             self.free[name] += sign * n
+            self.free_total += sign * n
             k = self.node_index[name]
             self.nodes[k] = NodeState(name, self.nodes[k].gpus, self.free[name])
 
@@ -122,8 +155,11 @@ class SingularityScheduler:
             return None
         self.dirty = False
         engine = self.engine
-        state = ClusterState(now, tuple(self.nodes), tuple(j.view for j in engine.active.values()))
-        actions = planner_module.plan(state, self.policy)
+        if self.node_tuple is None:
+            self.node_tuple = tuple(self.nodes)
+        state = ClusterState(now, self.node_tuple, tuple(j.view for j in engine.active.values()),
+                             (self.total, self.free_total))
+        actions = planner_module.plan(state, self.policy, settings=self.settings)
         self.passes += 1
         if self.record is not None:
             self.record(state, actions)
