@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -80,5 +81,17 @@ def run_and_preempt(script: str, ckpt: Path, devices: int, world: int, stop_at: 
         time.sleep(delay)
         if proc.poll() is None:
             proc.send_signal(sig)
-    out, err = proc.communicate(timeout=timeout)
-    return proc.returncode, seen, "".join(lines) + out, err
+    # read the rest through the file objects: ``communicate`` reads the pipes'
+    # descriptors and would drop lines the loop above had read ahead
+    watchdog = threading.Timer(timeout, proc.kill)
+    watchdog.start()
+    err_box: list[str] = []
+    reader = threading.Thread(target=lambda: err_box.append(proc.stderr.read()))
+    reader.start()
+    try:
+        out = proc.stdout.read()
+        reader.join()
+        proc.wait()
+    finally:
+        watchdog.cancel()
+    return proc.returncode, seen, "".join(lines) + out, err_box[0] if err_box else ""
