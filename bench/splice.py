@@ -86,6 +86,7 @@ def tiny_overhead_us(workers: int = 0) -> float:
     for _ in range(15):
         a.append(spliced(20))
         b.append(plain(20))
+    steps.close()  # end the run here, so its stop line comes before the JSON
     return (statistics.median(a) - statistics.median(b)) * 1e6
 
 
@@ -177,6 +178,7 @@ def main() -> int:
         for fn in order:
             (t_splice if fn is spliced_round else t_base).append(fn())
     value, base = statistics.median(t_splice), statistics.median(t_base)
+    spliced_steps.close()  # end the run here, so its stop line comes before the JSON
     overhead = tiny_overhead_us(workers)
     ratio = value / base
     print(f"W={W} spliced on one device: {value * 1e3:.2f} ms/step; plain gradient "

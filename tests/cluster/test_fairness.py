@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from test_schedd import ELASTIC_JOB, running_schedd
+from waiting import wait_until
 
 pytestmark = pytest.mark.cluster
 
@@ -40,14 +41,6 @@ def _held_by_account(cluster) -> dict[str, int]:
     return held
 
 
-def _wait_for(condition, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not reached within {timeout_s} s")
-        time.sleep(0.5)
-
-
 def _settled(cluster, quiet_s: float) -> bool:
     """All eight jobs run and what each account holds has not changed for
     ``quiet_s`` seconds (no resize in flight)."""
@@ -75,8 +68,9 @@ def test_two_accounts_weighted_2_to_1_get_gpu_hours_within_10_percent_of_2_to_1(
             # team-a's jobs first grow into the whole idle cluster (what a
             # loaded machine produced in CI once: 28 GPUs to team-a, 4 to
             # team-b, forever); the daemon must then share by weight
-            _wait_for(lambda: _held_by_account(slurm_cluster).get("team-a", 0) >= 28, 30)
-    _wait_for(lambda: _settled(slurm_cluster, quiet_s=5.0), 90)   # the daemon settles the shares
+            wait_until(lambda: _held_by_account(slurm_cluster).get("team-a", 0) >= 28, 30,
+                       "team-a to hold 28 GPUs", every=0.5)
+    wait_until(lambda: _settled(slurm_cluster, quiet_s=5.0), 90, "settled shares", every=0.5)   # the daemon settles the shares
     gpu_s = {"team-a": 0.0, "team-b": 0.0}
     last = time.monotonic()
     end = last + 45

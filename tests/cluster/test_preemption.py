@@ -19,6 +19,7 @@ import pytest
 
 from slurm_singularity import paths
 from slurm_singularity.runtime.history import read_history
+from waiting import wait_until  # noqa: F401 - other cluster tests import it from here
 
 pytestmark = pytest.mark.cluster
 
@@ -60,16 +61,6 @@ def premium_burst(cluster, seconds: float = 2) -> int:
     r = cluster.run("sbatch", "--parsable", "--sla=premium", "--account=research", "-N4",
                     "--gres=gpu:8", "-o", "/dev/null", "--wrap", f"sleep {seconds}", check=True)
     return int(r.stdout.strip())
-
-
-def wait_until(predicate, timeout: float, what: str, every: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def steps_done(out: Path) -> int:

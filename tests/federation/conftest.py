@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import pytest
 from slurm_singularity import paths
 from slurm_singularity.cluster import federation
 from slurm_singularity.cluster.api import ClusterSpec
+from waiting import wait_until
 
 FED_PORT = int(os.environ.get("SINGULARITY_TEST_FED_PORT", "47017"))
 FINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
@@ -51,14 +51,7 @@ class RunningFederation:
         return None
 
     def wait_until(self, predicate, what: str, timeout: float = 120):
-        deadline = time.monotonic() + timeout
-        while True:
-            value = predicate()
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{what}: not after {timeout} s")
-            time.sleep(0.5)
+        return wait_until(predicate, timeout, what, every=0.5)
 
     def cancel_all(self) -> None:
         for m in self.spec.members:

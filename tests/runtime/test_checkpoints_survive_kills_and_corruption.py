@@ -7,7 +7,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import signal
-import time
 
 import pytest
 import torch
@@ -20,16 +19,7 @@ from slurm_singularity.runtime.history import read_history
 
 import runtime_harness as harness
 from conftest import LM_STEPS
-
-
-def _wait_for(predicate, timeout: float = 120.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = predicate()
-        if found:
-            return found
-        time.sleep(0.02)
-    raise AssertionError("timed out waiting")
+from waiting import wait_until
 
 
 def test_kill_9_of_the_writer_mid_checkpoint_keeps_the_previous_one_and_resumes_from_it(
@@ -37,7 +27,8 @@ def test_kill_9_of_the_writer_mid_checkpoint_keeps_the_previous_one_and_resumes_
     proc = harness.launch(harness.LM, tmp_path, 2, 8, "--steps", str(LM_STEPS),
                           "--ckpt-every", "3", env={"SINGULARITY_CKPT_DELAY_S": "1.5"})
     try:
-        tmp = _wait_for(lambda: list(tmp_path.glob(".ckpt-00000006.pt.tmp.*")))[0]
+        tmp = wait_until(lambda: list(tmp_path.glob(".ckpt-00000006.pt.tmp.*")), 120,
+                         "checkpoint 6 being written", every=0.02)[0]
         assert (tmp_path / "ckpt-00000003.pt").exists()
         os.kill(int(tmp.name.rsplit(".", 1)[1]), signal.SIGKILL)
         _, err = proc.communicate(timeout=120)

@@ -12,11 +12,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from slurm_singularity import paths
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, also for bench/
+from waiting import wait_until  # noqa: E402,F401 - the tests and bench/transparent.py import it from here
 
 KEEPER_CODE = ("import sys; r = sys.argv.pop(1); r and sys.path.insert(0, r); "
                "from slurm_singularity.transparent.keeper import main; "
@@ -54,16 +56,6 @@ def start(work: Path, script: Path, *, job_id: int, uid: int = 0, gid: int = 0,
             stdout=o, stderr=e, pass_fds=(r,))
     os.close(r)
     return Run(proc, out, err)
-
-
-def wait_until(predicate, timeout: float, what: str, every: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def counter_script(work: Path, count: int, sleep: float = 0.05) -> Path:
