@@ -27,7 +27,7 @@ from .. import contract
 from ..policy.api import Policy, Tier
 from ..slurm.api import Job, Node, SlurmState
 from .api import ClusterState, JobPhase, JobState, NodeState
-from .journal import Journal, merge, same_run
+from .journal import Journal, intent, merge, same_run
 from .marks import Marks, ResizeStep, read_marks
 
 __all__ = ["JobView", "Marks", "Observation", "ResizeStep", "observe", "read_marks"]
@@ -61,6 +61,10 @@ class JobView:
     requeued: bool = False
     #: Pending but not demand: held, or waiting for a begin time of its own.
     waiting: bool = False
+    #: The step of ``marks`` that the journal holds as about to be taken and
+    #: nothing shows as taken (the daemon stopped around its Slurm call):
+    #: the executor takes it again at once (``journal.intent``).
+    intent: ResizeStep | None = None
 
 
 @dataclass(frozen=True)
@@ -171,7 +175,7 @@ def _with_journal(view: JobView, journal: Journal, running: bool) -> JobView:
     if entry is None or not same_run(entry, running, view.job.start_time,
                                      view.job.restart_count):
         return view
-    return replace(view, marks=merge(view.marks, entry))
+    return replace(view, marks=merge(view.marks, entry), intent=intent(view.marks, entry))
 
 
 def _short(text: str, limit: int = 60) -> str:
