@@ -134,8 +134,7 @@ class Executor:
         target = devices if devices is not None else 0
         stepping = self._step_ready(job_id)
         now = self.clock()
-        marks = Marks(view.marks.tag, target, now, self._work_after_run(view),
-                      ResizeStep.MARKED, now)
+        marks = view.marks.begun(target, now, self._work_after_run(view))
         self._write_marks(job_id, marks)
         if not stepping:
             return (f"marked resize to {target}; its step has not run "

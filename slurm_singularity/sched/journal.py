@@ -172,8 +172,8 @@ def merge(slurm: Marks, entry: JournalEntry | None) -> Marks:
         if slurm.resize_to is not None and round(slurm.resize_at) == round(entry.resize_at):
             return slurm.cleared()
         return slurm
-    from_journal = Marks(slurm.tag, entry.resize_to, entry.resize_at, slurm.work_s,
-                         entry.step, entry.step_at)
+    from_journal = slurm.with_step_of(entry.resize_to, entry.resize_at, entry.step,
+                                      entry.step_at)
     if slurm.resize_to is None or round(slurm.resize_at) != round(entry.resize_at):
         return from_journal
     return slurm if slurm.step.order >= entry.step.order else from_journal
