@@ -175,9 +175,7 @@ class Executor:
         if marks.resize_to and view.devices == marks.resize_to:
             return self._finish_in_place(view)
         if view.intent is not None and view.intent is marks.step:
-            done = self._take(view, marks, journalled=True)
-            return (f"{done.replace('sent SIG', 'repeated SIG', 1)}: the daemon stopped before "
-                    "it knew whether it reached Slurm (a repeat acts once)")
+            return self._take(view, marks, repeat=True)
         now = self.clock()
         if marks.step is ResizeStep.MARKED:
             if self._step_ready(job_id):
@@ -220,27 +218,34 @@ class Executor:
         """Requeue or kill the job (``_take``)."""
         return f"{why}; {self._take(view, view.marks.at_step(step, self.clock()))}"
 
-    def _take(self, view: JobView, marks: Marks, journalled: bool = False) -> str:
-        """Take ``marks.step``: journal it as an intent (fsync'd; already
-        there when ``journalled``), send it, mark it in Slurm, journal it as
-        sent. Returns what was done."""
-        if not journalled:
+    def _take(self, view: JobView, marks: Marks, repeat: bool = False) -> str:
+        """Take ``marks.step``: journal it as an intent (fsync'd), send it,
+        mark it in Slurm, journal it as sent. ``repeat``: the journal holds
+        the intent already, from a daemon that stopped before it knew
+        whether the step reached Slurm. Returns what was done."""
+        if not repeat:
             self._journal(view, marks, sent=False)
         job_id = view.job.job_id
         action = f"(action {marks.resize_at:.0f})"
         if marks.step is ResizeStep.SIGNALLED:
             self._signal(view)
-            done = f"sent SIG{self._signal_name(view)} {action}"
+            what = f"SIG{self._signal_name(view)} {action}"
+            done = f"sent {what}"
         elif marks.step is ResizeStep.REQUEUED:
             self.client.scontrol("requeue", str(job_id))
+            what = f"its requeue {action}"
             done = f"requeued it {action}: its run's work since its last checkpoint is lost"
         elif marks.step is ResizeStep.KILLED:
             self.client.cancel(job_id, signal="KILL", full=True)
+            what = f"its SIGKILL {action}"
             done = f"killed it {action}: SIGKILL to all its processes; Slurm requeues it"
         else:
             raise SchedError(f"resize step {marks.step.value} is not one the executor takes")
         self._write_marks(job_id, marks)
         self._journal(view, marks, sent=True)
+        if repeat:
+            return (f"repeated {what}: the daemon stopped before it knew whether it reached "
+                    "Slurm (a repeat acts once)")
         return done
 
     def _grace(self, view: JobView) -> float:
