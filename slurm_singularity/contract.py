@@ -254,7 +254,9 @@ JOB_TAG_PREFIX = "singularity:"
 class JobTag:
     """The job tag as a typed record: the job's resolved tier (``sla``),
     elastic range in devices (MIN, MAX) and world size. The daemon appends
-    its marks after it (``sched/marks.py``); ``parse_job_tag`` ignores them.
+    its marks after it; a job's whole AdminComment, tag and marks, is read
+    as one record by ``slurm/admin_comment.py``, which calls this parser
+    for the tag.
     ``extra`` holds any other ``key=value`` fields, verbatim."""
 
     sla: str

@@ -34,8 +34,8 @@ import sys
 from typing import MutableMapping
 
 from slurm_singularity import contract
-from slurm_singularity.sched.observe import read_marks
 from slurm_singularity.slurm import gres
+from slurm_singularity.slurm.admin_comment import AdminComment, AdminCommentError
 from slurm_singularity.slurm.api import SlurmError
 from slurm_singularity.slurm.cli import CliSlurmClient
 
@@ -49,7 +49,11 @@ def inplace_nodes(record: dict[str, str]) -> int | None:
     """Nodes to shrink to in place, from the job's scontrol record: the
     daemon asks for ``D`` GPUs, the job has ``G`` per node, ``D`` is a
     multiple of ``G`` and fewer nodes than now; else None."""
-    target = read_marks(record.get("AdminComment", "")).resize_to
+    try:
+        target = AdminComment.parse(record.get("AdminComment", "")).resize_to
+    except AdminCommentError as exc:   # not the daemon's to act on: requeue as before
+        log.warning("the job's AdminComment is not read: %s", exc)
+        return None
     nodes = int(record.get("NumNodes", "0").split("-")[0] or 0)
     try:
         per_node = gres.gpus(record.get("TresPerNode", ""), "scontrol TresPerNode")

@@ -9,15 +9,22 @@ once. A preemption is the same without the size change. A job run under
 ``singularity-job`` may instead shrink itself in place to whole nodes (no
 requeue); the executor then only clears the mark.
 
-Why in this order, and never twice (invariant 5). The mark goes to Slurm
-first, saying "not signalled yet": a daemon killed right after it signals
-on its next start, with no timeout to wait. The signal is written to the
-journal (fsync'd) before it is sent, and to the mark after: a daemon killed
-in between, or a slurmctld killed before it saved the mark, finds the step
-in the journal and does not send it again. A job that does not stop within
-its tier's grace time (``grace_time_s``, as Slurm's GraceTime) is requeued,
-and one grace time later killed: one step per grace time, each journalled
-and marked before the next pass, so each is taken and logged once.
+Why in this order, never twice in effect (invariant 5), and never late.
+The mark goes to Slurm first, saying "not signalled yet": a daemon killed
+right after it signals on its next start, with no timeout to wait. Each
+step that cannot be undone (signal, requeue, kill) is then journalled
+(fsync'd) as an intent, sent, marked in Slurm, and journalled as sent. A
+slurmctld killed before it saved the mark loses nothing: the journal says
+the step was sent, so it is not sent again. A daemon killed between the
+intent and the mark cannot know whether the step reached Slurm; its
+successor takes it again on its first pass (``JobView.intent``) instead of
+waiting a grace time to find out. That repeat acts once: the runtime takes
+a second preemption signal as the same request (issue 19; its handler sets
+a flag), and a requeue or kill is repeated only while the same run of the
+job is still running. A job that does not stop within its tier's grace
+time (``grace_time_s``, as Slurm's GraceTime) is requeued, and one grace
+time later killed: one step per grace time, each journalled and marked
+before the next pass.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from typing import Callable
 from ..policy.api import Policy
 from ..slurm import gres
 from ..slurm.api import SlurmClient, SlurmError, SlurmState
-from .api import Action, ActionKind
+from .api import Action, ActionKind, SchedError
 from .journal import Journal, JournalEntry
 from .marks import Marks, ResizeStep
 from .observe import JobView
@@ -127,8 +134,7 @@ class Executor:
         target = devices if devices is not None else 0
         stepping = self._step_ready(job_id)
         now = self.clock()
-        marks = Marks(view.marks.tag, target, now, self._work_after_run(view),
-                      ResizeStep.MARKED, now)
+        marks = view.marks.begun(target, now, self._work_after_run(view))
         self._write_marks(job_id, marks)
         if not stepping:
             return (f"marked resize to {target}; its step has not run "
@@ -168,6 +174,8 @@ class Executor:
             return "the job was requeued and started again meanwhile; its earlier run's mark cleared"
         if marks.resize_to and view.devices == marks.resize_to:
             return self._finish_in_place(view)
+        if view.intent is not None and view.intent is marks.step:
+            return self._take(view, marks, repeat=True)
         now = self.clock()
         if marks.step is ResizeStep.MARKED:
             if self._step_ready(job_id):
@@ -194,8 +202,8 @@ class Executor:
 
         :raises SlurmError:
         """
-        if self.settings.dry_run or view.slurm_marks is None:
-            return None
+        if self.settings.dry_run or view.slurm_marks is None or view.intent is not None:
+            return None    # an intended step is marked once taken (continue_resize)
         want = view.marks.render()
         if want == view.slurm_marks.render():
             return None
@@ -203,37 +211,53 @@ class Executor:
         return f"Slurm had lost the daemon's mark; restored from the journal ({want!r})"
 
     def _send_signal(self, view: JobView, marks: Marks) -> str:
-        """Journal the signal (fsync'd), send it, then mark it sent."""
-        signalled = marks.at_step(ResizeStep.SIGNALLED, self.clock())
-        self._journal(view, signalled)
-        self._signal(view)
-        self._write_marks(view.job.job_id, signalled)
-        return f"sent SIG{self._signal_name(view)} (action {marks.resize_at:.0f})"
+        """Signal the job's steps to checkpoint (``_take``)."""
+        return self._take(view, marks.at_step(ResizeStep.SIGNALLED, self.clock()))
 
     def _escalate(self, view: JobView, step: ResizeStep, why: str) -> str:
-        """Journal the step (fsync'd), take it, then mark it taken."""
-        marks = view.marks.at_step(step, self.clock())
-        self._journal(view, marks)
+        """Requeue or kill the job (``_take``)."""
+        return f"{why}; {self._take(view, view.marks.at_step(step, self.clock()))}"
+
+    def _take(self, view: JobView, marks: Marks, repeat: bool = False) -> str:
+        """Take ``marks.step``: journal it as an intent (fsync'd), send it,
+        mark it in Slurm, journal it as sent. ``repeat``: the journal holds
+        the intent already, from a daemon that stopped before it knew
+        whether the step reached Slurm. Returns what was done."""
+        if not repeat:
+            self._journal(view, marks, sent=False)
         job_id = view.job.job_id
         action = f"(action {marks.resize_at:.0f})"
-        if step is ResizeStep.REQUEUED:
+        if marks.step is ResizeStep.SIGNALLED:
+            self._signal(view)
+            what = f"SIG{self._signal_name(view)} {action}"
+            done = f"sent {what}"
+        elif marks.step is ResizeStep.REQUEUED:
             self.client.scontrol("requeue", str(job_id))
+            what = f"its requeue {action}"
             done = f"requeued it {action}: its run's work since its last checkpoint is lost"
-        else:
+        elif marks.step is ResizeStep.KILLED:
             self.client.cancel(job_id, signal="KILL", full=True)
+            what = f"its SIGKILL {action}"
             done = f"killed it {action}: SIGKILL to all its processes; Slurm requeues it"
+        else:
+            raise SchedError(f"resize step {marks.step.value} is not one the executor takes")
         self._write_marks(job_id, marks)
-        return f"{why}; {done}"
+        self._journal(view, marks, sent=True)
+        if repeat:
+            return (f"repeated {what}: the daemon stopped before it knew whether it reached "
+                    "Slurm (a repeat acts once)")
+        return done
 
     def _grace(self, view: JobView) -> float:
         return max(float(self.policy.tiers[view.tier].grace_time_s), self.settings.min_grace_s)
 
-    def _journal(self, view: JobView, marks: Marks, done: bool = False) -> None:
+    def _journal(self, view: JobView, marks: Marks, done: bool = False,
+                 sent: bool = True) -> None:
         if self.journal is None or marks.resize_to is None:
             return
         self.journal.record(JournalEntry(
             view.job.job_id, marks.resize_at, marks.resize_to, marks.step, marks.step_time,
-            view.job.start_time, view.job.restart_count, done))
+            view.job.start_time, view.job.restart_count, done, sent))
 
     def _write_marks(self, job_id: int, marks: Marks) -> None:
         self.client.scontrol("update", f"JobId={job_id}", f"AdminComment={marks.render()}")

@@ -8,10 +8,19 @@ daemon, seeing no action in flight, decided the same resize again and
 signalled the job a second time (invariant 5: never repeat an action).
 
 So before each step that cannot be undone (a signal, a requeue, a kill),
-the daemon appends the step to this journal and fsyncs it; only then does it
-call Slurm. On every pass it merges what the journal says into the marks it
-reads from Slurm (``merge``): a mark Slurm lost is rebuilt, not decided
-again, and a step the journal holds is never taken twice. The journal holds
+the daemon appends the step to this journal as an intent (``sent`` false)
+and fsyncs it; only then does it call Slurm, then marks the step in Slurm,
+then journals it as sent. On every pass it merges what the journal says
+into the marks it reads from Slurm (``merge``): a mark Slurm lost is
+rebuilt, not decided again, and a step the journal holds as sent is never
+taken twice. A step the journal holds only as an intent, and Slurm's mark
+does not show, may or may not have reached Slurm (the daemon died around
+the call): ``intent`` names it, and the executor takes it again at once
+rather than wait a grace time for it. Taken again it still acts once: the
+runtime takes a repeated preemption signal as one request (its flag is set,
+not counted: ``runtime/job.py``'s ``PreemptFlag``), and Slurm requeues or
+kills a run once (the repeat finds the job no longer running, and the
+executor only repeats a step on the run it was meant for). The journal holds
 only actions in flight (one record per job, the latest), so it stays small,
 and an entry for a job whose run it does not describe (another cluster's job
 with the same id, a job already restarted) is ignored: without the journal
@@ -48,19 +57,24 @@ class JournalEntry:
     #: The action is over (its mark was cleared); kept until the job leaves
     #: Slurm so that a clearing Slurm lost is not taken for a live mark.
     done: bool = False
+    #: The step reached Slurm (False: it is about to be taken; a daemon
+    #: stopped before it wrote True cannot know whether it did). Lines of
+    #: journals written before intents existed read as sent.
+    sent: bool = True
 
     def as_json(self) -> str:
         return json.dumps({"job": self.job_id, "id": self.resize_at, "to": self.resize_to,
                            "step": self.step.value, "at": self.step_at,
                            "run": self.run_start, "restarts": self.restarts,
-                           "done": self.done}, separators=(",", ":"))
+                           "done": self.done, "sent": self.sent}, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, line: str) -> "JournalEntry":
         """:raises ValueError: not a journal line (KeyError, TypeError too)."""
         d = json.loads(line)
         return cls(int(d["job"]), float(d["id"]), int(d["to"]), ResizeStep(d["step"]),
-                   float(d["at"]), float(d["run"]), int(d["restarts"]), bool(d["done"]))
+                   float(d["at"]), float(d["run"]), int(d["restarts"]), bool(d["done"]),
+                   bool(d.get("sent", True)))
 
 
 class Journal:
@@ -158,8 +172,26 @@ def merge(slurm: Marks, entry: JournalEntry | None) -> Marks:
         if slurm.resize_to is not None and round(slurm.resize_at) == round(entry.resize_at):
             return slurm.cleared()
         return slurm
-    from_journal = Marks(slurm.tag, entry.resize_to, entry.resize_at, slurm.work_s,
-                         entry.step, entry.step_at)
+    from_journal = slurm.with_step_of(entry.resize_to, entry.resize_at, entry.step,
+                                      entry.step_at)
     if slurm.resize_to is None or round(slurm.resize_at) != round(entry.resize_at):
         return from_journal
     return slurm if slurm.step.order >= entry.step.order else from_journal
+
+
+def intent(slurm: Marks, entry: JournalEntry | None) -> ResizeStep | None:
+    """The step of the action in flight that the journal holds as about to
+    be taken (not known to be sent) and that Slurm's mark does not show as
+    taken; None when there is none. The marks to act on (``merge``) are at
+    that step: the executor takes it again, now (see the module docstring:
+    a repeat acts once)."""
+    if entry is None or entry.done or entry.sent:
+        return None
+    marks = merge(slurm, entry)
+    if (marks.resize_to is None or round(marks.resize_at) != round(entry.resize_at)
+            or marks.step is not entry.step):
+        return None
+    if (slurm.resize_to is not None and round(slurm.resize_at) == round(entry.resize_at)
+            and slurm.step.order >= entry.step.order):
+        return None     # Slurm's mark is written only after the step was sent
+    return entry.step

@@ -3,7 +3,8 @@
 Why shaped so: the daemon keeps no state of its own (invariant 5). All it
 needs to survive a restart lives in Slurm: the job tag that job_submit.lua
 wrote into ``AdminComment`` (tier, elastic range, world size) and the
-daemon's own marks appended to it (``marks.py``). Killed at any moment, the
+daemon's own marks appended to it, read as one typed record
+(``slurm/admin_comment.py``, ``marks.py``). Killed at any moment, the
 daemon reads the same marks back and carries on without repeating an action;
 the journal (``journal.py``) covers the updates slurmctld had not saved yet
 when it was killed itself.
@@ -23,12 +24,11 @@ import logging
 from dataclasses import dataclass, replace
 from typing import Iterable
 
-from .. import contract
 from ..policy.api import Policy, Tier
 from ..slurm.api import Job, Node, SlurmState
 from .api import ClusterState, JobPhase, JobState, NodeState
-from .journal import Journal, merge, same_run
-from .marks import Marks, ResizeStep, read_marks
+from .journal import Journal, intent, merge, same_run
+from .marks import AdminCommentError, Marks, ResizeStep, read_marks
 
 __all__ = ["JobView", "Marks", "Observation", "ResizeStep", "observe", "read_marks"]
 
@@ -61,6 +61,10 @@ class JobView:
     requeued: bool = False
     #: Pending but not demand: held, or waiting for a begin time of its own.
     waiting: bool = False
+    #: The step of ``marks`` that the journal holds as about to be taken and
+    #: nothing shows as taken (the daemon stopped around its Slurm call):
+    #: the executor takes it again at once (``journal.intent``).
+    intent: ResizeStep | None = None
 
 
 @dataclass(frozen=True)
@@ -171,7 +175,7 @@ def _with_journal(view: JobView, journal: Journal, running: bool) -> JobView:
     if entry is None or not same_run(entry, running, view.job.start_time,
                                      view.job.restart_count):
         return view
-    return replace(view, marks=merge(view.marks, entry))
+    return replace(view, marks=merge(view.marks, entry), intent=intent(view.marks, entry))
 
 
 def _short(text: str, limit: int = 60) -> str:
@@ -182,26 +186,26 @@ def _view(job: Job, policy: Policy, devices: int, requested: int,
           warned: set[int]) -> JobView | None:
     if requested <= 0 and devices <= 0:
         return None
-    marks = read_marks(job.admin_comment)
-    tag = None
+    marks: Marks | None = None
     try:
-        tag = contract.parse_job_tag(marks.tag)
-        if tag is not None:
-            Tier(tag.sla)
-    except (contract.ContractError, ValueError) as exc:
+        marks = read_marks(job.admin_comment)
+        if marks.job_tag is not None:
+            Tier(marks.job_tag.sla)
+    except (AdminCommentError, ValueError) as exc:
         if job.job_id not in warned:
             warned.add(job.job_id)
-            why = (f"unknown tier {_short(tag.sla)}" if tag is not None
-                   else str(exc)[:300])
+            why = (f"unknown tier {_short(marks.job_tag.sla)}" if marks is not None
+                   and marks.job_tag is not None else str(exc)[:300])
             log.warning("[job %s] job tag refused, the job is treated as untagged "
                         "(rigid, tier of its partition; the daemon will not resize or "
                         "preempt it): %s", job.job_id, why)
-        tag = None
-    if tag is None:
+        marks = None
+    if marks is None or marks.job_tag is None:
         # not the project's tag: its text is someone else's, and holds no marks
         tier = policy.tier_of_partition(job.partition) or policy.defaults.tier
-        return JobView(job, Marks(tag=job.admin_comment), tier, max(requested, 1), devices,
+        return JobView(job, marks if marks is not None else Marks(""), tier, max(requested, 1), devices,
                        requested, None, tagged=False, slurm_marks=None)
+    tag = marks.job_tag
     return JobView(job, marks, Tier(tag.sla), max(tag.world_size, 1), devices, requested,
                    tag.elastic, tagged=True, slurm_marks=marks)
 

@@ -126,7 +126,8 @@ class Job:
     #: a requeued job's stale node count).
     gpus: int = 0
     #: Set by job_submit.lua (the job tag) and the daemon (its marks); users
-    #: cannot write it, Slurm operators and other tools can.
+    #: cannot write it, Slurm operators and other tools can. Read it as a
+    #: typed record with ``admin_comment.AdminComment.parse``.
     admin_comment: str = ""
     #: Epoch seconds; 0 = not set. Slurm resets ``submit_time`` when it
     #: requeues a job, and sets ``eligible_time`` to when it may start (a

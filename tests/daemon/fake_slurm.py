@@ -10,8 +10,11 @@ returns them) and does what Slurm 22.05 did on the local cluster: a job that
 exits with the requeue code is requeued with ``submit_time`` reset and a
 begin time ``requeue_delay_s`` later (reason BeginTime); ``StartTime=now+1``
 moves that begin time; pending jobs start in priority order (higher tier
-first) on the first nodes with room; a second preemption signal within the
-checkpoint fails a job that ``dies_of_double_signal`` (issue 19, item 3).
+first) on the first nodes with room. A second preemption signal to a run is
+the same request, as the runtime takes it since issue 19 (item 3; its
+handler sets a flag: ``runtime/job.py``'s ``PreemptFlag``, and
+tests/cluster/test_double_sigterm.py on the real Slurm); a job that
+``dies_of_double_signal`` is the runtime before that fix, which failed.
 """
 
 from __future__ import annotations
@@ -56,8 +59,9 @@ class FakeJob:
     #: Checkpoints and exits with the requeue code this long after the
     #: preemption signal; None = ignores the signal.
     ckpt_s: float | None = 2.0
-    #: A second signal during the checkpoint fails the job (FAILED 15:0).
-    dies_of_double_signal: bool = True
+    #: A second signal during the checkpoint fails the job (FAILED 15:0),
+    #: as the runtime did before issue 19; default: one request.
+    dies_of_double_signal: bool = False
     #: ``scontrol requeue`` does not take (a node that does not answer).
     requeue_ignored: bool = False
     exit_at: float | None = None
@@ -82,8 +86,14 @@ class FakeSlurm:
         self.fake_jobs: dict[int, FakeJob] = {}
         #: every call that changes something: (time, what, job, detail)
         self.calls: list[tuple[float, str, int, str]] = []
+        #: the run (restart count) each call of ``calls`` reached
+        self.call_runs: list[int] = []
         #: raise DaemonKilled after this many changing calls
         self.crash_after: int | None = None
+        #: raise DaemonKilled as the daemon makes its changing call number
+        #: ``crash_before``, before Slurm gets it (after all the daemon did
+        #: to prepare it, its journal's fsync too)
+        self.crash_before: int | None = None
         #: AdminComment updates with their times, to lose the unsaved ones
         self._comments: list[tuple[float, int, str]] = []
         self._original: dict[int, str] = {}
@@ -210,8 +220,12 @@ class FakeSlurm:
     # -- helpers --------------------------------------------------------------
 
     def _record(self, what: str, job_id: int, detail: str) -> None:
+        if self.crash_before is not None and len(self.calls) + 1 >= self.crash_before:
+            self.crash_before = None
+            raise DaemonKilled(f"killed before call {len(self.calls) + 1}")
         self._original.setdefault(job_id, self.fake_jobs[job_id].admin_comment)
         self.calls.append((self.clock.now, what, job_id, detail))
+        self.call_runs.append(self.fake_jobs[job_id].restart_count)
 
     def _after_call(self) -> str:
         if self.crash_after is not None and len(self.calls) >= self.crash_after:
@@ -254,6 +268,17 @@ class FakeSlurm:
 
     def signals_to(self, job_id: int) -> list[str]:
         return [d for _, what, j, d in self.calls if what == "signal" and j == job_id]
+
+    def actions_in_effect(self) -> dict[tuple[str, int, str], int]:
+        """How often each signal, requeue and kill acted: a repeat to the
+        same run of a job is the same action (the runtime takes a second
+        signal as the first's request; Slurm requeues or kills a run once)."""
+        seen = {(what, job, detail, run) for (_, what, job, detail), run
+                in zip(self.calls, self.call_runs) if what in ("signal", "requeue", "cancel")}
+        out: dict[tuple[str, int, str], int] = {}
+        for what, job, detail, _ in seen:
+            out[(what, job, detail)] = out.get((what, job, detail), 0) + 1
+        return out
 
     def count(self, what: str, job_id: int, needle: str = "") -> int:
         return sum(1 for _, w, j, d in self.calls if w == what and j == job_id and needle in d)

@@ -2,7 +2,10 @@
 pass (no timeout; every other kill point of every action is in
 test_every_crash_point.py); slurmctld killed
 before it saved the daemon's mark does not make the daemon act twice
-(issue 19, item 9: the job was signalled a second time and FAILED)."""
+(issue 19, item 9: the job was signalled a second time and FAILED).
+Killed between the signal's intent in its journal and its mark in Slurm,
+the daemon's successor repeats the signal on its first pass instead of
+waiting a grace time, and the job still checkpoints and resizes once."""
 
 from __future__ import annotations
 
@@ -73,3 +76,31 @@ def test_a_journal_entry_of_another_run_is_ignored_and_a_torn_line_skipped(tmp_p
     assert_converged_once(slurm)
     for line in journal.read_text().splitlines():        # the torn line was dropped
         JournalEntry.from_json(line)
+
+
+def test_a_daemon_killed_after_its_signal_but_before_its_mark_repeats_it_at_once(
+        tmp_path, caplog):
+    slurm = shrink_for_premium()
+    slurm.crash_after = 2        # marked unsignalled, then signalled: no mark, no "sent"
+    with caplog.at_level("INFO"):
+        run_for(slurm, 60, tmp_path / "journal")
+    signals = [t for t, what, j, _ in slurm.calls if what == "signal"]
+    assert len(signals) == 2 and signals[1] - signals[0] <= 1.0, slurm.calls
+    assert slurm.actions_in_effect() == {("signal", 1, "TERM"): 1}   # the same request
+    repeated = [r.getMessage() for r in caplog.records if "repeated SIGTERM" in r.getMessage()]
+    assert len(repeated) == 1, [r.getMessage() for r in caplog.records]
+    basic, premium = slurm.fake_jobs[1], slurm.fake_jobs[2]
+    assert slurm.count("requeue", 1) == 0, slurm.calls        # no escalation, no lost work
+    assert basic.restart_count == 1
+    assert (basic.state, basic.gpus, premium.state) == ("RUNNING", 16, "RUNNING"), slurm.calls
+    assert read_marks(basic.admin_comment).resize_to is None, basic.admin_comment
+
+
+def test_a_daemon_killed_between_its_journal_and_its_signal_signals_on_its_next_pass(tmp_path):
+    slurm = shrink_for_premium()
+    slurm.crash_before = 2       # the signal's intent is fsync'd, the signal never sent
+    run_for(slurm, 60, tmp_path / "journal")
+    marked_at = slurm.calls[0][0]
+    signalled_at = next(t for t, what, j, _ in slurm.calls if what == "signal")
+    assert signalled_at - marked_at <= 1.0, slurm.calls      # not a grace time later
+    assert_converged_once(slurm)                              # not requeued, work kept

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from slurm_singularity.sched.executor import request_shape
-from slurm_singularity.sched.observe import Marks, ResizeStep, read_marks
+from slurm_singularity.sched.marks import AdminCommentError, Marks, ResizeStep, read_marks
 from slurm_singularity.slurm.cli import parse_sacct_run, parse_scontrol_record
 
 TAG = "singularity:sla=basic,elastic=8:32,ws=32"
@@ -32,11 +32,11 @@ def test_a_resize_done_by_a_requeue_is_remembered_until_the_next_action():
     done = Marks(TAG, resize_to=16, resize_at=5.0, work_s=3.0).cleared(resized=16)
     assert done.render() == TAG + ",work=3.0,resized=16"
     assert read_marks(done.render()) == done
-    # a new action forgets it; a value that is no size is nobody's mark
+    # a new action forgets it; a value that is no size is refused, naming the field
     assert Marks(TAG, 8, 9.0, 3.0).render() == TAG + ",work=3.0,resize=8@9"
     for bad in ("0", "x", "\u00b2", "-4", "1e3"):
-        marks = read_marks(TAG + f",resized={bad}")
-        assert marks.resized is None and marks.tag == TAG + f",resized={bad}", bad
+        with pytest.raises(AdminCommentError, match="AdminComment resized"):
+            read_marks(TAG + f",resized={bad}")
 
 
 def test_marks_are_read_only_from_the_projects_own_tag():
@@ -45,7 +45,8 @@ def test_marks_are_read_only_from_the_projects_own_tag():
         assert read_marks(text) == Marks(text.strip()), text
     # inside a tag, a mark is a whole field, never a substring of another one
     assert read_marks(TAG + ",note=resize=16@1").resize_to is None
-    assert read_marks(TAG + ",resize=16@x").resize_to is None
+    with pytest.raises(AdminCommentError, match="AdminComment resize: cannot read '?16@x"):
+        read_marks(TAG + ",resize=16@x")
 
 
 def test_a_whole_node_shrink_is_done_in_place_and_anything_else_by_requeue():

@@ -74,3 +74,20 @@ def test_a_huge_malformed_tag_is_reported_once_and_briefly(tmp_path, caplog):
     assert len(warnings) == 1, len(warnings)
     assert len(warnings[0]) < 600, len(warnings[0])
     assert "100012 characters" in warnings[0], warnings[0][:600]
+
+
+def test_a_malformed_mark_in_a_tag_leaves_its_job_alone_names_the_field_once_and_others_run(
+        tmp_path, caplog):
+    # an older version or an admin wrote a mark the daemon cannot read
+    slurm = FakeSlurm(Clock())
+    slurm.add(FakeJob(1, "basic", tag("basic", 8, 32, 32) + ",resize=16@soon", 2, 8),
+              running=True)
+    slurm.add(FakeJob(3, "basic", tag("basic", 8, 16, 16), 1, 8), running=True)
+    caplog.set_level(logging.WARNING)
+    run_for(slurm, 60, tmp_path / "journal")
+    assert [c for c in slurm.calls if c[2] == 1] == [], slurm.calls
+    assert slurm.fake_jobs[1].admin_comment.endswith(",resize=16@soon")
+    warnings = [r.getMessage() for r in caplog.records if "[job 1]" in r.getMessage()]
+    assert len(warnings) == 1 and "AdminComment resize: cannot read '16@soon'" in warnings[0], \
+        warnings
+    assert (slurm.fake_jobs[3].state, slurm.fake_jobs[3].gpus) == ("RUNNING", 16), slurm.calls
