@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 
 from .. import contract
 from ..slurm import gres
+from ..slurm.admin_comment import AdminComment
 from ..slurm.api import SlurmOutputError
 from .api import Policy, PreemptMode, Tier
 
@@ -380,14 +381,28 @@ def decide_change(policy: Policy, job: Submission, change: Submission,
     return None
 
 
+def _recorded_tag(tag: str | None) -> contract.JobTag | None:
+    """The job tag in a job's AdminComment, marks and all (the daemon's
+    ``unsignalled`` too, which the tag's own parser refuses); one whose marks
+    do not parse is still read for its tag fields, as job_submit.lua reads
+    the tag's prefix alone; None when there is no readable tag."""
+    if tag is None:
+        return None
+    try:
+        return AdminComment.parse(tag).job_tag
+    except SlurmOutputError:
+        pass
+    try:
+        return contract.parse_job_tag(tag)
+    except contract.ContractError:
+        return None
+
+
 def _merged(job: Submission, change: Submission, tag: str | None) -> Submission:
     """``job`` with ``change`` applied, its tag's options in force."""
     merged = {k: (_given(getattr(change, k)) if _given(getattr(change, k)) is not None
                   else getattr(job, k)) for k in _CHANGEABLE}
-    try:
-        recorded = contract.parse_job_tag(tag)
-    except contract.ContractError:
-        recorded = None
+    recorded = _recorded_tag(tag)
     options = dict(sla=job.sla, elastic=job.elastic, world_size=job.world_size,
                    partition=job.partition)
     if recorded is not None:

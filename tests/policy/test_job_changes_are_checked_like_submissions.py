@@ -131,3 +131,18 @@ def test_a_bad_members_list_is_refused_naming_the_key(members, why):
     with pytest.raises(PolicyError) as err:
         parse_policy(TEXT.replace('members = ["sing-u1"]', f"members = {members}"))
     assert "accounts.small.members" in str(err.value) and why in str(err.value)
+
+
+@pytest.mark.parametrize("marks", [",resize=0@1700000000,unsignalled",
+                                   ",work=12.5,resize=4@1700000000,step=requeued@1700000003"])
+def test_a_change_to_a_job_the_daemon_is_acting_on_is_decided_by_its_tag_alike(marks):
+    # the daemon appends its marks to the tag while an action is in flight;
+    # the rules read the tag through them, as the Lua reads the tag's prefix
+    change = Submission(min_nodes=2, max_nodes=2, tres_per_node="gres:gpu:4")
+    result = decide_change(POLICY, HELD, change, HELD_TAG + marks, uid=1000)
+    assert isinstance(result, Rejection)
+    assert "job update refused: --elastic=1:1: the job asks for 8 GPUs" in result.message
+    if LUA is None:
+        pytest.skip("liblua5.1 is not installed, the Lua cannot run here")
+    rc, messages = run_job_modify(LUA, SCRIPT, _desc(change), _rec(HELD, HELD_TAG + marks), 1000)
+    assert rc not in (0, -1) and messages == result.message
