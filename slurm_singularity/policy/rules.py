@@ -20,7 +20,8 @@ Rules, in order (the first that fails rejects the job):
    ``--transparent`` asks for one node: CRIU dumps one node's process tree
    and a cut across nodes is not implemented, so ``--nodes=N`` (or
    ``MIN-MAX``) with N or MAX above 1 is refused here, at submit, and an
-   accepted transparent job is held to one node (``max_nodes = 1``).
+   accepted transparent job is held to one node (``max_nodes = 1``) and its
+   tag says so (``transparent=1``: ``singularity-admin status`` marks it).
 2. Account: ``--account`` (lower-cased), else the user's default account in
    Slurm (``job_desc.default_account``: the account the job will really run
    under), else the policy's default account; it must be in the policy, and
@@ -56,6 +57,7 @@ from dataclasses import dataclass, field
 from .. import contract
 from ..slurm import gres
 from ..slurm.api import SlurmOutputError
+from ..transparent.api import TAG_FIELD as TRANSPARENT_TAG_FIELD
 from .api import Policy, PreemptMode, Tier
 
 #: Largest value of --world-size and of either end of --elastic. Keeps every
@@ -347,6 +349,8 @@ def _decide(policy: Policy, sub: Submission) -> Decision:
                        f"has a gpu_quota of {acc.gpu_quota} (accounts.{account}.gpu_quota)")
 
     tag = contract.format_job_tag(tier.value, (lo, hi), world)
+    if sub.transparent is not None:
+        tag += "," + TRANSPARENT_TAG_FIELD
     env = {contract.SLA: tier.value, contract.ELASTIC: f"{lo}:{hi}",
            contract.WORLD_SIZE: str(world), contract.PREEMPT_SIGNAL: spec.signal,
            contract.PROXY: proxy or "off"}

@@ -45,6 +45,19 @@ TMP_PREFIX = ".tmp-"
 MANIFEST = "manifest.json"
 FORMAT = "slurm-singularity-transparent/1"
 
+#: Field job_submit.lua appends to a transparent job's tag in AdminComment
+#: (``contract.JOB_TAG_PREFIX``...): root alone can write AdminComment, so
+#: ``singularity-admin status`` can trust it to mark the job transparent.
+TAG_FIELD = "transparent=1"
+
+
+def tagged_transparent(extra: dict[str, str] | None) -> bool:
+    """Whether a parsed job tag's extra fields (``contract.JobTag.extra``)
+    mark the job transparent."""
+    key, _, value = TAG_FIELD.partition("=")
+    return (extra or {}).get(key) == value
+
+
 #: What the user's command gets in its environment so that CRIU can dump it:
 #: PyTorch's default libuv TCPStore holds an io_uring descriptor that CRIU
 #: refuses ("Unknown shit 600 (anon_inode:[io_uring])").

@@ -94,7 +94,7 @@ CASES = (
          "--transparent with 4 nodes: transparent mode runs on one node only"),
     Case("transparent on one node", ("--transparent", "--nodes=1"),
          Submission(transparent="", min_nodes=1), "standard",
-         "singularity:sla=standard,elastic=1:1,ws=1"),
+         "singularity:sla=standard,elastic=1:1,ws=1,transparent=1"),
     Case("not deterministic", ("--deterministic=off", "--gres=gpu:2"),
          Submission(deterministic="off", tres_per_node="gres:gpu:2"),
          "standard", "singularity:sla=standard,elastic=2:2,ws=2"),
