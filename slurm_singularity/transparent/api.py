@@ -7,9 +7,10 @@ the batch step's whole process tree with CRIU instead, so the job needs no
 change at all: a shell loop, numpy, an unmodified torchrun / gloo DDP script.
 
 How (see ``keeper.py``): the SPANK plugin turns the batch task into a root
-*keeper* that starts the user's command, as the user, as PID 1 of a new PID
-namespace outside Slurm's process tree (so Slurm's SIGTERM reaches the keeper
-alone, and a restore on another node cannot collide with PIDs in use there).
+*keeper* that starts the user's command, as the user, in a new PID namespace
+outside Slurm's process tree (so Slurm's SIGTERM reaches the keeper alone,
+and a restore on another node cannot collide with PIDs in use there: the
+tree's PIDs are its namespace's, ``tree.py``).
 At the preemption signal (the tier's, ``scontrol requeue``, a resize) the
 keeper dumps the tree (CRIU freezes all of it at once: one consistent cut),
 publishes the image atomically and exits with the requeue code; the next run
