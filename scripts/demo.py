@@ -5,6 +5,8 @@ adds a scene here."""
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import re
 import subprocess
 import sys
@@ -155,16 +157,105 @@ def scene_elastic(client: CliSlurmClient, work: Path) -> None:
     print("equal: " + ("yes" if final_sha(out) == want else "NO"))
 
 
+TICKS = 150
+
+
+def ticks(out: Path) -> list[int]:
+    try:
+        text = out.read_text()
+    except FileNotFoundError:
+        return []
+    return [int(line.split()[1]) for line in text.splitlines()
+            if line.startswith("tick ") and line.split()[1].isdigit()]
+
+
+def transparent_history(ckpt: Path) -> list[dict]:
+    path = ckpt / "transparent-history.jsonl"
+    return [json.loads(l) for l in path.read_text().splitlines()] if path.exists() else []
+
+
+def until(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"demo: no {what} within {timeout:g} s")
+        time.sleep(0.2)
+
+
+def scene_transparent(client: CliSlurmClient, work: Path) -> None:
+    step("Transparent mode: a program that knows nothing of this project survives a "
+         "preemption (CRIU)")
+    from slurm_singularity.transparent import criu
+    from slurm_singularity.transparent.api import SetupError
+    try:
+        criu.find()
+    except SetupError as exc:
+        print(f"skipped: no working CRIU here ({exc})")
+        return
+    out, ckpt = work / "transparent.out", work / "ckpt-transparent"
+    script = work / "counter.sh"
+    script.write_text(f"""#!/bin/bash
+#SBATCH --transparent --sla=basic -N1 --gres=gpu:8 --signal=B:USR1@5
+exec python3 -u -c '
+import time
+for i in range(1, {TICKS} + 1):
+    print("tick", i, flush=True)
+    time.sleep(0.2)
+'
+""")
+    print(f"$ cat {script.name}\n{script.read_text().rstrip()}")
+    job = client.submit([f"--ckpt-dir={ckpt}", "-o", str(out), "--open-mode=append",
+                         str(script)])
+    print(f"transparent job {job}: counts to {TICKS}, one line every 0.2 s")
+    until(lambda: len(ticks(out)) >= 25, 120, "25 ticks")
+    show([str(BIN / "singularity-admin"), "status"])
+    prem = client.submit(["--sla=premium", "--account=research", "-N4", "--gres=gpu:8",
+                          "-o", "/dev/null", "--wrap", "sleep 3"])
+    print(f"premium job {prem} needs the whole cluster: Slurm preempts the transparent job")
+    until(lambda: any(h["event"] == "dump" for h in transparent_history(ckpt)), 60, "dump")
+    dump = next(h for h in transparent_history(ckpt) if h["event"] == "dump")
+    print(f"dumped on {dump['node']} after tick {ticks(out)[-1]}, "
+          f"paused {dump.get('pause_s', 0):.2f} s")
+    wait(client, prem)
+    # Slurm 22.05 holds a requeued job back a while (BeginTime): start it now,
+    # on another node than the one it was dumped on
+    client.scontrol("update", f"JobId={job}", f"ExcNodeList={dump['node']}", "StartTime=now")
+    until(lambda: any(h["event"] == "restore" for h in transparent_history(ckpt)), 120,
+          "restore")
+    restore = next(h for h in transparent_history(ckpt) if h["event"] == "restore")
+    print(f"restored on {restore['node']}; the count goes on")
+    rec = wait(client, job)
+    print(f"transparent job {job}: {rec['JobState']} after {rec.get('Restarts')} requeue(s)")
+    show([str(BIN / "singularity-admin"), "job", "show", str(job), "--ckpt-dir", str(ckpt)])
+    got = ticks(out)
+    print(f"output: ticks {got[0] if got else '-'}..{got[-1] if got else '-'}, "
+          f"{len(got)} lines")
+    print("continuous: " + ("yes" if got == list(range(1, TICKS + 1)) else "NO"))
+
+
+SCENES = ("gpu", "tiers", "preemption", "elastic", "transparent")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--state-dir", required=True)
+    parser.add_argument("--only", choices=SCENES, action="append",
+                        help="run this scene only (repeatable; default: all)")
     args = parser.parse_args()
     client = CliSlurmClient()
     work = Path(tempfile.mkdtemp(prefix="singularity-demo-", dir=args.state_dir))
-    scene_gpu_job(client, work)
-    scene_tiers(work)
-    scene_preemption(client, work)
-    scene_elastic(client, work)
+    os.chmod(work, 0o755)
+    only = set(args.only or SCENES)
+    if "gpu" in only:
+        scene_gpu_job(client, work)
+    if "tiers" in only:
+        scene_tiers(work)
+    if "preemption" in only:
+        scene_preemption(client, work)
+    if "elastic" in only:
+        scene_elastic(client, work)
+    if "transparent" in only:
+        scene_transparent(client, work)
     step("Done")
     print(f"The cluster keeps running. Explore it with:\n"
           f"  eval $(.venv/bin/singularity-admin cluster env --state-dir {args.state_dir})\n"

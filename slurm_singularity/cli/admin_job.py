@@ -377,7 +377,10 @@ def _show(args: argparse.Namespace) -> int:
         print(f"{r.run:>3} {r.start:<19} {r.end:<19} {r.devices if r.devices is not None else '?':>4} "
               f"{r.steps:>9} {r.stopped:<9} {r.checkpoint:<4} {lost:>9}")
     total = total_lost(rows)
-    if total is None:
+    if transparent:
+        print("steps: not counted (transparent mode dumps and restores the processes "
+              "themselves; see the runs above)")
+    elif total is None:
         unknown = ", ".join(str(r.run) for r in rows if r.steps_lost is None and
                             r.stopped not in ("finished", "running"))
         print(f"steps lost in all: unknown (run(s) {unknown} recorded no step count)")

@@ -4,6 +4,10 @@ through the same observation the daemon uses, so both see the same. With
 ``--federation STATE_DIR``, the same for every cluster of a local federation,
 each job under the cluster where it runs (or, pending, its origin).
 
+A transparent job (``--transparent``, docs/transparent.md) is marked in the
+MODE column: job_submit.lua wrote ``transparent=1`` into its tag, which
+only root can change, so the mark is the job's real mode.
+
 A running job's step, rate and ETA come from the runtime's ``progress.json``
 in its checkpoint directory, found as ``job show`` finds it (a few Slurm
 queries per running job)."""
@@ -67,6 +71,7 @@ def collect(policy_path: Path | None, client=None, *, show_pending=None) -> dict
             "meets_promise": fraction >= promise,
             "reason": view.job.reason if st.phase.value == "pending" else "",
             "resizing_to": view.marks.resize_to,
+            "transparent": _transparent(view.marks.tag),
             "progress": _progress(client, view.job, now) if st.phase.value == "running" else None,
         })
     return {"time": now, "total_gpus": obs.state.total_gpus, "free_gpus": obs.state.free_gpus,
@@ -98,6 +103,19 @@ def collect_federation(policy_path: Path | None, state_dir: Path) -> dict:
             "migrations": [{"job_id": m.job_id, "from": m.source, "to": m.destination,
                             "step": m.step.value, "since": m.since}
                            for m in moving.values()]}
+
+
+def _transparent(tag: str) -> bool:
+    """Whether the job tag (without the daemon's marks) marks the job
+    transparent; a tag that does not parse marks nothing."""
+    from .. import contract
+    from ..transparent.api import tagged_transparent
+
+    try:
+        parsed = contract.parse_job_tag(tag)
+    except contract.ContractError:
+        return False
+    return parsed is not None and tagged_transparent(dict(parsed.extra))
 
 
 def _progress(client, job, now: float) -> dict | None:
@@ -161,7 +179,8 @@ def _print(data: dict) -> None:
     print(f"GPUs: {data['total_gpus']} total, {data['free_gpus']} free; by tier: " +
           ", ".join(f"{t} {n}" for t, n in data["gpus_per_tier"].items()))
     header = f"{'JOBID':>7} {'TIER':<9} {'ACCOUNT':<10} {'D/W':>7} {'ELASTIC':>8} " \
-             f"{'GPU-FRAC':>8} {'PROMISE':>7} {'STATE':<10} {'PROGRESS':<24} REASON"
+             f"{'GPU-FRAC':>8} {'PROMISE':>7} {'STATE':<10} {'MODE':<11} {'PROGRESS':<24} " \
+             "REASON"
     print(header)
     for j in data["jobs"]:
         mark = "" if j["meets_promise"] else " !"
@@ -169,5 +188,7 @@ def _print(data: dict) -> None:
         print(f"{j['job_id']:>7} {j['tier']:<9} {j['account'][:10]:<10} "
               f"{str(j['devices']) + '/' + str(j['world_size']):>7} "
               f"{'%d:%d' % tuple(j['elastic']):>8} {j['gpu_fraction']:>8.2f} "
-              f"{j['promise']:>7.2f}{mark:<2}{j['state']:<10} {_progress_text(j['progress']):<24} "
+              f"{j['promise']:>7.2f}{mark:<2}{j['state']:<10} "
+              f"{'transparent' if j.get('transparent') else '-':<11} "
+              f"{_progress_text(j['progress']):<24} "
               f"{reason}")

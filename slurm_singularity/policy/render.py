@@ -16,7 +16,7 @@ import jinja2
 
 from .. import contract, paths
 from .api import Policy, PreemptMode
-from .rules import MAX_COUNT
+from .rules import MAX_COUNT, TRANSPARENT_TAG_FIELD
 
 #: Name of the installed policy file, beside job_submit.lua and policy.conf.
 INSTALLED_POLICY = "policy.toml"
@@ -130,7 +130,7 @@ def render_job_submit(policy: Policy, source: str = "(policy)") -> str:
         source=source.replace("]]", "] ]"), policy_table=lua_literal(policy_table(policy)),
         policy_sha256=policy.sha256,
         max_count=MAX_COUNT, plugin=contract.SPANK_PLUGIN_NAME, env=env_names,
-        tag_prefix=contract.JOB_TAG_PREFIX)
+        tag_prefix=contract.JOB_TAG_PREFIX, transparent_tag=TRANSPARENT_TAG_FIELD)
 
 
 def associations(policy: Policy, everyone: Sequence[str]

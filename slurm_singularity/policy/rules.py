@@ -17,6 +17,11 @@ Rules, in order (the first that fails rejects the job):
 1. Option syntax: ``--sla`` a tier name, ``--elastic`` ``MIN:MAX`` whole
    numbers with 1 <= MIN <= MAX <= 65536, ``--world-size`` 1..65536,
    ``--proxy`` and ``--deterministic`` on|off, ``--ckpt-dir`` an absolute path.
+   ``--transparent`` asks for one node: CRIU dumps one node's process tree
+   and a cut across nodes is not implemented, so ``--nodes=N`` (or
+   ``MIN-MAX``) with N or MAX above 1 is refused here, at submit, and an
+   accepted transparent job is held to one node (``max_nodes = 1``) and its
+   tag says so (``transparent=1``: ``singularity-admin status`` marks it).
 2. Account: ``--account`` (lower-cased), else the user's default account in
    Slurm (``job_desc.default_account``: the account the job will really run
    under), else the policy's default account; it must be in the policy, and
@@ -53,6 +58,7 @@ from .. import contract
 from ..slurm import gres
 from ..slurm.admin_comment import AdminComment
 from ..slurm.api import SlurmOutputError
+from ..transparent.api import TAG_FIELD as TRANSPARENT_TAG_FIELD
 from .api import Policy, PreemptMode, Tier
 
 #: Largest value of --world-size and of either end of --elastic. Keeps every
@@ -77,6 +83,8 @@ class Submission:
     ckpt_dir: str | None = None
     proxy: str | None = None
     deterministic: str | None = None
+    #: ``--transparent`` given (its value, empty for the bare flag).
+    transparent: str | None = None
     account: str | None = None
     partition: str | None = None
     tres_per_job: str | None = None
@@ -128,6 +136,9 @@ class Decision:
     tag: str
     #: SINGULARITY_* defaults set in a batch job's environment.
     env: dict[str, str] = field(default_factory=dict)
+    #: ``job_desc.max_nodes`` set by job_submit (1 for a transparent job, so
+    #: that Slurm never spreads it over nodes); None: left as submitted.
+    max_nodes: int | None = None
 
     @property
     def device_counts(self) -> tuple[int, ...]:
@@ -192,6 +203,20 @@ def parse_ckpt_dir(text: str) -> str:
     return text
 
 
+def check_transparent_nodes(sub: Submission) -> None:
+    """``--transparent`` on more than one node.
+
+    :raises Rejected: the job may get more than one node, naming
+        ``--transparent`` and why.
+    """
+    nodes = max(_set(sub.max_nodes) or 0, _set(sub.min_nodes) or 0)
+    if sub.transparent is not None and nodes > 1:
+        raise Rejected("--transparent", f"--transparent with {nodes} nodes: transparent "
+                       "mode runs on one node only (CRIU dumps the process tree of one "
+                       "node; a consistent cut across nodes is not implemented); submit "
+                       "with --nodes=1")
+
+
 # -- GPUs requested ----------------------------------------------------------
 
 def gpus_in_tres(tres: str | None) -> int:
@@ -245,6 +270,7 @@ def _decide(policy: Policy, sub: Submission) -> Decision:
     determ = (parse_on_off("--deterministic", sub.deterministic)
               if sub.deterministic is not None else None)
     ckpt = parse_ckpt_dir(sub.ckpt_dir) if sub.ckpt_dir is not None else None
+    check_transparent_nodes(sub)
 
     # Account: the one the job will really run under.
     if sub.account:
@@ -324,6 +350,8 @@ def _decide(policy: Policy, sub: Submission) -> Decision:
                        f"has a gpu_quota of {acc.gpu_quota} (accounts.{account}.gpu_quota)")
 
     tag = contract.format_job_tag(tier.value, (lo, hi), world)
+    if sub.transparent is not None:
+        tag += "," + TRANSPARENT_TAG_FIELD
     env = {contract.SLA: tier.value, contract.ELASTIC: f"{lo}:{hi}",
            contract.WORLD_SIZE: str(world), contract.PREEMPT_SIGNAL: spec.signal,
            contract.PROXY: proxy or "off"}
@@ -336,7 +364,8 @@ def _decide(policy: Policy, sub: Submission) -> Decision:
         requeue=spec.preempt_mode is not PreemptMode.CANCEL,
         preemptible=policy.preemptible(tier), signal=spec.signal,
         grace_time_s=spec.grace_time_s, gpus=gpus, devices=devices, elastic=(lo, hi),
-        world_size=world, tag=tag, env=env if sub.batch else {})
+        world_size=world, tag=tag, env=env if sub.batch else {},
+        max_nodes=1 if sub.transparent is not None else None)
 
 
 # -- a change to an existing job (scontrol update) ----------------------------
@@ -411,5 +440,5 @@ def _merged(job: Submission, change: Submission, tag: str | None) -> Submission:
                        world_size=str(recorded.world_size), partition=None)
     return Submission(
         **options, **merged, ckpt_dir=job.ckpt_dir, proxy=job.proxy,
-        deterministic=job.deterministic, account=change.account or job.account,
+        deterministic=job.deterministic, transparent=job.transparent, account=change.account or job.account,
         user=job.user, batch=False)

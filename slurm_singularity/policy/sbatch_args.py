@@ -30,6 +30,9 @@ _VALUE_OPTIONS = {
     "--gpus-per-socket": "tres_per_socket", "--gpus-per-task": "tres_per_task",
     "--nodes": "min_nodes", "--ntasks": "num_tasks", "--sockets-per-node": "sockets_per_node",
 }
+#: options without a value -> (Submission field); the value is "" as in
+#: job_submit.lua's spank_job_env.
+_FLAG_OPTIONS = {"--transparent": "transparent"}
 _SHORT = {"-A": "--account", "-p": "--partition", "-G": "--gpus", "-N": "--nodes",
           "-n": "--ntasks"}
 _SBATCH_LINE = re.compile(r"^#SBATCH\s+(.*)$")
@@ -102,6 +105,10 @@ def parse_sbatch_args(argv: list[str], script: str | None = None
             name = _SHORT[name]
         elif arg[:2] in _SHORT and len(arg) > 2:      # -A research, -Aresearch
             name, sep, value = _SHORT[arg[:2]], "=", arg[2:]
+        if name in _FLAG_OPTIONS and not sep:
+            values[_FLAG_OPTIONS[name]] = ""
+            i += 1
+            continue
         if name not in _VALUE_OPTIONS:
             ignored.append(arg)
             i += 1

@@ -7,9 +7,10 @@ the batch step's whole process tree with CRIU instead, so the job needs no
 change at all: a shell loop, numpy, an unmodified torchrun / gloo DDP script.
 
 How (see ``keeper.py``): the SPANK plugin turns the batch task into a root
-*keeper* that starts the user's command, as the user, as PID 1 of a new PID
-namespace outside Slurm's process tree (so Slurm's SIGTERM reaches the keeper
-alone, and a restore on another node cannot collide with PIDs in use there).
+*keeper* that starts the user's command, as the user, in a new PID namespace
+outside Slurm's process tree (so Slurm's SIGTERM reaches the keeper alone,
+and a restore on another node cannot collide with PIDs in use there: the
+tree's PIDs are its namespace's, ``tree.py``).
 At the preemption signal (the tier's, ``scontrol requeue``, a resize) the
 keeper dumps the tree (CRIU freezes all of it at once: one consistent cut),
 publishes the image atomically and exits with the requeue code; the next run
@@ -44,6 +45,19 @@ IMAGE_PREFIX = "image-"
 TMP_PREFIX = ".tmp-"
 MANIFEST = "manifest.json"
 FORMAT = "slurm-singularity-transparent/1"
+
+#: Field job_submit.lua appends to a transparent job's tag in AdminComment
+#: (``contract.JOB_TAG_PREFIX``...): root alone can write AdminComment, so
+#: ``singularity-admin status`` can trust it to mark the job transparent.
+TAG_FIELD = "transparent=1"
+
+
+def tagged_transparent(extra: dict[str, str] | None) -> bool:
+    """Whether a parsed job tag's extra fields (``contract.JobTag.extra``)
+    mark the job transparent."""
+    key, _, value = TAG_FIELD.partition("=")
+    return (extra or {}).get(key) == value
+
 
 #: What the user's command gets in its environment so that CRIU can dump it:
 #: PyTorch's default libuv TCPStore holds an io_uring descriptor that CRIU

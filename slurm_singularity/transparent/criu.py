@@ -53,6 +53,13 @@ def as_user(uid: int, gid: int, args: list[str], caps: str = CAPS) -> list[str]:
             f"--inh-caps={caps}", f"--ambient-caps={caps}", *args]
 
 
+def in_namespaces(guardian_pid: int, args: list[str]) -> list[str]:
+    """``args`` run in the PID and mount namespaces of the job's tree, whose
+    PID 1 (the guardian) is ``guardian_pid`` on the node: CRIU then dumps
+    the tree as processes of its own PID namespace (``tree.py``)."""
+    return ["/usr/bin/nsenter", f"--target={guardian_pid}", "--pid", "--mount", "--", *args]
+
+
 def find() -> Path:
     """A CRIU >= 4.1 that passes ``criu check``.
 

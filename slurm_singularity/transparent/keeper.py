@@ -77,7 +77,10 @@ class Keeper:
         #: The Slurm node (slurmd's name: several share one host here).
         self.node = env.get("SLURMD_NODENAME") or socket.gethostname()
         self.stop_signal: int | None = None
+        #: The tree's root, as a PID of its namespace (CRIU runs there).
         self.pid = 0
+        #: The guardian (PID 1 of the tree's namespace) as a PID of the node.
+        self.guardian_pid = 0
         self.pipes = ("", "")
         self.criu = Path()
         self.images_fd = -1
@@ -194,7 +197,7 @@ class Keeper:
             log.info("%s restoring %s (dumped on %s at %s)", self.prefix, path.name,
                      manifest.node, time.strftime("%H:%M:%S", time.localtime(manifest.time)))
         t0 = time.monotonic()
-        status_r, ctl_w = tree.spawn(launch)
+        status_r, ctl_w, self.guardian_pid = tree.spawn(launch)
         reader = _Lines(status_r)
         first = reader.next(timeout=600)
         if first is None or not first.startswith("pid "):
@@ -243,7 +246,7 @@ class Keeper:
         except DumpFailed as exc:
             log.error("%s dump failed, the previous image (if any) is used next: %s",
                       self.prefix, exc)
-            tree.kill_tree(self.pid)
+            tree.kill_tree(self.guardian_pid)     # PID 1: the whole namespace
             reader.next(timeout=10)
             return contract.REQUEUE_EXIT_CODE
         reader.next(timeout=10)          # "signal 9": CRIU ended the tree
@@ -256,8 +259,9 @@ class Keeper:
         """
         tmp = images.new_tmp_dir(self.images_dir, self.s.uid)
         tmp_fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-        args = criu.as_user(self.s.uid, self.s.gid, criu.dump_args(
-            self.criu, self.pid, f"/proc/self/fd/{tmp_fd}", leave_running=leave_running))
+        args = criu.in_namespaces(self.guardian_pid, criu.as_user(self.s.uid, self.s.gid,
+            criu.dump_args(self.criu, self.pid, f"/proc/self/fd/{tmp_fd}",
+                           leave_running=leave_running)))
         t0 = time.monotonic()
         try:
             done = subprocess.run(args, stdin=subprocess.DEVNULL, capture_output=True,

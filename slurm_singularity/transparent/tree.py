@@ -6,14 +6,23 @@ once, so an ordinary child tree would die before it could be dumped. The
 keeper therefore forks the guardian twice (it is re-parented away from
 slurmstepd) and only the keeper is signalled; it then dumps the tree.
 
-The guardian (root) makes the user's command PID 1 of a new PID namespace
-(so a restore on another node cannot collide with PIDs there) as the job's
-user, or has CRIU restore the tree as its own child, then:
+The guardian (root) is PID 1 of a new PID namespace, with a mount
+namespace of its own and a /proc of that PID namespace mounted in it. It
+starts the user's command there as the job's user (from PID ``FIRST_PID`` on),
+or has CRIU restore the tree there as its own child. The tree's PIDs are
+then the namespace's, and a fresh namespace has them all free: a restore on
+a node where the dumped PIDs are in use cannot collide with them. CRIU runs
+as the job's user inside the namespace (``criu.in_namespaces``), so it sees
+the tree as its own PID namespace's processes (it cannot dump or create PID
+namespaces unprivileged) and the tree's /proc belongs to its namespace (the
+parasite's "/proc doesn't belong to it" refusal). See docs/transparent.md,
+"PID namespace", for what was tried and why this shape. Then the guardian:
 - relays the tree's stdout and stderr pipes to the job's output files;
 - reports on the status pipe: ``pid <host pid>``, then ``exit <code>`` or
   ``signal <n>`` when PID 1 ends (after the relays drained), or ``error <msg>``;
 - kills the whole tree (SIGKILL to PID 1) when the keeper's control pipe
-  closes: the keeper was killed, so nothing may outlive the job.
+  closes: the keeper was killed, so nothing may outlive the job; and stays
+  until then (its end would kill a CRIU still finishing in the namespace).
 """
 
 from __future__ import annotations
@@ -25,7 +34,7 @@ import signal
 import subprocess
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 PR_SET_NO_NEW_PRIVS = 38
@@ -35,6 +44,13 @@ INHERIT_FDS = (1001, 1002, 1003)
 #: Seconds the guardian waits for the rest of the tree after PID 1 ended.
 ORPHANS_TIMEOUT_S = 5.0
 PR_SET_CHILD_SUBREAPER = 36
+CLONE_NEWNS = 0x00020000
+CLONE_NEWPID = 0x20000000
+MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REC, MS_PRIVATE = 2, 4, 8, 0x4000, 1 << 18
+#: The user's command starts as this PID of the job's namespace: the PIDs
+#: below it are left to CRIU and its helpers at a restore, which run in the
+#: fresh namespace before the dumped PIDs are recreated.
+FIRST_PID = 1001
 
 
 @dataclass(frozen=True)
@@ -75,10 +91,34 @@ def _relay(src: int, dst: int) -> None:
     os.close(src)
 
 
+def _libc_call(name: str, *args: object) -> None:
+    """A libc call that returns -1 on failure (Python 3.11 has no os.unshare).
+
+    :raises OSError: it failed, naming the call.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    if getattr(libc, name)(*args) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{name}: {os.strerror(err)}")
+
+
+def _own_proc() -> None:
+    """In the guardian, PID 1 of the job's PID namespace: a mount namespace
+    of its own (nothing propagates back to the node) with a /proc of this
+    PID namespace, which the tree and CRIU see."""
+    _libc_call("unshare", CLONE_NEWNS)
+    _libc_call("mount", b"none", b"/", None, ctypes.c_ulong(MS_REC | MS_PRIVATE), None)
+    _libc_call("mount", b"proc", b"/proc", b"proc",
+               ctypes.c_ulong(MS_NOSUID | MS_NODEV | MS_NOEXEC), None)
+
+
 def _start(launch: Launch, out_w: int, err_w: int) -> int:
     """Start the command as the job's user, in its own session, with
     no_new_privs (no setuid program can raise it, and CRIU can restore a
-    process whose bounding set it cannot trim: the restore runs unprivileged)."""
+    process whose bounding set it cannot trim: the restore runs unprivileged),
+    as PID ``FIRST_PID`` of the namespace."""
+    with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+        f.write(str(FIRST_PID - 1))
     pid = os.fork()
     if pid == 0:
         try:
@@ -206,6 +246,12 @@ def guardian(launch: Launch, status_w: int, ctl_r: int) -> None:
         libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if launch.restore_from:
+            # a /proc/<keeper>/fd/... path names the node's /proc, which the
+            # namespace's replaces: hold the directory open across
+            image_fd = os.open(launch.restore_from, os.O_RDONLY | os.O_DIRECTORY)
+            launch = replace(launch, restore_from=f"/proc/self/fd/{image_fd}")
+        _own_proc()
         # The pipes are the user's: CRIU, run as the user, reopens them.
         libc.setfsuid(launch.uid)
         out_r, out_w = os.pipe()
@@ -221,10 +267,13 @@ def guardian(launch: Launch, status_w: int, ctl_r: int) -> None:
         for t in relays:
             t.start()
 
+        keeper_gone = threading.Event()
+
         def watch_keeper() -> None:
             while os.read(ctl_r, 1):
                 pass
             kill_tree(pid)
+            keeper_gone.set()
         threading.Thread(target=watch_keeper, daemon=True).start()
         status = _reap_until(pid)
         for t in relays:
@@ -233,6 +282,9 @@ def guardian(launch: Launch, status_w: int, ctl_r: int) -> None:
             os.write(status_w, f"exit {os.WEXITSTATUS(status)}\n".encode())
         else:
             os.write(status_w, f"signal {os.WTERMSIG(status)}\n".encode())
+        # PID 1 ending kills every process of the namespace, a CRIU still
+        # finishing the dump that ended the tree included: end with the keeper.
+        keeper_gone.wait()
     except BaseException as exc:  # noqa: BLE001 - the keeper reads the reason
         try:
             os.write(status_w, f"error {' '.join(str(exc).split())}\n".encode())
@@ -242,19 +294,39 @@ def guardian(launch: Launch, status_w: int, ctl_r: int) -> None:
     os._exit(code)
 
 
-def spawn(launch: Launch) -> tuple[int, int]:
-    """Fork the guardian (twice: it must not be slurmstepd's descendant).
-    Returns (status pipe read end, control pipe write end)."""
+def spawn(launch: Launch) -> tuple[int, int, int]:
+    """Fork the guardian (twice: it must not be slurmstepd's descendant), as
+    PID 1 of a new PID namespace. Returns (status pipe read end, control
+    pipe write end, the guardian's PID on the node).
+
+    :raises OSError: the namespace could not be made (the message says why).
+    """
     status_r, status_w = os.pipe()
     ctl_r, ctl_w = os.pipe()
+    pid_r, pid_w = os.pipe()
     first = os.fork()
     if first == 0:
         os.close(status_r)
         os.close(ctl_w)
-        if os.fork() == 0:
-            guardian(launch, status_w, ctl_r)
+        os.close(pid_r)
+        try:
+            _libc_call("unshare", CLONE_NEWPID)
+            second = os.fork()
+            if second == 0:
+                os.close(pid_w)
+                guardian(launch, status_w, ctl_r)
+            os.write(pid_w, str(second).encode())
+        except BaseException as exc:  # noqa: BLE001 - the keeper reads the reason
+            os.write(pid_w, f"error cannot make the job's PID namespace: {exc}".encode())
         os._exit(0)
+    os.close(pid_w)
     os.waitpid(first, 0)
+    with os.fdopen(pid_r, "rb") as f:
+        answer = f.read().decode()
     os.close(status_w)
     os.close(ctl_r)
-    return status_r, ctl_w
+    if not answer.isdigit():
+        os.close(status_r)
+        os.close(ctl_w)
+        raise OSError(answer.removeprefix("error ") or "the guardian did not start")
+    return status_r, ctl_w, int(answer)

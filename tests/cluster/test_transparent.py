@@ -91,15 +91,23 @@ def test_a_shell_loop_preempted_three_times_counts_on_without_gaps_or_repeats(
         assert dump_node != restore_node, nodes
 
 
-def test_a_multi_node_transparent_job_is_refused_saying_why(slurm_cluster, tmp_path):
+def test_a_transparent_job_grown_to_two_nodes_by_an_admin_is_refused_at_step_start(
+        slurm_cluster, tmp_path):
+    # sbatch refuses --transparent -N2 (tests/transparent/
+    # test_multi_node_jobs_are_refused_at_submit.py); root's scontrol update
+    # passes job_submit.lua, and the step start still says why.
     os.chmod(tmp_path, 0o755)
     script = tmp_path / "mn.sh"
-    script.write_text("#!/bin/bash\n#SBATCH --transparent -N2\nhostname > ran.txt\n")
+    script.write_text("#!/bin/bash\n#SBATCH --transparent -N1\nhostname > ran.txt\n")
     out = tmp_path / "mn.out"
-    r = slurm_cluster.run("sbatch", "--parsable", "-o", str(out), "-D", str(tmp_path),
+    r = slurm_cluster.run("sbatch", "--parsable", "--hold", "-o", str(out), "-D", str(tmp_path),
                           str(script), check=True)
-    rec = slurm_cluster.wait_job(int(r.stdout.strip()), timeout=120)
+    job = r.stdout.strip()
+    slurm_cluster.run("scontrol", "update", f"JobId={job}", "NumNodes=2-2", check=True)
+    slurm_cluster.run("scontrol", "release", job, check=True)
+    rec = slurm_cluster.wait_job(int(job), timeout=120)
     assert rec["JobState"] == "FAILED", rec
+    assert rec["NumNodes"] == "2", rec
     assert "supports single-node jobs only" in out.read_text()
     assert not (tmp_path / "ran.txt").exists()
 

@@ -31,7 +31,7 @@ desc.environment = env
 local rc = slurm_job_submit(desc, {}, 0)
 local out = {"rc=" .. rc}
 for _, m in ipairs(__messages) do table.insert(out, "msg=" .. m) end
-for _, k in ipairs({"partition", "requeue", "admin_comment", "account"}) do
+for _, k in ipairs({"partition", "requeue", "admin_comment", "account", "max_nodes"}) do
   if desc[k] ~= nil then table.insert(out, k .. "=" .. tostring(desc[k])) end
 end
 local names = {}
@@ -62,7 +62,8 @@ def job_desc(sub: Submission) -> dict[str, object]:
     for i, (name, value) in enumerate(
             (n, v) for n, v in (("sla", sub.sla), ("elastic", sub.elastic),
                                 ("world_size", sub.world_size), ("ckpt_dir", sub.ckpt_dir),
-                                ("proxy", sub.proxy), ("deterministic", sub.deterministic))
+                                ("proxy", sub.proxy), ("deterministic", sub.deterministic),
+                                ("transparent", sub.transparent))
             if v is not None):
         spank[i] = f"_SLURM_SPANK_OPTION_singularity_{name}={value}"
     desc: dict[str, object] = {k: getattr(sub, k) for k in (

@@ -55,6 +55,8 @@ def test_the_generated_lua_decides_the_table_like_the_rules(case):
         assert out["requeue"] == "1"
         assert out["admin_comment"] == result.tag
         assert out["env"] == result.env
+        if result.max_nodes is not None:
+            assert out["max_nodes"] == str(result.max_nodes)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])

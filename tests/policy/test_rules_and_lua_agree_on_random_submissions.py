@@ -34,6 +34,7 @@ submissions = st.builds(
     ckpt_dir=st.one_of(st.none(), st.sampled_from(["/ck", "ck", "/a,b", ""])),
     proxy=st.one_of(st.none(), st.sampled_from(["on", "off", "yes"])),
     deterministic=st.one_of(st.none(), st.sampled_from(["on", "off", "0"])),
+    transparent=st.one_of(st.none(), st.just("")),
     account=st.one_of(st.none(), st.sampled_from(["default", "Research", "nobody", ""])),
     partition=st.one_of(st.none(), st.sampled_from(["basic", "premium", "debug", ""])),
     tres_per_job=_tres, tres_per_node=_tres,
@@ -56,6 +57,8 @@ def test_lua_and_rules_agree(sub):
         assert (out["partition"], out["admin_comment"], out["env"]) == \
             (result.partition, result.tag, result.env)
         assert out["requeue"] == ("1" if result.requeue else "0")
+        if result.max_nodes is not None:
+            assert out["max_nodes"] == str(result.max_nodes)
     else:
         assert out["rc"] == "-1", (sub, result)
         assert out["messages"] == [result.message]
