@@ -117,7 +117,8 @@ def test_an_srun_step_in_a_transparent_job_is_refused_saying_why(slurm_cluster, 
     script = tmp_path / "st.sh"
     script.write_text(f"#!/bin/bash\n#SBATCH --transparent -N1\nsrun touch {tmp_path}/ran.txt\n")
     out = tmp_path / "st.out"
-    r = slurm_cluster.run("sbatch", "--parsable", "-o", str(out), str(script), check=True)
+    r = slurm_cluster.run("sbatch", "--parsable", "-o", str(out), "-D", str(tmp_path),
+                          str(script), check=True)
     slurm_cluster.wait_job(int(r.stdout.strip()), timeout=120)
     assert "srun steps cannot run in a transparent job" in out.read_text()
     assert not (tmp_path / "ran.txt").exists()
