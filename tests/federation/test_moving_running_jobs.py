@@ -25,10 +25,14 @@ from slurm_singularity import paths
 from slurm_singularity.policy.api import Tier
 from slurm_singularity.policy.load import load_policy
 from slurm_singularity.sched.api import ClusterState, JobPhase, JobState, NodeState
+from slurm_singularity.sched.federation import FederationPlacer
+from slurm_singularity.sched.federation import Member as FedMember
 from slurm_singularity.sched.federation import (MoveCost, PendingJob, Placement,
                                                 federated_checkpoint_dir)
 from slurm_singularity.sched.fedmoves import Leaving, Move, MoveSettings, plan_moves
-from slurm_singularity.sched.migrate import MigrationJournal, MigrationStep, tree_digest
+from slurm_singularity.sched.migrate import (InFlight, MigrationJournal, MigrationStep,
+                                              tree_digest)
+from slurm_singularity.slurm.api import Job, Node
 
 POLICY = load_policy(paths.TEMPLATES_DIR / "policy.toml")
 NOW = 10_000.0
@@ -151,6 +155,88 @@ def test_room_taken_on_the_destination_is_not_promised_twice():
     got = moves(members, [need(1, nodes=1, viable=("east",)),
                           need(2, nodes=1, viable=("south",))], {10: 1, 11: 1, 20: 1, 21: 1})
     assert len(got) == 1 and got[0].for_job == 1
+
+
+class FakeMember:
+    """What the placer asks of one member's Slurm, answered from lists; the
+    calls that change something are recorded."""
+
+    def __init__(self, nodes: dict[str, int], jobs: list[Job]) -> None:
+        self.env = {}
+        self._nodes = [Node(n, "mixed", g, 16) for n, g in nodes.items()]
+        self._jobs = jobs
+        self.calls: list[tuple[str, ...]] = []
+
+    def nodes(self) -> list[Node]:
+        return self._nodes
+
+    def jobs(self) -> list[Job]:
+        return self._jobs
+
+    def cancel(self, *job_ids: int, signal: str | None = None, full: bool = False) -> None:
+        self.calls.append(("scancel", f"--signal={signal}", *map(str, job_ids)))
+
+    def scontrol(self, *args: str) -> str:
+        self.calls.append(("scontrol", *args))
+        return ""
+
+
+def basic_running_on_east(job_id: int = 10) -> Job:
+    return Job(job_id, "train", "RUNNING", "basic", "default", "root", "n1", gpus=8,
+               placement=(("n1", 8),), node_count=1, start_time=NOW - 3600,
+               submit_time=NOW - 3700, federation_origin="east",
+               federation_siblings_viable=("east",))
+
+
+def placer_on(tmp_path, east: FakeMember, west: FakeMember, clock) -> FederationPlacer:
+    members = [FedMember("east", east, tmp_path / "east"), FedMember("west", west, tmp_path / "west")]
+    return FederationPlacer(members, POLICY, clock=clock, journal_path=tmp_path / "migrations.json",
+                            moves=MoveSettings(min_run_s=60, requeue_timeout_s=300))
+
+
+def test_a_restarted_placer_signals_a_journaled_move_once_and_gives_it_up_if_never_requeued(
+        tmp_path):
+    """A placer killed between journaling a move and signalling the job:
+    the next one signals it (once, not every pass); a job that never
+    requeues is left where it runs after --requeue-timeout and not chosen
+    again, although the need is still there."""
+    east = FakeMember({"n1": 8, "n2": 8}, [
+        basic_running_on_east(),
+        Job(11, "prem", "PENDING", "premium", "research", "root", "", gpus=16, node_count=2,
+            submit_time=NOW - 10, federation_origin="east", federation_siblings_viable=("east",))])
+    west = FakeMember({"n3": 8, "n4": 8}, [])
+    (tmp_path / "east" / federated_checkpoint_dir(10)).mkdir(parents=True)
+    (tmp_path / "east" / federated_checkpoint_dir(10) / "step").write_bytes(b"x" * 1000)
+    journal = MigrationJournal(tmp_path / "migrations.json")
+    journal.put(InFlight(10, "east", "west", str(federated_checkpoint_dir(10)),
+                         MigrationStep.SIGNALLED, NOW))
+    now = [NOW + 1]
+    placer = placer_on(tmp_path, east, west, lambda: now[0])
+    placer.run_pass()
+    placer.run_pass()
+    assert east.calls == [("scancel", "--signal=TERM", "10")]
+    assert journal.load()[10].step is MigrationStep.SIGNALLED
+    now[0] = NOW + 301
+    placer.run_pass()
+    assert journal.load() == {}
+    placer.run_pass()
+    assert east.calls == [("scancel", "--signal=TERM", "10")]       # not chosen again
+
+
+def test_a_placer_journals_a_move_before_it_signals_the_job(tmp_path):
+    east = FakeMember({"n1": 8, "n2": 8}, [
+        basic_running_on_east(),
+        Job(11, "prem", "PENDING", "premium", "research", "root", "", gpus=16, node_count=2,
+            submit_time=NOW - 10, federation_origin="east", federation_siblings_viable=("east",))])
+    west = FakeMember({"n3": 8, "n4": 8}, [])
+    (tmp_path / "east" / federated_checkpoint_dir(10)).mkdir(parents=True)
+    (tmp_path / "east" / federated_checkpoint_dir(10) / "step").write_bytes(b"x" * 1000)
+    journal = MigrationJournal(tmp_path / "migrations.json")
+    seen = []
+    east.cancel = lambda *ids, signal=None, full=False: seen.append(dict(journal.load()))
+    placer_on(tmp_path, east, west, lambda: NOW).run_pass()
+    assert [list(j) for j in seen] == [[10]]
+    assert seen[0][10].destination == "west"
 
 
 @pytest.mark.parametrize("flag, value, field", [("--min-run", "-1", "min_run_s"),
