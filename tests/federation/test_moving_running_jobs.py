@@ -188,6 +188,19 @@ def basic_running_on_east(job_id: int = 10) -> Job:
                federation_siblings_viable=("east",))
 
 
+def premium_needs_east(tmp_path) -> tuple[FakeMember, FakeMember]:
+    """east: basic job 10 running on n1 (its checkpoint in east's storage),
+    premium job 11 pending for all of east; west: empty."""
+    east = FakeMember({"n1": 8, "n2": 8}, [
+        basic_running_on_east(),
+        Job(11, "prem", "PENDING", "premium", "research", "root", "", gpus=16, node_count=2,
+            submit_time=NOW - 10, federation_origin="east", federation_siblings_viable=("east",))])
+    west = FakeMember({"n3": 8, "n4": 8}, [])
+    (tmp_path / "east" / federated_checkpoint_dir(10)).mkdir(parents=True)
+    (tmp_path / "east" / federated_checkpoint_dir(10) / "step").write_bytes(b"x" * 1000)
+    return east, west
+
+
 def placer_on(tmp_path, east: FakeMember, west: FakeMember, clock) -> FederationPlacer:
     members = [FedMember("east", east, tmp_path / "east"), FedMember("west", west, tmp_path / "west")]
     return FederationPlacer(members, POLICY, clock=clock, journal_path=tmp_path / "migrations.json",
@@ -200,13 +213,7 @@ def test_a_restarted_placer_signals_a_journaled_move_once_and_gives_it_up_if_nev
     the next one signals it (once, not every pass); a job that never
     requeues is left where it runs after --requeue-timeout and not chosen
     again, although the need is still there."""
-    east = FakeMember({"n1": 8, "n2": 8}, [
-        basic_running_on_east(),
-        Job(11, "prem", "PENDING", "premium", "research", "root", "", gpus=16, node_count=2,
-            submit_time=NOW - 10, federation_origin="east", federation_siblings_viable=("east",))])
-    west = FakeMember({"n3": 8, "n4": 8}, [])
-    (tmp_path / "east" / federated_checkpoint_dir(10)).mkdir(parents=True)
-    (tmp_path / "east" / federated_checkpoint_dir(10) / "step").write_bytes(b"x" * 1000)
+    east, west = premium_needs_east(tmp_path)
     journal = MigrationJournal(tmp_path / "migrations.json")
     journal.put(InFlight(10, "east", "west", str(federated_checkpoint_dir(10)),
                          MigrationStep.SIGNALLED, NOW))
@@ -224,13 +231,7 @@ def test_a_restarted_placer_signals_a_journaled_move_once_and_gives_it_up_if_nev
 
 
 def test_a_placer_journals_a_move_before_it_signals_the_job(tmp_path):
-    east = FakeMember({"n1": 8, "n2": 8}, [
-        basic_running_on_east(),
-        Job(11, "prem", "PENDING", "premium", "research", "root", "", gpus=16, node_count=2,
-            submit_time=NOW - 10, federation_origin="east", federation_siblings_viable=("east",))])
-    west = FakeMember({"n3": 8, "n4": 8}, [])
-    (tmp_path / "east" / federated_checkpoint_dir(10)).mkdir(parents=True)
-    (tmp_path / "east" / federated_checkpoint_dir(10) / "step").write_bytes(b"x" * 1000)
+    east, west = premium_needs_east(tmp_path)
     journal = MigrationJournal(tmp_path / "migrations.json")
     seen = []
     east.cancel = lambda *ids, signal=None, full=False: seen.append(dict(journal.load()))
