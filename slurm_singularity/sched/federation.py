@@ -393,6 +393,9 @@ class FederationPlacer:
         """Move running jobs to make room for a higher tier (``plan_moves``)."""
         from .fedmoves import Leaving, plan_moves
 
+        placed = {p.job_id for p in placements}
+        if not any(not j.held and j.job_id not in placed for j in pending):
+            return                      # no job waits: nothing to make room for
         checkpoints = {}
         for m in self.members:
             for job in seen.states[m.name].jobs:
