@@ -283,7 +283,7 @@ def uninterrupted(tmp_path_factory) -> str:
 
 
 def submit_training(fed, tmp_path: Path) -> tuple[int, Path]:
-    """A basic W=8 training job on east's n1..n2 (one node of 8 GPUs), its
+    """A basic W=8 training job on one of east's nodes (8 GPUs), its
     checkpoint every 4 steps under the storage root of the cluster it runs on."""
     from cluster.test_preemption import BIN, TRAIN
 
@@ -317,10 +317,10 @@ def stop(placer: subprocess.Popen) -> None:
         placer.wait(timeout=30)
 
 
-def premium_on_east(fed) -> int:
-    """A premium job that needs all of east (2 nodes x 8 GPUs) and may run only there."""
+def premium_on_east(fed, nodes: int = 2) -> int:
+    """A premium job that needs ``nodes`` x 8 GPUs of east and may run only there."""
     return int(fed.run("east", "sbatch", "--parsable", "--clusters=east", "--sla=premium",
-                       "--account=research", "-N2", "--gres=gpu:8", "-o", "/dev/null",
+                       "--account=research", f"-N{nodes}", "--gres=gpu:8", "-o", "/dev/null",
                        "--wrap", "sleep 30").stdout.strip().split(";")[0])
 
 
@@ -337,14 +337,21 @@ def resumed_on_west(out: Path) -> int:
 @pytest.mark.cluster
 def test_a_running_basic_job_moves_to_west_by_itself_so_a_premium_job_starts_on_east(
         fed, daemon_preemption, uninterrupted, tmp_path):
+    """east is full: a standard job without a checkpoint on one node, the
+    training job on the other. The premium job needs one node: the job
+    with a checkpoint is the one moved; the other keeps running."""
     from cluster.test_preemption import FINAL, steps_done
 
+    other = int(fed.run("east", "sbatch", "--parsable", "--clusters=east", "-N1",
+                        "--gres=gpu:8", "-o", "/dev/null", "--wrap", "sleep 300"
+                        ).stdout.strip().split(";")[0])
+    fed.wait_until(lambda: fed.running_on(other) == "east", "the standard job on east")
     job, out = submit_training(fed, tmp_path)
     fed.wait_until(lambda: steps_done(out) >= 6, "step 6 on east", timeout=180)
     log = tmp_path / "placer.log"
     placer = start_placer(fed, log)
     try:
-        premium = premium_on_east(fed)
+        premium = premium_on_east(fed, nodes=1)
         fed.wait_until(lambda: fed.running_on(premium) == "east", "the premium job on east",
                        timeout=120)
         fed.wait_until(lambda: FINAL.search(out.read_text()), "the job's final line", timeout=240)
@@ -352,8 +359,9 @@ def test_a_running_basic_job_moves_to_west_by_itself_so_a_premium_job_starts_on_
         stop(placer)
     text = log.read_text()
     assert text.count(f"[job {job}] migrating east -> west: makes room on east for job "
-                      f"{premium} (premium, 2x8 GPUs)") == 1, text[-3000:]
+                      f"{premium} (premium, 1x8 GPUs)") == 1, text[-3000:]
     assert f"[job {job}] migrated east -> west" in text
+    assert f"[job {other}]" not in text and fed.running_on(other) == "east"
     assert resumed_on_west(out) >= 4
     assert FINAL.search(out.read_text()).group(2) == uninterrupted
 
