@@ -240,6 +240,148 @@ def test_a_placer_journals_a_move_before_it_signals_the_job(tmp_path):
     assert seen[0][10].destination == "west"
 
 
+class Killed(BaseException):
+    """The placer's process died here (nothing in it catches this)."""
+
+
+class FakeFederation:
+    """Two members, east and west (2 nodes x 8 GPUs each), as Slurm 22.05
+    behaved on the local federation for a move: a signalled runtime job
+    checkpoints (here: writes ``step``) and is requeued on the next tick,
+    eligible again two ticks later (Slurm's requeue delay); ``hold``,
+    ``update Clusters=X`` (its live copy moves to X) and ``release`` act at
+    once; pending jobs not held start on their cluster's free nodes, premium
+    first. ``kill_after`` kills the placer right after
+    its Nth call that changes something."""
+
+    def __init__(self, root: Path, kill_after: int | None = None) -> None:
+        self.root = root
+        self.kill_after = kill_after
+        self.changes: list[tuple[str, ...]] = []
+        self.jobs = {
+            11: dict(where="east", state="PENDING", node="", held=False, tier="premium",
+                     gpus=16, nodes=2, restarts=0, signalled=False, delay=0),
+            10: dict(where="east", state="RUNNING", node="n1", held=False, tier="basic",
+                     gpus=8, nodes=1, restarts=0, signalled=False, delay=0)}
+        self.ckpt(10, "east").mkdir(parents=True)
+        (self.ckpt(10, "east") / "step").write_text("step 4\n")
+
+    def ckpt(self, job_id: int, cluster: str) -> Path:
+        return self.root / cluster / federated_checkpoint_dir(job_id)
+
+    def client(self, cluster: str) -> "FakeFederation.Client":
+        return FakeFederation.Client(self, cluster)
+
+    def tick(self) -> None:
+        for job_id, j in self.jobs.items():
+            if j["state"] == "RUNNING" and j["signalled"]:
+                (self.ckpt(job_id, j["where"]) / "step").write_text("step 9\n")
+                j.update(state="PENDING", node="", signalled=False, restarts=j["restarts"] + 1,
+                         delay=3)
+        for j in self.jobs.values():            # premium first
+            j["delay"] = max(0, j["delay"] - 1)
+            if j["state"] == "PENDING" and not j["held"] and not j["delay"]:
+                free = [n for n in self.nodes(j["where"]) if n not in self.busy(j["where"])]
+                if len(free) >= j["nodes"]:
+                    j.update(state="RUNNING", node=",".join(free[:j["nodes"]]))
+
+    def nodes(self, cluster: str) -> list[str]:
+        return ["n1", "n2"] if cluster == "east" else ["n3", "n4"]
+
+    def busy(self, cluster: str) -> set[str]:
+        return {n for j in self.jobs.values() if j["where"] == cluster and j["node"]
+                for n in j["node"].split(",")}
+
+    def change(self, *call: str) -> None:
+        self.changes.append(call)
+        if self.kill_after is not None and len(self.changes) == self.kill_after:
+            raise Killed(call)
+
+    class Client:
+        def __init__(self, fed: "FakeFederation", cluster: str) -> None:
+            self.fed, self.cluster, self.env = fed, cluster, {}
+
+        def nodes(self) -> list[Node]:
+            return [Node(n, "mixed", 8, 16) for n in self.fed.nodes(self.cluster)]
+
+        def jobs(self) -> list[Job]:
+            out = []
+            for job_id, j in self.fed.jobs.items():
+                if j["where"] != self.cluster:
+                    continue
+                running = j["state"] == "RUNNING"
+                out.append(Job(
+                    job_id, "j", j["state"], j["tier"], "research", "root", j["node"],
+                    reason="JobHeldAdmin" if j["held"] else "BeginTime" if j["delay"] else "None",
+                    gpus=j["gpus"],
+                    placement=tuple((n, 8) for n in j["node"].split(",")) if running else (),
+                    node_count=j["nodes"], start_time=NOW - 3600 if running else 0.0,
+                    submit_time=NOW - 3700, restart_count=j["restarts"],
+                    federation_origin="east", federation_siblings_viable=(self.cluster,)))
+            return out
+
+        def cancel(self, *job_ids: int, signal: str | None = None, full: bool = False) -> None:
+            for job_id in job_ids:
+                if self.fed.jobs[job_id]["state"] == "RUNNING":
+                    self.fed.jobs[job_id]["signalled"] = True
+            self.fed.change("signal", *map(str, job_ids))
+
+        def scontrol(self, *args: str) -> str:
+            if args[0] in ("hold", "release"):
+                self.fed.jobs[int(args[1])]["held"] = args[0] == "hold"
+            elif args[0] == "update":
+                job_id = int(args[1].split("=")[1])
+                self.fed.jobs[job_id]["where"] = args[2].split("=")[1]
+            self.fed.change(*args)
+            return ""
+
+
+def settle(fed: FakeFederation, tmp_path: Path, passes: int = 12) -> list[str]:
+    """Run placers pass after pass, a new one after each kill; returns
+    where job 10 ran, tick by tick."""
+    seen = []
+    placer = None
+    for _ in range(passes):
+        if fed.jobs[10]["state"] == "RUNNING":
+            seen.append(fed.jobs[10]["where"])
+        if placer is None:
+            members = [FedMember(c, fed.client(c), tmp_path / c) for c in ("east", "west")]
+            placer = FederationPlacer(members, POLICY, clock=lambda: NOW,
+                                      journal_path=tmp_path / "migrations.json",
+                                      moves=MoveSettings(min_run_s=60))
+        try:
+            placer.run_pass()
+        except Killed:
+            placer = None               # a fresh process, the same journal and Slurm
+        fed.tick()
+    return seen
+
+
+def test_the_move_runs_through_without_a_kill(tmp_path):
+    fed = FakeFederation(tmp_path)
+    ran = settle(fed, tmp_path)
+    assert ran[0] == "east" and ran[-1] == "west"
+    assert [c[0] for c in fed.changes] == ["signal", "hold", "update", "release"]
+
+
+@pytest.mark.parametrize("kill_after", [1, 2, 3, 4])
+def test_a_placer_killed_after_any_slurm_call_of_a_move_finishes_it_once_from_the_checkpoint(
+        tmp_path, kill_after):
+    fed = FakeFederation(tmp_path, kill_after)
+    ran = settle(fed, tmp_path)
+    assert ran[-1] == "west" and fed.jobs[11]["state"] == "RUNNING"
+    assert ran.count("east") == ran.index("west")        # east, then west, never back
+    calls = [c[0] for c in fed.changes]
+    # one move: the job signalled once; only the call the killed placer made
+    # but had not journaled yet is made again (each is idempotent in Slurm)
+    assert calls.count("signal") == 1
+    assert calls.count("hold") == 1 + (kill_after == 2)
+    assert calls.count("update") == 1 + (kill_after == 3)
+    assert calls.count("release") == 1 + (kill_after == 4)
+    assert (fed.ckpt(10, "west") / "step").read_text() == "step 9\n"
+    assert MigrationJournal(tmp_path / "migrations.json").load() == {}
+
+
 @pytest.mark.parametrize("flag, value, field", [("--min-run", "-1", "min_run_s"),
                                                 ("--requeue-timeout", "0", "requeue_timeout_s")])
 def test_bad_move_settings_are_refused_naming_the_flag(tmp_path, flag, value, field):
