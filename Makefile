@@ -21,4 +21,5 @@ bench: setup
 
 clean-state:
 	@$(VENV)/bin/singularity-admin cluster down --state-dir .state/demo || true
+	@$(VENV)/bin/singularity-admin cluster down --state-dir .state/demo-federation 2>/dev/null || true
 	rm -rf .state

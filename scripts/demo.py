@@ -174,11 +174,16 @@ def transparent_history(ckpt: Path) -> list[dict]:
     return [json.loads(l) for l in path.read_text().splitlines()] if path.exists() else []
 
 
+def steps_in(out: Path) -> int:
+    found = re.findall(r"^step (\d+) ", out.read_text(), re.M) if out.exists() else []
+    return int(found[-1]) if found else -1
+
+
 def until(predicate, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
-            raise SystemExit(f"demo: no {what} within {timeout:g} s")
+            raise SystemExit(f"demo: waited {timeout:g} s for {what}, in vain")
         time.sleep(0.2)
 
 
@@ -233,29 +238,100 @@ for i in range(1, {TICKS} + 1):
     print("continuous: " + ("yes" if got == list(range(1, TICKS + 1)) else "NO"))
 
 
-SCENES = ("gpu", "tiers", "preemption", "elastic", "transparent")
+def scene_federation(work: Path, fed_dir: Path, port: int) -> None:
+    step("A federation: the placer moves a running basic job to another cluster, so that a "
+         "premium job starts where it must without preempting it")
+    from slurm_singularity import paths
+    from slurm_singularity.cluster import federation
+
+    policy = work / "daemon-policy.toml"      # Slurm preempts nothing: the daemons decide
+    policy.write_text((paths.TEMPLATES_DIR / "policy.toml").read_text().replace(
+        'preemption = "slurm"', 'preemption = "daemon"'))
+    admin = str(BIN / "singularity-admin")
+    r = show([admin, "cluster", "up", "--state-dir", str(fed_dir), "--federation", "demofed",
+              "--clusters", "east:2x8,west:2x8", "--ctld-port", str(port), "--policy",
+              str(policy)])
+    if r.returncode:
+        raise SystemExit("demo: the federation did not come up")
+    try:
+        east = CliSlurmClient(federation.load_spec(fed_dir).member("east").env())
+        steps = 30
+        want = reference(work, 8, steps)
+        out = work / "fed-train.out"
+        script = work / "fed-train.sh"
+        script.write_text(f"""#!/bin/bash
+#SBATCH --sla=basic --elastic=8:8 --world-size=8 -N1 --gres=gpu:8
+export SINGULARITY_CKPT_DIR={fed_dir}/$SLURM_CLUSTER_NAME/storage/ckpt/job-$SLURM_JOB_ID
+echo "cluster $SLURM_CLUSTER_NAME"
+srun --ntasks-per-node=1 {BIN / 'singularity-run'} {TRAIN} --steps {steps} --step-sleep 0.3 \\
+     --ckpt-every 4
+""")
+        job = east.submit(["--clusters=east", "-o", str(out), "--open-mode=append", str(script)])
+        print(f"basic job {job} on east: W=8 on 8 GPUs, {steps} steps, a checkpoint every 4 "
+              f"in east's storage")
+        until(lambda: steps_in(out) >= 6, 180, "the basic job's step 6")
+        log_path = work / "placer.log"
+        with open(log_path, "w") as log:
+            placer = subprocess.Popen([str(BIN / "singularity-schedd"), "--federation",
+                                       str(fed_dir), "--period", "1", "--min-run", "5"],
+                                      stdout=log, stderr=log)
+        try:
+            prem = east.submit(["--clusters=east", "--sla=premium", "--account=research", "-N2",
+                                "--gres=gpu:8", "-o", "/dev/null", "--wrap", "sleep 20"])
+            print(f"premium job {prem} needs all of east (2 x 8 GPUs); west is idle")
+            until(lambda: FINAL_LINE.search(out.read_text()), 240, "the basic job's end")
+        finally:
+            placer.terminate()
+            placer.wait(10)
+        print("The placer's decision and the move's steps:")
+        for line in log_path.read_text().splitlines():
+            if f"[job {job}]" in line:
+                print("  " + line.split("federation: ", 1)[-1][:170])
+        for line in out.read_text().splitlines():
+            if line.startswith("cluster ") or line.startswith("[device 0/") and (
+                    "checkpointed step" in line or "restored step" in line):
+                print("  job output: " + line[:150])
+        rec = east.show_job(prem)
+        print(f"premium job {prem}: submitted {rec.get('SubmitTime')}, started on east "
+              f"{rec.get('StartTime')}")
+        print(f"params_sha256, moved run:         {final_sha(out)}")
+        print(f"params_sha256, uninterrupted run: {want}")
+        print("equal: " + ("yes" if final_sha(out) == want else "NO"))
+    finally:
+        print("Stopping the federation (the single cluster above keeps running):")
+        show([admin, "cluster", "down", "--state-dir", str(fed_dir)])
+
+
+SCENES = ("gpu", "tiers", "preemption", "elastic", "transparent", "federation")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--state-dir", required=True)
-    parser.add_argument("--only", choices=SCENES, action="append",
-                        help="run this scene only (repeatable; default: all)")
+    parser.add_argument("--scenes", default=",".join(SCENES),
+                        help=f"comma list of scenes to play (default: all of {','.join(SCENES)})")
+    parser.add_argument("--federation-port", type=int, default=26817,
+                        help="first slurmctld port of the federation scene (default 26817)")
     args = parser.parse_args()
+    scenes = args.scenes.split(",")
+    if unknown := set(scenes) - set(SCENES):
+        parser.error(f"--scenes: unknown {', '.join(sorted(unknown))} (scenes: {', '.join(SCENES)})")
     client = CliSlurmClient()
     work = Path(tempfile.mkdtemp(prefix="singularity-demo-", dir=args.state_dir))
     os.chmod(work, 0o755)
-    only = set(args.only or SCENES)
-    if "gpu" in only:
+    if "gpu" in scenes:
         scene_gpu_job(client, work)
-    if "tiers" in only:
+    if "tiers" in scenes:
         scene_tiers(work)
-    if "preemption" in only:
+    if "preemption" in scenes:
         scene_preemption(client, work)
-    if "elastic" in only:
+    if "elastic" in scenes:
         scene_elastic(client, work)
-    if "transparent" in only:
+    if "transparent" in scenes:
         scene_transparent(client, work)
+    if "federation" in scenes:
+        scene_federation(work, Path(args.state_dir).absolute().parent / "demo-federation",
+                         args.federation_port)
     step("Done")
     print(f"The cluster keeps running. Explore it with:\n"
           f"  eval $(.venv/bin/singularity-admin cluster env --state-dir {args.state_dir})\n"

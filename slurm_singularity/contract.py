@@ -44,6 +44,7 @@ STATE_DIR = "SINGULARITY_STATE_DIR"        # local cluster state directory
 DEVICE_RANK = "SINGULARITY_DEVICE_RANK"    # this worker's device index (runtime)
 CKPT_EVERY_S = "SINGULARITY_CKPT_EVERY_S"  # periodic checkpoint every T seconds
 CKPT_DELAY_S = "SINGULARITY_CKPT_DELAY_S"  # TESTING KNOB: slow checkpoint writes
+MIGRATION_COPY_DELAY_S = "SINGULARITY_MIGRATION_COPY_DELAY_S"  # TESTING KNOB: slow copies
 PROGRESS_FD = "SINGULARITY_PROGRESS_FD"    # launcher pipe for worker progress
 CKPT_KEY = "SINGULARITY_CKPT_KEY"          # file of the key that signs checkpoints
 CKPT_ACCEPT_UNSIGNED = "SINGULARITY_CKPT_ACCEPT_UNSIGNED"  # "1": restore unsigned ones
@@ -53,7 +54,7 @@ ALL_VARIABLES: tuple[str, ...] = (
     SLA, ELASTIC, WORLD_SIZE, CKPT_DIR, PREEMPT_SIGNAL, DETERMINISTIC,
     PROXY, PROXY_ADDRS, DEVICES, STATE_DIR, DEVICE_RANK, CKPT_EVERY_S,
     CKPT_DELAY_S, PROGRESS_FD, PROXY_JOB, WORKER_DEVICE, PROXY_RING_BYTES, PROXY_STATE,
-    CKPT_KEY, CKPT_ACCEPT_UNSIGNED, RENDEZVOUS_TIMEOUT_S,
+    CKPT_KEY, CKPT_ACCEPT_UNSIGNED, RENDEZVOUS_TIMEOUT_S, MIGRATION_COPY_DELAY_S,
 )
 
 #: Module a launcher runs a worker under (``python -m PROXY_WORKER_MODULE
@@ -366,6 +367,17 @@ def ckpt_delay_s(environ: Mapping[str, str] | None = None) -> float:
     :raises ContractError: not a number >= 0.
     """
     return _nonneg_float(CKPT_DELAY_S, environ) or 0.0
+
+
+def migration_copy_delay_s(environ: Mapping[str, str] | None = None) -> float:
+    """TESTING KNOB, never for production: seconds a migration's checkpoint
+    copy sleeps between copying into its temporary directory and verifying
+    and renaming it, so that a test can kill the placer mid-copy. Set by
+    tests in the placer's environment. Default: 0.
+
+    :raises ContractError: not a number >= 0.
+    """
+    return _nonneg_float(MIGRATION_COPY_DELAY_S, environ) or 0.0
 
 
 def ckpt_key_file(environ: Mapping[str, str] | None = None) -> str | None:

@@ -48,6 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-copy", type=float, default=60.0, metavar="SECONDS",
                    help="with --federation: longest checkpoint copy worth a move to another "
                         "cluster; 0 = never move (default 60)")
+    p.add_argument("--min-run", type=float, default=600.0, metavar="SECONDS",
+                   help="with --federation, under the policy's preemption = \"daemon\": a "
+                        "running job that started less than this long ago is not moved to "
+                        "another cluster to make room for a higher tier (default 600)")
+    p.add_argument("--requeue-timeout", type=float, default=300.0, metavar="SECONDS",
+                   help="with --federation: seconds a job signalled for a move has to "
+                        "checkpoint and be requeued before the move is given up (default 300)")
     p.add_argument("--pid-file", type=Path, default=None, help="write the daemon's pid here")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
@@ -111,6 +118,7 @@ def _run_placer(args: argparse.Namespace) -> int:
     from ..policy.api import PolicyError
     from ..policy.install import installed_policy_path
     from ..policy.load import load_policy
+    from ..sched.fedmoves import MoveSettings
     from ..sched.federation import FederationPlacer, Member, MoveCost
     from ..slurm.cli import CliSlurmClient
 
@@ -122,6 +130,7 @@ def _run_placer(args: argparse.Namespace) -> int:
               "(a source checkout)", file=sys.stderr)
         return 2
     try:
+        moves = MoveSettings(min_run_s=args.min_run, requeue_timeout_s=args.requeue_timeout)
         fed = federation.load_spec(args.federation.absolute())
         # default: the policy `policy apply` installed on the first member
         policy = load_policy(args.policy or installed_policy_path(fed.member_specs()[0].conf_dir))
@@ -130,7 +139,10 @@ def _run_placer(args: argparse.Namespace) -> int:
         placer = FederationPlacer(
             members, policy, period_s=args.period, dry_run=args.dry_run,
             journal_path=args.journal or args.federation.absolute() / MIGRATIONS_FILE,
-            cost=MoveCost(bytes_per_s=args.copy_bandwidth * 1e6, max_copy_s=args.max_copy))
+            cost=MoveCost(bytes_per_s=args.copy_bandwidth * 1e6, max_copy_s=args.max_copy),
+            # Slurm preempts in place unless the policy leaves preemption to
+            # the daemons; then the placer moves running jobs to make room
+            moves=moves if policy.elastic.preemption == "daemon" else None)
     except (PolicyError, ValueError, ClusterError) as exc:
         print(f"singularity-schedd: error: {exc}", file=sys.stderr)
         return 2
@@ -140,8 +152,12 @@ def _run_placer(args: argparse.Namespace) -> int:
         args.pid_file.write_text(f"{os.getpid()}\n")
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda s, f: placer.stop(f"received {signal.Signals(s).name}"))
-    logging.getLogger(__name__).info("placing for federation %s (%s), period %g s", fed.name,
-                                     ", ".join(m.name for m in members), args.period)
+    logging.getLogger(__name__).info(
+        "placing for federation %s (%s), period %g s; %s", fed.name,
+        ", ".join(m.name for m in members), args.period,
+        f"moves running jobs to make room for higher tiers (min run {args.min_run:g} s)"
+        if placer.moves else "moves only jobs Slurm requeued (the policy's preemption is "
+                             f"{policy.elastic.preemption!r}: Slurm preempts in place)")
     return placer.run(max_passes=1 if args.once else 0)
 
 

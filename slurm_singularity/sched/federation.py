@@ -30,12 +30,15 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 from ..policy.api import Policy, Tier
 from ..slurm.api import SlurmClient, SlurmError
 from .api import ClusterState, JobPhase
 from .observe import observe
+
+if TYPE_CHECKING:
+    from .fedmoves import MoveSettings
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +63,8 @@ class PendingJob:
     checkpoint_at: str | None = None
     #: Bytes of that checkpoint (what a move copies).
     checkpoint_bytes: int = 0
+    #: Held (by its user, an admin or a migration): placed, but no demand.
+    held: bool = False
 
     @property
     def gpus(self) -> int:
@@ -195,16 +200,23 @@ def checkpoint_member(members: Sequence[Member], job_id: int) -> tuple[str | Non
     """The member whose storage root holds the job's checkpoint (its
     ``federated_checkpoint_dir``), when it holds anything, and its bytes."""
     for m in members:
-        if m.storage_root is None:
-            continue
-        ckpt = m.storage_root / federated_checkpoint_dir(job_id)
-        try:
-            files = [p for p in ckpt.rglob("*") if p.is_file()] if ckpt.is_dir() else []
-            if files:
-                return m.name, sum(p.stat().st_size for p in files)
-        except OSError:
-            continue
+        size = checkpoint_bytes(m, job_id)
+        if size is not None:
+            return m.name, size
     return None, 0
+
+
+def checkpoint_bytes(member: Member, job_id: int) -> int | None:
+    """Bytes of the job's checkpoint in ``member``'s storage root; None when
+    it holds no file of it (or cannot be read)."""
+    if member.storage_root is None:
+        return None
+    ckpt = member.storage_root / federated_checkpoint_dir(job_id)
+    try:
+        files = [p for p in ckpt.rglob("*") if p.is_file()] if ckpt.is_dir() else []
+        return sum(p.stat().st_size for p in files) if files else None
+    except OSError:
+        return None
 
 
 @dataclass
@@ -242,7 +254,8 @@ def observe_federation(members: Sequence[Member], policy: Policy, now: float) ->
             nodes = max(1, job.node_count)
             pending[st.job_id] = PendingJob(
                 st.job_id, st.tier, st.account, nodes, requested // nodes, st.submit_time,
-                viable, *checkpoint_member(members, st.job_id))
+                viable, *checkpoint_member(members, st.job_id),
+                held=st.phase is JobPhase.HELD)
             origin[st.job_id] = job.federation_origin or m.name
     for name, state in states.items():
         # pending copies are the federation's demand, not one member's
@@ -286,11 +299,19 @@ class PlacerMetrics:
 
 
 class FederationPlacer:
-    """Observe every member, place, narrow: one pass per period."""
+    """Observe every member, place, narrow, move: one pass per period.
+
+    With ``moves`` (and a journal) it also moves running jobs to make room
+    for a higher tier (``fedmoves.plan_moves``): the move is journaled
+    before the job is signalled, so a placer killed after the signal finds
+    it and signals again (the runtime takes a second signal as the first),
+    and every later step is journaled as it is done (``migrate.advance``).
+    """
 
     def __init__(self, members: Sequence[Member], policy: Policy, *, period_s: float = 2.0,
                  dry_run: bool = False, clock: Callable[[], float] = time.time,
-                 journal_path: Path | None = None, cost: MoveCost = MoveCost()) -> None:
+                 journal_path: Path | None = None, cost: MoveCost = MoveCost(),
+                 moves: "MoveSettings | None" = None) -> None:
         if not members:
             raise ValueError("--federation names no member cluster")
         if not 0.2 <= period_s <= 3600:
@@ -307,6 +328,13 @@ class FederationPlacer:
         from .migrate import MigrationJournal
         #: migrations in flight; None = the placer moves no checkpoint
         self.journal = MigrationJournal(journal_path) if journal_path else None
+        #: moves of running jobs; None = only jobs Slurm requeued are moved
+        self.moves = moves if self.journal is not None else None
+        #: migrations whose job this process has signalled (a restarted
+        #: placer signals a running one again)
+        self._signalled: set[int] = set()
+        #: jobs whose move this process gave up (never requeued): not moved again
+        self._given_up: set[int] = set()
 
     def stop(self, reason: str) -> None:
         log.info("stopping: %s", reason)
@@ -334,7 +362,8 @@ class FederationPlacer:
         seen = observe_federation(self.members, self.policy, self.clock())
         done = []
         pending = [j for j in seen.pending if j.job_id not in in_flight]
-        for p in place(seen.states, pending, self.cost):
+        placements = place(seen.states, pending, self.cost)
+        for p in placements:
             member = self.by_name.get(seen.origin.get(p.job_id, ""), self.members[0])
             if self.dry_run:
                 log.info("[job %s] would place on %s: %s", p.job_id, p.cluster, p.reason)
@@ -354,8 +383,66 @@ class FederationPlacer:
             self.metrics.placements.labels(p.cluster).inc()
             log.info("[job %s] placed on %s: %s", p.job_id, p.cluster, p.reason)
             done.append(p)
+        if self.moves is not None and self.journal is not None:
+            self._move_running(seen, pending, placements, self.journal)
         self._update_gauges(seen.states)
         return done
+
+    def _move_running(self, seen: Observed, pending: list[PendingJob],
+                      placements: Sequence[Placement], journal) -> None:
+        """Move running jobs to make room for a higher tier (``plan_moves``)."""
+        from .fedmoves import Leaving, plan_moves
+
+        placed = {p.job_id for p in placements}
+        if not any(not j.held and j.job_id not in placed for j in pending):
+            return                      # no job waits: nothing to make room for
+        checkpoints = {}
+        for m in self.members:
+            for job in seen.states[m.name].jobs:
+                if job.devices and job.job_id not in self._given_up:
+                    size = checkpoint_bytes(m, job.job_id)
+                    if size is not None:
+                        checkpoints[job.job_id] = size
+        shapes = {j.job_id: (j.nodes, j.gpus_per_node) for j in seen.pending}
+        for state in seen.states.values():
+            for job in state.jobs:
+                if job.placement:
+                    shapes[job.job_id] = (len(job.placement), max(g for _, g in job.placement))
+        leaving = [Leaving(e.job_id, e.source, e.destination, *shapes[e.job_id])
+                   for e in journal.load().values() if e.job_id in shapes]
+        now = self.clock()
+        for mv in plan_moves(seen.states, pending, placements, checkpoints, leaving,
+                             self.policy, now, self.cost, self.moves):
+            if self.dry_run:
+                log.info("[job %s] would move %s -> %s: %s", mv.job_id, mv.source,
+                         mv.destination, mv.reason)
+                continue
+            from .migrate import InFlight, MigrationStep
+
+            entry = InFlight(mv.job_id, mv.source, mv.destination,
+                             str(federated_checkpoint_dir(mv.job_id)), MigrationStep.SIGNALLED,
+                             now)
+            journal.put(entry)          # before the signal: a restart finds the move
+            self.metrics.migrations.labels(mv.source, mv.destination).inc()
+            log.info("[job %s] migrating %s -> %s: %s", mv.job_id, mv.source, mv.destination,
+                     mv.reason)
+            self._signal(entry)
+
+    def _signal(self, entry) -> None:
+        """Ask the job of a migration to checkpoint and requeue (its tier's
+        signal), if it still runs on its source.
+
+        :raises SlurmError: squeue or scancel failed.
+        """
+        source = self.by_name[entry.source]
+        for job in source.client.jobs():
+            if job.job_id == entry.job_id and job.state == "RUNNING":
+                tier = self.policy.tier_of_partition(job.partition) or self.policy.defaults.tier
+                signal = self.policy.tiers[tier].signal
+                source.client.cancel(job.job_id, signal=signal)
+                log.info("[job %s] sent SIG%s; waiting for its checkpoint and requeue",
+                         job.job_id, signal)
+        self._signalled.add(entry.job_id)
 
     def _start_migration(self, p: Placement, journal) -> None:
         from .migrate import InFlight, MigrationStep
@@ -364,23 +451,32 @@ class FederationPlacer:
                          str(federated_checkpoint_dir(p.job_id)), MigrationStep.SIGNALLED,
                          self.clock())
         journal.put(entry)              # before any step: a restart resumes it
+        self._signalled.add(p.job_id)   # Slurm requeued it: nothing to signal
         self.metrics.migrations.labels(entry.source, entry.destination).inc()
         log.info("[job %s] migrating %s -> %s: %s", p.job_id, entry.source, p.cluster, p.reason)
         self._advance(entry, journal)
 
     def _continue_migrations(self) -> set[int]:
         """Advance every migration in flight; returns their job ids."""
+        from .migrate import MigrationStep
+
         if self.journal is None:
             return set()
         entries = self.journal.load()
         for entry in entries.values():
+            if entry.step is MigrationStep.SIGNALLED and entry.job_id not in self._signalled:
+                try:
+                    self._signal(entry)     # journaled by a placer that died: again
+                except (SlurmError, KeyError) as exc:
+                    log.warning("[job %s] signalling it again failed: %s", entry.job_id, exc)
             self._advance(entry, self.journal)
         left = self.journal.load()
         self.metrics.migrating.set(len(left))
         return set(entries)
 
     def _advance(self, entry, journal) -> None:
-        from .migrate import MigrationError, advance
+        from .fedmoves import MoveSettings
+        from .migrate import MigrationError, MigrationStep, advance
 
         source, dest = self.by_name.get(entry.source), self.by_name.get(entry.destination)
         if source is None or dest is None:
@@ -389,7 +485,8 @@ class FederationPlacer:
             journal.drop(entry.job_id)
             return
         try:
-            after = advance(entry, source, dest, lambda msg: log.info("%s", msg))
+            after = advance(entry, source, dest, lambda msg: log.info("%s", msg),
+                            record=journal.put)
         except SlurmError as exc:
             self.metrics.errors.labels(source.name).inc()
             log.warning("[job %s] migration step after %s failed, retrying next pass: %s",
@@ -409,6 +506,13 @@ class FederationPlacer:
             log.info("[job %s] migrated %s -> %s", entry.job_id, entry.source, entry.destination)
         elif after != entry:
             journal.put(after)
+        elif (entry.step is MigrationStep.SIGNALLED
+              and self.clock() - entry.since > (self.moves or MoveSettings()).requeue_timeout_s):
+            log.warning("[job %s] not requeued %.0f s after its signal; move %s -> %s given "
+                        "up, the job runs on where it is", entry.job_id,
+                        self.clock() - entry.since, entry.source, entry.destination)
+            self._given_up.add(entry.job_id)
+            journal.drop(entry.job_id)
 
     def _update_gauges(self, states: Mapping[str, ClusterState]) -> None:
         m = self.metrics

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from .. import contract
 from ..slurm.api import SlurmError
 from .api import SchedError
 from .federation import Member
@@ -86,9 +87,17 @@ def copy_checkpoint(src: Path, dst: Path) -> tuple[int, int]:
     if not want:
         raise MigrationError(f"no checkpoint in {src}")
     dst.parent.mkdir(parents=True, exist_ok=True)
+    # a copier killed mid-copy left its temporary (and maybe the old copy
+    # it had set aside): the source is whole, so start again from it
+    for stale in (*dst.parent.glob(f".{dst.name}.copy-*"), *dst.parent.glob(f".{dst.name}.old-*")):
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = dst.with_name(f".{dst.name}.copy-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(src, tmp, symlinks=False)
+    delay = contract.migration_copy_delay_s()
+    if delay:
+        log.warning("copy of %s: testing delay of %.1f s (%s)", src, delay,
+                    contract.MIGRATION_COPY_DELAY_S)
+        time.sleep(delay)
     size = 0
     for path in tmp.rglob("*"):
         if path.is_file():
@@ -179,17 +188,26 @@ class MigrationJournal:
 
 
 def advance(entry: InFlight, source: Member, destination: Member,
-            progress: Callable[[str], None] = lambda m: None) -> InFlight | None:
-    """Take the migration's next step if it can be taken now; returns the
-    entry as it stands after it (unchanged: waiting for the job's requeue),
-    or None once the job is released on the destination. Idempotent: a step
-    redone after a crash finds its work done.
+            progress: Callable[[str], None] = lambda m: None,
+            record: Callable[[InFlight], None] = lambda e: None) -> InFlight | None:
+    """Take the migration's next steps that can be taken now; returns the
+    entry as it stands after them (unchanged: waiting for the job's requeue),
+    or None once the job is released on the destination. ``record`` gets the
+    entry after each step done (the journal's write), so a caller killed
+    between two steps resumes at the next one. Idempotent: a step redone
+    after a crash finds its work done.
 
     :raises MigrationError: the job ended, or the checkpoint cannot be copied.
     :raises SlurmError: a Slurm call failed (try again next pass).
     """
     job_id = entry.job_id
     step = entry.step
+
+    def done(now: MigrationStep) -> MigrationStep:
+        record(InFlight(job_id, entry.source, entry.destination, entry.relative, now,
+                        entry.since))
+        return now
+
     if step is MigrationStep.SIGNALLED:
         state, _ = _state(source, job_id)
         if state in ("RUNNING", "COMPLETING", "CONFIGURING"):
@@ -199,19 +217,20 @@ def advance(entry: InFlight, source: Member, destination: Member,
                                  f"requeued")
         source.client.scontrol("hold", str(job_id))
         progress(f"[job {job_id}] requeued; held until its checkpoint is on {destination.name}")
-        step = MigrationStep.REQUEUED
+        step = done(MigrationStep.REQUEUED)
     if step is MigrationStep.REQUEUED:
         source.client.scontrol("update", f"JobId={job_id}", f"Clusters={destination.name}")
         progress(f"[job {job_id}] its only sibling is now {destination.name}")
-        step = MigrationStep.NARROWED
+        step = done(MigrationStep.NARROWED)
     if step is MigrationStep.NARROWED:
         if source.storage_root is None or destination.storage_root is None:
             raise MigrationError(f"{source.name} or {destination.name} has no storage root")
+        progress(f"[job {job_id}] copying its checkpoint to {destination.name}")
         files, size = copy_checkpoint(source.storage_root / entry.relative,
                                       destination.storage_root / entry.relative)
         progress(f"[job {job_id}] copied its checkpoint ({files} files, {size} bytes, verified) "
                  f"to {destination.storage_root / entry.relative}")
-        step = MigrationStep.COPIED
+        step = done(MigrationStep.COPIED)
     if step is MigrationStep.COPIED:
         try:
             source.client.scontrol("release", str(job_id))

@@ -38,6 +38,40 @@ def test_a_checkpoint_copy_is_whole_verified_and_replaces_an_older_one(tmp_path)
     assert [p.name for p in dst.parent.iterdir()] == ["job-7"]     # no temporary left
 
 
+def test_a_copy_left_half_done_by_a_killed_copier_is_cleared_and_made_whole(tmp_path):
+    src = tmp_path / "src" / "job-7"
+    src.mkdir(parents=True)
+    (src / "params.pt").write_bytes(b"p" * 5000)
+    dst = tmp_path / "dst" / "job-7"
+    (dst.parent / ".job-7.copy-4242").mkdir(parents=True)          # killed mid-copy
+    (dst.parent / ".job-7.copy-4242" / "params.pt").write_bytes(b"p" * 10)
+    (dst.parent / ".job-7.old-4242").mkdir()                          # killed mid-rename
+    assert copy_checkpoint(src, dst) == (1, 5000)
+    assert tree_digest(dst) == tree_digest(src)
+    assert [p.name for p in dst.parent.iterdir()] == ["job-7"]
+
+
+def test_migration_steps_are_recorded_one_by_one_so_a_failed_copy_leaves_the_job_narrowed(
+        tmp_path):
+    from types import SimpleNamespace
+
+    from slurm_singularity.sched.federation import Member
+    from slurm_singularity.sched.migrate import advance
+    from slurm_singularity.slurm.api import Job
+
+    calls = []
+    client = SimpleNamespace(
+        jobs=lambda: [Job(7, "j", "PENDING", "basic", "a", "u", "", reason="BeginTime")],
+        scontrol=lambda *a: calls.append(a) or "")
+    east, west = (Member(n, client, tmp_path / n) for n in ("east", "west"))
+    recorded = []
+    entry = InFlight(7, "east", "west", "ckpt/job-7", MigrationStep.SIGNALLED, 0.0)
+    with pytest.raises(MigrationError, match="no checkpoint in"):
+        advance(entry, east, west, record=recorded.append)
+    assert [e.step for e in recorded] == [MigrationStep.REQUEUED, MigrationStep.NARROWED]
+    assert calls == [("hold", "7"), ("update", "JobId=7", "Clusters=west")]
+
+
 def test_an_empty_checkpoint_is_not_copied_and_the_destination_is_untouched(tmp_path):
     (tmp_path / "src").mkdir()
     with pytest.raises(MigrationError, match="no checkpoint in"):

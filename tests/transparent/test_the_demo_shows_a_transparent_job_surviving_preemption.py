@@ -24,7 +24,7 @@ def test_the_transparent_scene_prints_a_continuous_count(slurm_cluster, criu_rea
     t0 = time.monotonic()
     try:
         r = subprocess.run([sys.executable, str(REPO / "scripts" / "demo.py"), "--state-dir",
-                            str(state), "--only", "transparent"], env=slurm_cluster.env,
+                            str(state), "--scenes", "transparent"], env=slurm_cluster.env,
                            capture_output=True, text=True, timeout=300)
     finally:
         shutil.rmtree(state, ignore_errors=True)
