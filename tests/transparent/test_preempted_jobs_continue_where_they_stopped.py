@@ -20,8 +20,17 @@ COUNT = 60
 
 
 def images(ckpt):
+    """The images and temporary dumps in the job's ``transparent/`` (not
+    the chunk store)."""
     d = ckpt / "transparent"
-    return sorted(p.name for p in d.iterdir()) if d.exists() else []
+    return sorted(p.name for p in d.iterdir() if p.name != "chunks") if d.exists() else []
+
+
+def chunks_of(ckpt, image, prefix):
+    """The chunk files of the image's files whose names start with ``prefix``."""
+    manifest = json.loads((ckpt / "transparent" / image / MANIFEST).read_text())
+    return [ckpt / "transparent" / "chunks" / h for f in manifest["files"]
+            if f["name"].startswith(prefix) for h, _ in f["chunks"]]
 
 
 def test_a_shell_loop_dumped_and_restored_three_times_counts_on_without_gaps(criu_ready, work):
@@ -42,6 +51,7 @@ def test_a_shell_loop_dumped_and_restored_three_times_counts_on_without_gaps(cri
               (ckpt / "transparent-history.jsonl").read_text().splitlines()]
     assert events == ["start"] + ["dump", "restore"] * 3 + ["exit"]
     assert images(ckpt) == [], "a finished job's images are removed"
+    assert not (ckpt / "transparent" / "chunks").exists(), "and its chunks"
 
 
 def test_a_tampered_image_is_refused_and_the_job_does_not_run_it(criu_ready, work):
@@ -51,14 +61,14 @@ def test_a_tampered_image_is_refused_and_the_job_does_not_run_it(criu_ready, wor
     wait_until(lambda: len(counted(work)) >= 5, 30, "count 5")
     assert run.preempt() == contract.REQUEUE_EXIT_CODE, run.stderr()
     (image,) = images(ckpt)
-    core = next(p for p in (ckpt / "transparent" / image).iterdir() if p.name.startswith("core-"))
+    core = chunks_of(ckpt, image, "core-")[0]
     data = bytearray(core.read_bytes())
     data[-1] ^= 0xFF
     core.write_bytes(bytes(data))
     before = len(counted(work))
     again = start(work, script, job_id=102, ckpt=ckpt, tag="run1")
     wait_until(lambda: "image refused" in again.stderr(), 30, "the refusal")
-    assert "changed after the dump" in again.stderr()
+    assert "changed after the dump" in again.stderr() and "core-" in again.stderr()
     assert "restoring" not in again.stderr()
     again.proc.send_signal(signal.SIGKILL)
     again.proc.wait(timeout=30)
