@@ -7,10 +7,13 @@ fsync of all of it was most of the pause (issue 15, item 4). So each image
 file is cut into chunks, each chunk is stored once under its sha256 in
 ``transparent/chunks/`` (shared by all ranks and all dumps of the job),
 compressed with zlib level 1 when that pays (random floats do not compress:
-a 16 KiB probe decides, so they cost no compression time), and a dump's
+a 4 KiB probe decides, so they cost no compression time), and a dump's
 manifest lists each file as its chunks' hashes and lengths. Only new chunks
 are written and fsynced, by several threads (sha256 and zlib release the
-GIL on big buffers).
+GIL on big buffers). The files are mapped, not read (a fresh buffer's page
+faults cost as much as hashing here), and a chunk equal to one already seen
+in the dump (the next rank's copy of the parameters) is found by ``memcmp``
+and never hashed: hashing is most of the pause, and memcmp is ~10x faster.
 
 Why content-defined cuts on page boundaries: CRIU's ``pages-*.img`` holds a
 process's pages back to back, so the same parameters sit at a different
@@ -28,12 +31,13 @@ kept image whole. Runs as root in the keeper; ``chunks/`` is root's, 0700.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
+import mmap
 import os
 import threading
 import zlib
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,11 +52,9 @@ MIN_PAGES, MAX_PAGES = 16, 512
 #: A page starts a chunk when its first word's hash falls below this (1 in 64).
 _CUT_BELOW = 1 << 58
 _MIX, _SALT, _MASK = 0x9E3779B97F4A7C15, 0x5BD1E9955BD1E995, (1 << 64) - 1
-#: Bytes read from an image file at a time.
-READ_BLOCK = 32 << 20
 #: A chunk is compressed when zlib shrinks a probe of its start below this.
 PAYS = 0.9
-PROBE = 16384
+PROBE = 4096
 #: Threads that hash, compress, write and fsync chunks (and verify at restore).
 THREADS = 4
 RAW, ZLIB = b"R", b"Z"
@@ -87,31 +89,52 @@ def cut_points(buf: bytes | bytearray | memoryview) -> list[int]:
     return cuts
 
 
-def split(path: Path) -> Iterator[bytes]:
-    """The chunks of the file at ``path``, in order (read in blocks)."""
-    carry = b""
-    with open(path, "rb", buffering=0) as f:
-        while True:
-            data = f.read(READ_BLOCK)
-            if not data:
-                if carry:
-                    yield carry
-                return
-            buf = carry + data if carry else data
-            start = 0
-            for cut in cut_points(buf):
-                yield buf[start:cut]
-                start = cut
-            carry = buf[start:]
+class _Mapped:
+    """An image file mapped whole (shared, populated: no copy, no fault per
+    page), with its address for ``memcmp``. Root's file after ``seal``; a
+    process of the user that kept a descriptor could still truncate it
+    (the keeper then dies of SIGBUS and the job's previous image is used:
+    the user harms only their own job)."""
+
+    def __init__(self, path: Path) -> None:
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
+        try:
+            self.size = os.fstat(fd).st_size
+            self.map = mmap.mmap(fd, self.size, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE,
+                                 prot=mmap.PROT_READ | mmap.PROT_WRITE) if self.size else None
+        finally:
+            os.close(fd)
+        self.view = memoryview(self.map) if self.map is not None else memoryview(b"")
+        self.base = ctypes.addressof(ctypes.c_char.from_buffer(self.map)) if self.map else 0
+
+    def close(self) -> None:
+        self.view.release()
+        if self.map is not None:
+            try:
+                self.map.close()
+            except BufferError:          # a view still held: unmapped when collected
+                pass
 
 
-def encode(raw: bytes) -> bytes:
-    """A chunk as stored: zlib level 1 when a probe shows it pays, else raw."""
+_libc = ctypes.CDLL(None)
+_libc.memcmp.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
+_libc.memcmp.restype = ctypes.c_int
+
+
+def _same(a: tuple[_Mapped, int], b: tuple[_Mapped, int], n: int) -> bool:
+    """Whether ``n`` bytes at two places of mapped files are equal (memcmp:
+    10x faster than hashing them)."""
+    return _libc.memcmp(a[0].base + a[1], b[0].base + b[1], n) == 0
+
+
+def encode(raw: bytes | memoryview) -> tuple[bytes, bytes | memoryview]:
+    """A chunk as stored, (kind, body): zlib level 1 when a probe shows it
+    pays, else the bytes as they are."""
     if len(zlib.compress(raw[:PROBE], 1)) < PAYS * min(len(raw), PROBE):
         packed = zlib.compress(raw, 1)
         if len(packed) < len(raw):
-            return ZLIB + packed
-    return RAW + raw
+            return ZLIB, packed
+    return RAW, raw
 
 
 def decode(stored: bytes, raw_len: int) -> bytes:
@@ -143,52 +166,70 @@ class ChunkStore:
                                                     StoreStats]:
         """Store the files; returns each file's chunks (sha256, length) with
         the bytes written for it, and the cost of all. Every new chunk is
-        durable when this returns.
+        durable when this returns. A chunk equal to one seen earlier in this
+        dump (another rank's copy of the same parameters: same length and
+        ends, then ``memcmp``) takes its hash without being hashed.
 
         :raises OSError: a read, write or fsync failed (chunks already
             written are unreferenced and go at the next ``collect``).
         """
         known = set(os.listdir(self.dir))
         written = [0, 0]
-        sem = threading.BoundedSemaphore(THREADS * 4)
 
-        def put(raw: bytes) -> tuple[str, int, int]:
-            try:
-                digest = hashlib.sha256(raw).hexdigest()
+        def put(raw: memoryview) -> tuple[str, int, int]:
+            digest = hashlib.sha256(raw).hexdigest()
+            with self._lock:
+                new = digest not in known
+                known.add(digest)
+            size = 0
+            if new:
+                kind, body = encode(raw)
+                self._write(digest, kind, body)
+                size = len(kind) + len(body)
                 with self._lock:
-                    new = digest not in known
-                    known.add(digest)
-                stored = b""
-                if new:
-                    stored = encode(raw)
-                    self._write(digest, stored)
-                    with self._lock:
-                        written[0] += len(stored)
-                        written[1] += 1
-                return digest, len(raw), len(stored)
-            finally:
-                sem.release()
+                    written[0] += size
+                    written[1] += 1
+            return digest, len(raw), size
 
-        with ThreadPoolExecutor(THREADS, thread_name_prefix="chunks") as pool:
-            futures = []
-            for path in paths:
-                mine = []
-                for raw in split(path):
-                    sem.acquire()
-                    mine.append(pool.submit(put, raw))
-                futures.append(mine)
-            done = [[f.result() for f in mine] for mine in futures]
+        maps: list[_Mapped] = []
+        seen: dict[tuple[int, bytes, bytes], tuple[_Mapped, int, Future]] = {}
+        plans: list[list[tuple[Future, bool]]] = []
+        try:
+            with ThreadPoolExecutor(THREADS, thread_name_prefix="chunks") as pool:
+                for path in paths:
+                    mapped = _Mapped(path)
+                    maps.append(mapped)
+                    plan = []
+                    offsets = [0, *cut_points(mapped.view), mapped.size] if mapped.size else []
+                    for start, end in zip(offsets, offsets[1:]):
+                        view, n = mapped.view[start:end], end - start
+                        key = (n, bytes(view[:32]), bytes(view[-32:]))
+                        first = seen.get(key)
+                        if first is not None and _same((first[0], first[1]), (mapped, start), n):
+                            plan.append((first[2], True))
+                            continue
+                        future = pool.submit(put, view)
+                        seen.setdefault(key, (mapped, start, future))
+                        plan.append((future, False))
+                    plans.append(plan)
+                done = [[(f.result(), dup) for f, dup in plan] for plan in plans]
+        finally:
+            seen.clear()
+            for mapped in maps:
+                mapped.close()
         fsync_dir(self.dir)
-        out = [([(h, n) for h, n, _ in items], sum(w for _, _, w in items)) for items in done]
-        return out, StoreStats(raw_bytes=sum(n for items in done for _, n, _ in items),
+        out = [([(h, n) for (h, n, _), _ in items],
+                sum(w for (_, _, w), dup in items if not dup)) for items in done]
+        return out, StoreStats(raw_bytes=sum(n for items in done for (_, n, _), _ in items),
                                written_bytes=written[0], new_chunks=written[1],
                                chunks=sum(map(len, done)))
 
-    def _write(self, digest: str, stored: bytes) -> None:
+    def _write(self, digest: str, kind: bytes, body: bytes | memoryview) -> None:
         tmp = self.dir / f".tmp-{digest}-{threading.get_ident()}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
         try:
-            view = memoryview(stored)
+            os.write(fd, kind)
+            view = memoryview(body)
             while view:
                 view = view[os.write(fd, view):]
             os.fsync(fd)
