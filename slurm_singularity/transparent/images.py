@@ -200,16 +200,15 @@ def materialize(image: Path, manifest: Manifest, gid: int, job_id: int) -> Path:
     dest = parent / f"{prefix}restore-{os.getpid()}-{os.urandom(4).hex()}"
     os.mkdir(dest, 0o700)
     chunks = store.ChunkStore(image.parent)
+    fds: list[int] = []
     try:
+        for f in manifest.files:
+            fds.append(os.open(dest / f.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL
+                               | os.O_NOFOLLOW, 0o640))
+            os.fchown(fds[-1], 0, gid)
         with ThreadPoolExecutor(store.THREADS, thread_name_prefix="restore") as pool:
-            for f in manifest.files:
-                fd = os.open(dest / f.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
-                             0o640)
-                try:
-                    os.fchown(fd, 0, gid)
-                    chunks.assemble(f.name, list(f.chunks), fd, pool)
-                finally:
-                    os.close(fd)
+            chunks.assemble([(f.name, list(f.chunks), fd)
+                             for f, fd in zip(manifest.files, fds)], pool)
         os.chown(dest, 0, gid)
         os.chmod(dest, 0o750)
     except ImageRefused as exc:
@@ -218,6 +217,9 @@ def materialize(image: Path, manifest: Manifest, gid: int, job_id: int) -> Path:
     except OSError:
         discard(dest)
         raise
+    finally:
+        for fd in fds:
+            os.close(fd)
     return dest
 
 

@@ -244,21 +244,27 @@ class ChunkStore:
                 return digest
         return None
 
-    def assemble(self, name: str, chunks: list[tuple[str, int]], dest_fd: int,
+    def assemble(self, files: list[tuple[str, list[tuple[str, int]], int]],
                  pool: ThreadPoolExecutor) -> None:
-        """Write file ``name`` (opened as ``dest_fd``) from its chunks,
-        verifying each.
+        """Write each file (name, chunks, descriptor opened for writing) from
+        its chunks; each distinct chunk is read and verified once and written
+        wherever it occurs (every rank's copy of the parameters).
 
         :raises ImageRefused: a chunk is missing, unreadable or altered
-            (names the file and the chunk).
+            (names a file that holds it and the chunk).
         """
-        offsets, at = [], 0
-        for _, n in chunks:
-            offsets.append(at)
-            at += n
+        places: dict[str, list[tuple[str, int, int]]] = {}
+        sizes: dict[str, int] = {}
+        for name, chunks, fd in files:
+            at = 0
+            for digest, n in chunks:
+                places.setdefault(digest, []).append((name, fd, at))
+                sizes[digest] = n
+                at += n
+            os.ftruncate(fd, at)
 
-        def one(item: tuple[tuple[str, int], int]) -> None:
-            (digest, n), offset = item
+        def one(digest: str) -> None:
+            n, name = sizes[digest], places[digest][0][0]
             try:
                 with open(self.dir / digest, "rb", buffering=0) as f:
                     raw = decode(f.read(), n)
@@ -271,14 +277,14 @@ class ChunkStore:
             if len(raw) != n or hashlib.sha256(raw).hexdigest() != digest:
                 raise ImageRefused(f"{name}: chunk {digest[:16]} was changed after the dump "
                                    f"(size or sha256)")
-            view = memoryview(raw)
-            while view:
-                done = os.pwrite(dest_fd, view, offset)
-                view, offset = view[done:], offset + done
+            for _, fd, offset in places[digest]:
+                view = memoryview(raw)
+                while view:
+                    done = os.pwrite(fd, view, offset)
+                    view, offset = view[done:], offset + done
 
-        for _ in pool.map(one, zip(chunks, offsets)):
+        for _ in pool.map(one, list(places)):
             pass
-        os.ftruncate(dest_fd, at)
 
     def collect(self, referenced: set[str]) -> int:
         """Remove chunks (and interrupted writes) no kept manifest names;

@@ -69,7 +69,7 @@ def put_and_rebuild(tmp_path, data: bytes, tamper=None):
     fd = os.open(out, os.O_WRONLY | os.O_CREAT, 0o600)
     try:
         with ThreadPoolExecutor(2) as pool:
-            chunks.assemble("pages-1.img", chunk_list, fd, pool)
+            chunks.assemble([("pages-1.img", chunk_list, fd)], pool)
     finally:
         os.close(fd)
     return out.read_bytes(), chunk_list, chunks
