@@ -209,6 +209,7 @@ class Keeper:
         if found is not None:
             self.record("restore", image=found[0].name, restore_s=round(time.monotonic() - t0, 3))
             log.info("%s restored in %.2f s", self.prefix, time.monotonic() - t0)
+            images.prune(self.images_dir, found[0].name, self.s.keep)
         else:
             self.record("start")
         return self._wait(reader, key)
@@ -282,7 +283,10 @@ class Keeper:
             images.discard(staging)
         t_store = time.monotonic()
         published = images.verify(path, key, job_id=self.s.job_id, uid=self.s.uid)
-        images.prune(self.images_dir, path.name, self.s.keep)
+        if leave_running:
+            images.prune(self.images_dir, path.name, self.s.keep)
+        # at a preemption, retention waits for the next run's restore (off
+        # the pause, and older images go only once the new one restored)
         t_end = time.monotonic()
         self.record("dump", image=path.name, reason=reason, bytes=published.bytes_written,
                     raw_bytes=published.raw_bytes, pause_s=published.pause_s,
