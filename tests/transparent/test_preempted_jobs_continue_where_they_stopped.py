@@ -189,3 +189,51 @@ def test_a_disk_full_during_a_dump_keeps_the_previous_good_image(criu_ready, wor
         third.proc.wait(timeout=30)
     finally:
         subprocess.run(["umount", "-l", str(ckpt)], capture_output=True)
+
+
+def referenced_chunks(ckpt, image):
+    return {p.name for p in chunks_of(ckpt, image, "")}
+
+
+def test_a_disk_full_dump_leaves_no_stray_chunk_in_the_store(criu_ready, work):
+    ckpt = work / "ckpt"
+    ckpt.mkdir(mode=0o700)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs",
+                              str(ckpt)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs to fill: {mounted.stderr.strip()}")
+    try:
+        script = counter_script(work, 400)
+        run = start(work, script, job_id=108, ckpt=ckpt, tag="run0")
+        wait_until(lambda: len(counted(work)) >= 5, 30, "count 5")
+        assert run.preempt() == contract.REQUEUE_EXIT_CODE, run.stderr()
+        (good,) = images(ckpt)
+        second = start(work, script, job_id=108, ckpt=ckpt, tag="run1")
+        wait_until(lambda: "restored in" in second.stderr(), 30, "the restore")
+        subprocess.run(["dd", "if=/dev/zero", f"of={ckpt / 'filler'}", "bs=64k"],
+                       capture_output=True)
+        assert second.preempt() == contract.REQUEUE_EXIT_CODE
+        assert "publishing the image failed" in second.stderr(), second.stderr()
+        assert set(os.listdir(ckpt / "transparent" / "chunks")) == referenced_chunks(ckpt, good)
+    finally:
+        subprocess.run(["umount", "-l", str(ckpt)], capture_output=True)
+
+
+def test_a_missing_chunk_is_refused_naming_the_file_and_the_job_starts_afresh(
+        criu_ready, work):
+    ckpt = work / "ckpt"
+    script = counter_script(work, COUNT)
+    run = start(work, script, job_id=109, ckpt=ckpt, tag="run0")
+    wait_until(lambda: len(counted(work)) >= 5, 30, "count 5")
+    assert run.preempt() == contract.REQUEUE_EXIT_CODE, run.stderr()
+    (image,) = images(ckpt)
+    chunks_of(ckpt, image, "pages-")[0].unlink()
+    again = start(work, script, job_id=109, ckpt=ckpt, tag="run1")
+    wait_until(lambda: "image refused" in again.stderr(), 30, "the refusal")
+    refusal = next(line for line in again.stderr().splitlines() if "image refused" in line)
+    assert "pages-" in refusal and "missing from the store" in refusal, refusal
+    assert "restoring" not in again.stderr()
+    wait_until(lambda: (work / "run1.out").exists() and "tick 1" in
+               (work / "run1.out").read_text(), 30, "a fresh start")
+    again.proc.send_signal(signal.SIGKILL)
+    again.proc.wait(timeout=30)
