@@ -290,12 +290,14 @@ class Keeper:
         t_end = time.monotonic()
         self.record("dump", image=path.name, reason=reason, bytes=published.bytes_written,
                     raw_bytes=published.raw_bytes, pause_s=published.pause_s,
-                    store_s=round(t_store - t_criu, 3), verify_prune_s=round(t_end - t_store, 3),
-                    total_s=round(t_end - t0, 3), chunks=stats.chunks,
-                    new_chunks=stats.new_chunks, staging=str(staging.parent))
+                    store_s=round(t_store - t_criu, 3),
+                    verify_prune_s=round(t_end - t_store, 3), total_s=round(t_end - t0, 3),
+                    chunks=stats.chunks, new_chunks=stats.new_chunks,
+                    staging=str(staging.parent))
         log.info("%s %s dump %s: %.1f MB written of %.1f MB, criu %.2f s, store %.2f s, "
-                 "verify+prune %.2f s", self.prefix, reason, path.name, published.bytes_written / 1e6,
-                 published.raw_bytes / 1e6, t_criu - t0, t_store - t_criu, t_end - t_store)
+                 "verify+prune %.2f s", self.prefix, reason, path.name,
+                 published.bytes_written / 1e6, published.raw_bytes / 1e6, t_criu - t0,
+                 t_store - t_criu, t_end - t_store)
         return published
 
     def _criu_dump(self, leave_running: bool) -> tuple[Path, subprocess.CompletedProcess]:
