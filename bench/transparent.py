@@ -150,6 +150,7 @@ def main() -> int:
             "criu_s": [d["pause_s"] for d in dumps],
             "store_s": [d.get("store_s") for d in dumps],
             "verify_prune_s": [d.get("verify_prune_s") for d in dumps],
+            "files_stored_during_criu": [d.get("files_stored_during_criu") for d in dumps],
             "staging": sorted({d.get("staging", "") for d in dumps}),
             "restore_s": [round(r, 3) for r in restores],
             "raw_bytes_per_dump": first["raw_bytes"],

@@ -123,8 +123,9 @@ def new_pending(images_dir: Path) -> Path:
 
 
 def publish(staging: Path, pending: Path, manifest: Manifest, key: bytes,
-            chunks: store.ChunkStore) -> tuple[Path, store.StoreStats]:
-    """Store the files CRIU wrote in ``staging`` as chunks, sign the manifest
+            batch: store.Batch) -> tuple[Path, store.StoreStats]:
+    """Store the files CRIU wrote in ``staging`` as chunks (``batch`` may
+    hold some already, stored while CRIU wrote the others), sign the manifest
     that lists them, write it into ``pending``, rename that to the next
     ``image-<seq>``. The manifest is written only after every new chunk is
     durable. Returns the published path and what storing cost.
@@ -133,7 +134,7 @@ def publish(staging: Path, pending: Path, manifest: Manifest, key: bytes,
     """
     names = sorted(e.name for e in os.scandir(staging)
                    if e.is_file(follow_symlinks=False) and e.name != MANIFEST)
-    stored, stats = chunks.put_files([staging / n for n in names])
+    stored, stats = batch.finish([staging / n for n in names])
     files = tuple(FileEntry(name=n, size=written, raw_size=sum(c for _, c in cl),
                             chunks=tuple(cl))
                   for n, (cl, written) in zip(names, stored))

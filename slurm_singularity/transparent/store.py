@@ -35,8 +35,12 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import logging
 import mmap
 import os
+import select
+import stat
+import struct
 import threading
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -45,6 +49,8 @@ from pathlib import Path
 
 from slurm_singularity.runtime.dirlock import fsync_dir
 from slurm_singularity.transparent.api import ImageRefused
+
+log = logging.getLogger(__name__)
 
 #: Subdirectory of ``transparent/`` that holds the chunks.
 CHUNKS_SUBDIR = "chunks"
@@ -75,6 +81,8 @@ class StoreStats:
     #: Chunks written (new) and chunks referenced in all.
     new_chunks: int = 0
     chunks: int = 0
+    #: Files stored while CRIU was still writing others (``CloseWatcher``).
+    files_early: int = 0
 
 
 def cut_points(buf: bytes | bytearray | memoryview | mmap.mmap) -> list[int]:
@@ -107,9 +115,13 @@ class _Mapped:
     the user harms only their own job)."""
 
     def __init__(self, path: Path) -> None:
-        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK)
         try:
-            self.size = os.fstat(fd).st_size
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+                raise OSError(f"{path.name} is not a plain file with one link")
+            self.identity = _identity(st)
+            self.size = st.st_size
             self.map = mmap.mmap(fd, self.size, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE,
                                  prot=mmap.PROT_READ | mmap.PROT_WRITE) if self.size else None
         finally:
@@ -126,7 +138,7 @@ class _Mapped:
                 pass
 
 
-_libc = ctypes.CDLL(None)
+_libc = ctypes.CDLL(None, use_errno=True)
 _libc.memcmp.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
 _libc.memcmp.restype = ctypes.c_int
 
@@ -161,6 +173,150 @@ def decode(stored: bytes, raw_len: int) -> bytes:
     raise ValueError("unknown chunk encoding")
 
 
+def _identity(st: os.stat_result) -> tuple[int, int, int]:
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+class Batch:
+    """One dump's files going into the store. ``add`` may run while CRIU
+    still writes the next rank's files (``CloseWatcher`` calls it when CRIU
+    closes one), so that most of the storing is done when CRIU ends;
+    ``finish`` adds the rest, and starts over from nothing if a file added
+    early changed since (CRIU writes each file once, so it never does).
+
+    A chunk equal to one seen earlier in the batch (another rank's copy of
+    the same parameters: same length and ends, then ``memcmp``) takes its
+    hash without being hashed.
+    """
+
+    def __init__(self, chunks: "ChunkStore") -> None:
+        self.store = chunks
+        self.reset()
+
+    def reset(self) -> None:
+        """Start afresh (after ``close``): nothing added, new threads."""
+        self.known = set(os.listdir(self.store.dir))
+        self.written = [0, 0]
+        self.lock = threading.Lock()
+        self.pool = ThreadPoolExecutor(THREADS, thread_name_prefix="chunks")
+        self.maps: list[_Mapped] = []
+        self.seen: dict[tuple[int, bytes, bytes], tuple[_Mapped, int, Future]] = {}
+        self.plans: dict[str, tuple[tuple[int, int, int], list[tuple[Future, bool]]]] = {}
+
+    def _put(self, raw: memoryview) -> tuple[str, int, int]:
+        digest = hashlib.sha256(raw).hexdigest()
+        with self.lock:
+            new = digest not in self.known
+            self.known.add(digest)
+        size = 0
+        if new:
+            kind, body = encode(raw)
+            self.store._write(digest, kind, body)
+            size = len(kind) + len(body)
+            with self.lock:
+                self.written[0] += size
+                self.written[1] += 1
+        return digest, len(raw), size
+
+    def add(self, path: Path) -> None:
+        """Map ``path``, cut it and hand its new chunks to the threads.
+
+        :raises OSError: it cannot be mapped (not a plain file with one link).
+        """
+        mapped = _Mapped(path)
+        self.maps.append(mapped)
+        plan = []
+        offsets = [0, *cut_points(mapped.view), mapped.size] if mapped.size else []
+        for start, end in zip(offsets, offsets[1:]):
+            view, n = mapped.view[start:end], end - start
+            key = (n, bytes(view[:32]), bytes(view[-32:]))
+            first = self.seen.get(key)
+            if first is not None and _same((first[0], first[1]), (mapped, start), n):
+                plan.append((first[2], True))
+                continue
+            future = self.pool.submit(self._put, view)
+            self.seen.setdefault(key, (mapped, start, future))
+            plan.append((future, False))
+        self.plans[path.name] = (mapped.identity, plan)
+
+    def finish(self, paths: list[Path]) -> tuple[list[tuple[list[tuple[str, int]], int]],
+                                                 StoreStats]:
+        """Every file stored; returns each file's chunks (sha256, length)
+        with the bytes written for it, and the cost of all. Every new chunk
+        is durable when this returns.
+
+        :raises OSError: a read, write or fsync failed (chunks already
+            written are unreferenced and go at the next ``collect``).
+        """
+        for path in paths:
+            early = self.plans.get(path.name)
+            if early is not None and early[0] != _identity(os.lstat(path)):
+                log.warning("transparent: %s changed after it was stored; storing again", path)
+                self.close()
+                self.reset()
+                break
+        early = sum(1 for p in paths if p.name in self.plans)
+        for path in paths:
+            if path.name not in self.plans:
+                self.add(path)
+        done = [[(f.result(), dup) for f, dup in self.plans[p.name][1]] for p in paths]
+        fsync_dir(self.store.dir)
+        out = [([(h, n) for (h, n, _), _ in items],
+                sum(w for (_, _, w), dup in items if not dup)) for items in done]
+        return out, StoreStats(raw_bytes=sum(n for items in done for (_, n, _), _ in items),
+                               written_bytes=self.written[0], new_chunks=self.written[1],
+                               chunks=sum(map(len, done)), files_early=early)
+
+    def close(self) -> None:
+        """Wait for the threads and unmap the files."""
+        self.pool.shutdown(wait=True)
+        self.seen.clear()
+        for mapped in self.maps:
+            mapped.close()
+        self.maps.clear()
+
+
+class CloseWatcher:
+    """Calls ``on_closed(path)`` for each file matching ``prefix`` that is
+    closed after writing in ``directory`` (inotify), from a thread, until
+    ``stop``; errors in ``on_closed`` are logged and the file is left for
+    later."""
+
+    IN_CLOSE_WRITE = 0x8
+
+    def __init__(self, directory: Path, prefix: str, on_closed) -> None:
+        self.dir, self.prefix, self.on_closed = directory, prefix, on_closed
+        self.fd = _libc.inotify_init1(os.O_CLOEXEC | os.O_NONBLOCK)
+        if self.fd < 0 or _libc.inotify_add_watch(self.fd, os.fsencode(directory),
+                                                  self.IN_CLOSE_WRITE) < 0:
+            raise OSError(ctypes.get_errno(), f"inotify on {directory}")
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="close-watcher", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stopping.is_set():
+            ready, _, _ = select.select([self.fd], [], [], 0.05)
+            if not ready:
+                continue
+            data = os.read(self.fd, 65536)
+            at = 0
+            while at + 16 <= len(data):
+                _, _, _, n = struct.unpack_from("iIII", data, at)
+                name = data[at + 16:at + 16 + n].rstrip(b"\0").decode(errors="replace")
+                at += 16 + n
+                if name.startswith(self.prefix):
+                    try:
+                        self.on_closed(self.dir / name)
+                    except (OSError, ValueError) as exc:
+                        log.info("transparent: %s left for after the dump: %s", name, exc)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join()
+        os.close(self.fd)
+
+
 class ChunkStore:
     """The chunks of one job (``transparent/chunks/``, root's, 0700)."""
 
@@ -174,65 +330,15 @@ class ChunkStore:
 
     def put_files(self, paths: list[Path]) -> tuple[list[tuple[list[tuple[str, int]], int]],
                                                     StoreStats]:
-        """Store the files; returns each file's chunks (sha256, length) with
-        the bytes written for it, and the cost of all. Every new chunk is
-        durable when this returns. A chunk equal to one seen earlier in this
-        dump (another rank's copy of the same parameters: same length and
-        ends, then ``memcmp``) takes its hash without being hashed.
+        """Store the files at once (see ``Batch``).
 
-        :raises OSError: a read, write or fsync failed (chunks already
-            written are unreferenced and go at the next ``collect``).
+        :raises OSError: a read, write or fsync failed.
         """
-        known = set(os.listdir(self.dir))
-        written = [0, 0]
-
-        def put(raw: memoryview) -> tuple[str, int, int]:
-            digest = hashlib.sha256(raw).hexdigest()
-            with self._lock:
-                new = digest not in known
-                known.add(digest)
-            size = 0
-            if new:
-                kind, body = encode(raw)
-                self._write(digest, kind, body)
-                size = len(kind) + len(body)
-                with self._lock:
-                    written[0] += size
-                    written[1] += 1
-            return digest, len(raw), size
-
-        maps: list[_Mapped] = []
-        seen: dict[tuple[int, bytes, bytes], tuple[_Mapped, int, Future]] = {}
-        plans: list[list[tuple[Future, bool]]] = []
+        batch = Batch(self)
         try:
-            with ThreadPoolExecutor(THREADS, thread_name_prefix="chunks") as pool:
-                for path in paths:
-                    mapped = _Mapped(path)
-                    maps.append(mapped)
-                    plan = []
-                    offsets = [0, *cut_points(mapped.view), mapped.size] if mapped.size else []
-                    for start, end in zip(offsets, offsets[1:]):
-                        view, n = mapped.view[start:end], end - start
-                        key = (n, bytes(view[:32]), bytes(view[-32:]))
-                        first = seen.get(key)
-                        if first is not None and _same((first[0], first[1]), (mapped, start), n):
-                            plan.append((first[2], True))
-                            continue
-                        future = pool.submit(put, view)
-                        seen.setdefault(key, (mapped, start, future))
-                        plan.append((future, False))
-                    plans.append(plan)
-                done = [[(f.result(), dup) for f, dup in plan] for plan in plans]
+            return batch.finish(paths)
         finally:
-            seen.clear()
-            for mapped in maps:
-                mapped.close()
-        fsync_dir(self.dir)
-        out = [([(h, n) for (h, n, _), _ in items],
-                sum(w for (_, _, w), dup in items if not dup)) for items in done]
-        return out, StoreStats(raw_bytes=sum(n for items in done for (_, n, _), _ in items),
-                               written_bytes=written[0], new_chunks=written[1],
-                               chunks=sum(map(len, done)))
+            batch.close()
 
     def _write(self, digest: str, kind: bytes, body: bytes | memoryview) -> None:
         tmp = self.dir / f".tmp-{digest}-{threading.get_ident()}"
