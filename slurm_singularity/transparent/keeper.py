@@ -262,25 +262,29 @@ class Keeper:
         """
         t0 = time.monotonic()
         pending = images.new_pending(self.images_dir)
+        batch = store.Batch(store.ChunkStore(self.images_dir))
         try:
-            staging, done = self._criu_dump(leave_running)
-        except DumpFailed:
-            images.discard(pending)
-            raise
-        t_criu = time.monotonic()
-        manifest = Manifest(job_id=self.s.job_id, uid=self.s.uid, gid=self.s.gid, seq=0,
-                            time=time.time(), pause_s=round(t_criu - t0, 3), reason=reason,
-                            node=self.node, pipes=self.pipes)
-        try:
-            images.seal(staging, self.s.gid)
-            path, stats = images.publish(staging, pending, manifest, key,
-                                         store.ChunkStore(self.images_dir))
-        except OSError as exc:
-            images.discard(pending)
-            images.collect_garbage(self.images_dir)   # frees the space of a full disk
-            raise DumpFailed(f"publishing the image failed: {exc}") from None
+            try:
+                staging = self._criu_dump(leave_running, batch)
+            except DumpFailed:
+                images.discard(pending)
+                raise
+            t_criu = time.monotonic()
+            manifest = Manifest(job_id=self.s.job_id, uid=self.s.uid, gid=self.s.gid, seq=0,
+                                time=time.time(), pause_s=round(t_criu - t0, 3), reason=reason,
+                                node=self.node, pipes=self.pipes)
+            try:
+                images.seal(staging, self.s.gid)
+                path, stats = images.publish(staging, pending, manifest, key, batch)
+            except OSError as exc:
+                batch.close()
+                images.discard(pending)
+                images.collect_garbage(self.images_dir)   # frees the space of a full disk
+                raise DumpFailed(f"publishing the image failed: {exc}") from None
+            finally:
+                images.discard(staging)
         finally:
-            images.discard(staging)
+            batch.close()
         t_store = time.monotonic()
         published = images.verify(path, key, job_id=self.s.job_id, uid=self.s.uid)
         if leave_running:
@@ -293,17 +297,19 @@ class Keeper:
                     store_s=round(t_store - t_criu, 3),
                     verify_prune_s=round(t_end - t_store, 3), total_s=round(t_end - t0, 3),
                     chunks=stats.chunks, new_chunks=stats.new_chunks,
-                    staging=str(staging.parent))
+                    files_stored_during_criu=stats.files_early, staging=str(staging.parent))
         log.info("%s %s dump %s: %.1f MB written of %.1f MB, criu %.2f s, store %.2f s, "
                  "verify+prune %.2f s", self.prefix, reason, path.name,
                  published.bytes_written / 1e6, published.raw_bytes / 1e6, t_criu - t0,
                  t_store - t_criu, t_end - t_store)
         return published
 
-    def _criu_dump(self, leave_running: bool) -> tuple[Path, subprocess.CompletedProcess]:
+    def _criu_dump(self, leave_running: bool, batch: store.Batch) -> Path:
         """CRIU's dump into a staging directory (``images.staging_parent``:
         node-local memory when it has room for the tree's resident memory;
-        on the disk again when it ran out there).
+        on the disk again when it ran out there). Each rank's pages file is
+        handed to ``batch`` as soon as CRIU closed it, so that it is stored
+        while CRIU dumps the next rank.
 
         :raises DumpFailed: CRIU failed or timed out.
         """
@@ -316,6 +322,7 @@ class Keeper:
             fd = os.open(staging, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
             args = criu.as_user(self.s.uid, self.s.gid, criu.dump_args(
                 self.criu, self.pid, f"/proc/self/fd/{fd}", leave_running=leave_running))
+            watcher = store.CloseWatcher(staging, "pages-", batch.add)
             try:
                 done = subprocess.run(args, stdin=subprocess.DEVNULL, capture_output=True,
                                       text=True, timeout=DUMP_TIMEOUT_S, pass_fds=(fd,))
@@ -323,9 +330,12 @@ class Keeper:
                 images.discard(staging)
                 raise DumpFailed(f"criu dump took more than {DUMP_TIMEOUT_S:g} s") from None
             finally:
+                watcher.stop()
                 os.close(fd)
             if done.returncode == 0:
-                return staging, done
+                return staging
+            batch.close()
+            batch.reset()
             tail = criu.log_tail(staging / "dump.log")
             images.discard(staging)                # frees the space of a full disk
             if n + 1 < len(parents) and "No space left" in tail:
