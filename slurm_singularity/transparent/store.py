@@ -287,9 +287,12 @@ class CloseWatcher:
     def __init__(self, directory: Path, prefix: str, on_closed) -> None:
         self.dir, self.prefix, self.on_closed = directory, prefix, on_closed
         self.fd = _libc.inotify_init1(os.O_CLOEXEC | os.O_NONBLOCK)
-        if self.fd < 0 or _libc.inotify_add_watch(self.fd, os.fsencode(directory),
-                                                  self.IN_CLOSE_WRITE) < 0:
+        if self.fd < 0:
             raise OSError(ctypes.get_errno(), f"inotify on {directory}")
+        if _libc.inotify_add_watch(self.fd, os.fsencode(directory), self.IN_CLOSE_WRITE) < 0:
+            err = ctypes.get_errno()
+            os.close(self.fd)
+            raise OSError(err, f"inotify on {directory}")
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._run, name="close-watcher", daemon=True)
         self.thread.start()

@@ -21,7 +21,7 @@ RANKS, MB = 4, 24
 def ranks_job(work, *, churn: bool = False):
     """W processes holding the same random "parameters" (each its own),
     each writing the sha256 of its copy to its beat file; with ``churn``,
-    each also holds 8 MB of its own that it replaces every 0.2 s."""
+    each also holds 32 MB of its own that it replaces every 0.2 s."""
     job = work / "ranks.py"
     job.write_text(f"""import hashlib, os, random, time
 for rank in range(1, {RANKS}):
@@ -33,7 +33,7 @@ else:
 # ranks running the same code do
 params = bytearray(random.Random(7).randbytes({MB} << 20))
 while True:
-    own = os.urandom(8 << 20) if {churn} else b""
+    own = os.urandom(32 << 20) if {churn} else b""
     with open("{work}/beat-%d" % rank, "w") as f:
         f.write(hashlib.sha256(params).hexdigest())
     time.sleep(0.2)
@@ -126,5 +126,39 @@ def test_a_garbage_collection_killed_halfway_leaves_the_newest_image_restorable(
     kept = {h for f in manifest["files"] for h, _ in f["chunks"]}
     wait_until(lambda: sorted(p.name for p in tdir.iterdir()) == ["chunks", "image-000002"]
                and set(os.listdir(chunks)) == kept, 30, "retention after the restore")
+    third.proc.send_signal(signal.SIGKILL)
+    third.proc.wait(timeout=30)
+
+
+def test_kill_9_while_the_store_writes_a_dumps_chunks_keeps_the_previous_good_image(
+        criu_ready, work):
+    ckpt = work / "ckpt"
+    script = ranks_job(work, churn=True)
+    run = start(work, script, job_id=403, ckpt=ckpt, tag="run0")
+    wait_until(lambda: all(len(b) == 64 for b in beats(work)), 60, "all ranks")
+    assert run.preempt(timeout=120) == contract.REQUEUE_EXIT_CODE, run.stderr()
+    tdir, chunks = ckpt / "transparent", ckpt / "transparent" / "chunks"
+    second = start(work, script, job_id=403, ckpt=ckpt, tag="run1")
+    wait_until(lambda: "restored in" in second.stderr(), 60, "the restore")
+    time.sleep(0.5)
+    before = set(os.listdir(chunks))
+    second.proc.send_signal(signal.SIGTERM)
+    wait_until(lambda: set(os.listdir(chunks)) - before, 60, "the dump's first new chunk",
+               every=0.002)
+    second.proc.send_signal(signal.SIGKILL)
+    second.proc.wait(timeout=30)
+    published = sorted(n for n in os.listdir(tdir) if n.startswith("image-"))
+    assert published == ["image-000001"], (published, second.stderr())
+    since = time.time()
+    third = start(work, script, job_id=403, ckpt=ckpt, tag="run2")
+    wait_until(lambda: "restored in" in third.stderr(), 60, "the restore")
+    assert "image-000001" in third.stderr() and "image refused" not in third.stderr()
+    wait_until(lambda: all((work / f"beat-{r}").stat().st_mtime > since
+                           for r in range(RANKS)), 60, "the restored ranks")
+    # the interrupted dump's manifest directory and chunks are gone after the restore
+    manifest = json.loads((tdir / "image-000001" / "manifest.json").read_text())
+    kept = {h for f in manifest["files"] for h, _ in f["chunks"]}
+    wait_until(lambda: sorted(os.listdir(tdir)) == ["chunks", "image-000001"]
+               and set(os.listdir(chunks)) == kept, 30, "the leftovers removed")
     third.proc.send_signal(signal.SIGKILL)
     third.proc.wait(timeout=30)
