@@ -209,7 +209,10 @@ class Keeper:
         if found is not None:
             self.record("restore", image=found[0].name, restore_s=round(time.monotonic() - t0, 3))
             log.info("%s restored in %.2f s", self.prefix, time.monotonic() - t0)
-            images.prune(self.images_dir, found[0].name, self.s.keep)
+            try:
+                images.prune(self.images_dir, found[0].name, self.s.keep)
+            except OSError as exc:
+                log.warning("%s removing older images failed: %s", self.prefix, exc)
         else:
             self.record("start")
         return self._wait(reader, key)
@@ -322,7 +325,12 @@ class Keeper:
             fd = os.open(staging, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
             args = criu.as_user(self.s.uid, self.s.gid, criu.dump_args(
                 self.criu, self.pid, f"/proc/self/fd/{fd}", leave_running=leave_running))
-            watcher = store.CloseWatcher(staging, "pages-", batch.add)
+            try:
+                watcher: store.CloseWatcher | None = store.CloseWatcher(staging, "pages-",
+                                                                        batch.add)
+            except OSError as exc:            # no inotify left: stored after CRIU instead
+                log.warning("%s %s", self.prefix, exc)
+                watcher = None
             try:
                 done = subprocess.run(args, stdin=subprocess.DEVNULL, capture_output=True,
                                       text=True, timeout=DUMP_TIMEOUT_S, pass_fds=(fd,))
@@ -330,7 +338,8 @@ class Keeper:
                 images.discard(staging)
                 raise DumpFailed(f"criu dump took more than {DUMP_TIMEOUT_S:g} s") from None
             finally:
-                watcher.stop()
+                if watcher is not None:
+                    watcher.stop()
                 os.close(fd)
             if done.returncode == 0:
                 return staging
