@@ -83,6 +83,20 @@ def test_ranks_with_the_same_parameters_are_stored_once_and_a_later_dump_writes_
     assert stored <= 0.4 * first["raw_bytes"]
 
 
+def dumped_and_restored(work, job_id):
+    """A churning ranks job dumped once (image-000001) and restored by a
+    second run, which is returned running."""
+    ckpt = work / "ckpt"
+    script = ranks_job(work, churn=True)
+    run = start(work, script, job_id=job_id, ckpt=ckpt, tag="run0")
+    wait_until(lambda: all(len(b) == 64 for b in beats(work)), 60, "all ranks")
+    assert run.preempt(timeout=120) == contract.REQUEUE_EXIT_CODE, run.stderr()
+    second = start(work, script, job_id=job_id, ckpt=ckpt, tag="run1")
+    wait_until(lambda: "restored in" in second.stderr(), 60, "the restore")
+    time.sleep(0.5)
+    return ckpt, script, second
+
+
 PRUNE_SLOWLY = """import os, sys, time
 sys.path.insert(0, sys.argv[1])
 from pathlib import Path
@@ -98,14 +112,7 @@ images.prune(Path(sys.argv[2]), sys.argv[3], 1)
 
 def test_a_garbage_collection_killed_halfway_leaves_the_newest_image_restorable(
         criu_ready, work):
-    ckpt = work / "ckpt"
-    script = ranks_job(work, churn=True)
-    run = start(work, script, job_id=402, ckpt=ckpt, tag="run0")
-    wait_until(lambda: all(len(b) == 64 for b in beats(work)), 60, "all ranks")
-    assert run.preempt(timeout=120) == contract.REQUEUE_EXIT_CODE, run.stderr()
-    second = start(work, script, job_id=402, ckpt=ckpt, tag="run1")
-    wait_until(lambda: "restored in" in second.stderr(), 60, "the restore")
-    time.sleep(0.5)
+    ckpt, script, second = dumped_and_restored(work, 402)
     assert second.preempt(timeout=120) == contract.REQUEUE_EXIT_CODE, second.stderr()
     tdir = ckpt / "transparent"
     assert sorted(p.name for p in tdir.iterdir()) == ["chunks", "image-000001", "image-000002"]
@@ -132,15 +139,8 @@ def test_a_garbage_collection_killed_halfway_leaves_the_newest_image_restorable(
 
 def test_kill_9_while_the_store_writes_a_dumps_chunks_keeps_the_previous_good_image(
         criu_ready, work):
-    ckpt = work / "ckpt"
-    script = ranks_job(work, churn=True)
-    run = start(work, script, job_id=403, ckpt=ckpt, tag="run0")
-    wait_until(lambda: all(len(b) == 64 for b in beats(work)), 60, "all ranks")
-    assert run.preempt(timeout=120) == contract.REQUEUE_EXIT_CODE, run.stderr()
+    ckpt, script, second = dumped_and_restored(work, 403)
     tdir, chunks = ckpt / "transparent", ckpt / "transparent" / "chunks"
-    second = start(work, script, job_id=403, ckpt=ckpt, tag="run1")
-    wait_until(lambda: "restored in" in second.stderr(), 60, "the restore")
-    time.sleep(0.5)
     before = set(os.listdir(chunks))
     second.proc.send_signal(signal.SIGTERM)
     wait_until(lambda: set(os.listdir(chunks)) - before, 60, "the dump's first new chunk",
