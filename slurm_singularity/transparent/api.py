@@ -18,7 +18,7 @@ restores the newest image that verifies instead of starting the command.
 
 Images are written and signed by root with a key only root can read
 (``signing.mac`` over the manifest, which binds the job, the user and the
-sha256 of every file), so a user cannot plant, alter or borrow an image to
+sha256 of every chunk of every file), so a user cannot plant, alter or borrow an image to
 have root restore processes with credentials they never had.
 
 This module is pure: no I/O, so the decisions are tested without CRIU.
@@ -44,7 +44,8 @@ IMAGES_SUBDIR = "transparent"
 IMAGE_PREFIX = "image-"
 TMP_PREFIX = ".tmp-"
 MANIFEST = "manifest.json"
-FORMAT = "slurm-singularity-transparent/1"
+#: /2: files are lists of chunks in the job's chunk store (``store.py``).
+FORMAT = "slurm-singularity-transparent/2"
 
 #: Field job_submit.lua appends to a transparent job's tag in AdminComment
 #: (``contract.JOB_TAG_PREFIX``...): root alone can write AdminComment, so
@@ -120,14 +121,20 @@ class Settings:
 
 @dataclass(frozen=True)
 class FileEntry:
-    """One file of an image as published: its name, size and sha256 on
-    disk, and its size before compression."""
+    """One file of an image as CRIU wrote it, kept in the chunk store."""
 
+    #: CRIU's file name (``pages-1.img``).
     name: str
+    #: Bytes this dump wrote to the store for it (its new chunks, compressed).
     size: int
-    sha256: str
+    #: Its size as CRIU wrote it.
     raw_size: int
-    compressed: bool = False
+    #: Its chunks in order: (sha256 of the chunk's bytes, their length).
+    chunks: tuple[tuple[str, int], ...] = ()
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "size": self.size, "raw_size": self.raw_size,
+                "chunks": [list(c) for c in self.chunks]}
 
 
 @dataclass(frozen=True)
@@ -170,7 +177,7 @@ class Manifest:
         return {"format": FORMAT, "job_id": self.job_id, "uid": self.uid, "gid": self.gid,
                 "seq": self.seq, "time": self.time, "pause_s": self.pause_s,
                 "reason": self.reason, "node": self.node, "pipes": list(self.pipes),
-                "files": [vars(f) for f in self.files], "mac": self.mac}
+                "files": [f.to_dict() for f in self.files], "mac": self.mac}
 
     @classmethod
     def from_dict(cls, data: object) -> "Manifest":
@@ -178,10 +185,19 @@ class Manifest:
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise ImageRefused(f"manifest: not a {FORMAT} manifest")
         try:
-            files = tuple(FileEntry(**f) for f in data["files"])
+            files = tuple(FileEntry(name=str(f["name"]), size=int(f["size"]),
+                                    raw_size=int(f["raw_size"]),
+                                    chunks=tuple((str(h), int(n)) for h, n in f["chunks"]))
+                          for f in data["files"])
             for f in files:
                 if not _SAFE_NAME.fullmatch(f.name):
                     raise ImageRefused(f"manifest: files: unsafe file name {f.name!r}")
+                for h, n in f.chunks:
+                    if not _CHUNK_HASH.fullmatch(h) or n < 0:
+                        raise ImageRefused(f"manifest: files: {f.name}: bad chunk {h[:70]!r}")
+                if sum(n for _, n in f.chunks) != f.raw_size:
+                    raise ImageRefused(f"manifest: files: {f.name}: chunks do not add up "
+                                       f"to raw_size")
             pipes = tuple(str(p) for p in data["pipes"])
             if len(pipes) != 2:
                 raise ImageRefused("manifest: pipes: expected two pipes")
@@ -195,6 +211,7 @@ class Manifest:
 
 
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,200}")
+_CHUNK_HASH = re.compile(r"[0-9a-f]{64}")
 
 
 def image_name(seq: int) -> str:

@@ -2,32 +2,38 @@
 
 Why a module: an interrupted or corrupt dump must never replace a good image
 (issue 15, item 3), and a planted, altered or borrowed one must never be
-restored by root (item 5). So CRIU dumps into a fresh root-owned 0700
-temporary directory; only after CRIU succeeded are the files hashed
-(sha256), the manifest written and signed (HMAC-SHA256 with the root-only
-key, ``runtime.signing``), everything fsynced, and the directory renamed to
-``image-<seq>``. A reader trusts an image only when the directory is root's,
-private, its manifest's MAC verifies and every file's size and sha256 match;
-then the manifest must name this job and its user.
+restored by root (item 5). So CRIU dumps into a fresh staging directory
+(node-local memory, ``/dev/shm``, when it has room: the pause is then not
+bound by the disk); only after CRIU succeeded does root take the files
+over, store them as chunks (``store.py``: deduplicated across ranks and
+dumps, compressed where it pays, only new chunks written and fsynced), write
+the manifest that lists every file's chunks and sign it (HMAC-SHA256 with
+the root-only key, ``runtime.signing``), fsync it and rename its directory
+to ``image-<seq>``. A reader trusts an image only when the directory is
+root's, private, its manifest's MAC verifies and names this job and its
+user, and every chunk it lists is present; each chunk's sha256 is checked
+as the files are rebuilt for CRIU (``materialize``).
 
 Runs as root in the keeper. The job's checkpoint directory itself is the
-user's (made by ``runtime.ckptdir`` as the user); the images inside are
-root's, so the user can remove or rename an image but not alter one.
+user's (made by ``runtime.ckptdir`` as the user); ``transparent/`` inside,
+with its images and chunks, is root's, so the user can remove or rename
+it but not alter an image.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import shutil
 import stat
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from slurm_singularity import contract
 from slurm_singularity.runtime import signing
 from slurm_singularity.runtime.dirlock import fsync_dir
+from slurm_singularity.transparent import store
 from slurm_singularity.transparent.api import (
     MANIFEST, TMP_PREFIX, FileEntry, ImageRefused, Manifest, image_name, next_seq, refusal,
     restore_order, to_remove)
@@ -43,21 +49,11 @@ def load_key(path: Path) -> bytes:
     return signing.load_key({contract.CKPT_KEY: str(path)})
 
 
-def new_tmp_dir(images_dir: Path, uid: int) -> Path:
-    """A fresh 0700 directory of the job's user for CRIU (which runs as the
-    user) to dump into; ``seal`` hands it to root once CRIU is done."""
-    path = images_dir / f"{TMP_PREFIX}{os.getpid()}-{os.urandom(4).hex()}"
-    os.mkdir(path, 0o700)
-    os.chown(path, uid, -1)
-    return path
-
-
 def seal(tmp: Path, gid: int) -> None:
-    """Make a finished dump root's: the directory 0750 and its files 0640,
-    group the job's (so the user's CRIU can read it at restore, through a
-    descriptor root opened, and nobody but root can change it). Anything but
-    plain files with one link (a hard link the user kept would let them
-    change a file afterwards) is refused.
+    """Make a finished dump's staging directory root's before root reads it
+    into the store (the directory 0750 and its files 0640, group the
+    job's). Anything but plain files with one link (a hard link the user
+    kept would let them change a file afterwards) is refused.
 
     :raises OSError: a file is not a plain file with one link.
     """
@@ -71,47 +67,98 @@ def seal(tmp: Path, gid: int) -> None:
         os.chmod(entry.path, 0o640, follow_symlinks=False)
 
 
-def _sha256(path: Path) -> str:
-    with open(path, "rb", buffering=0) as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+#: Node-local memory file system where CRIU dumps and restores read from
+#: when it has room (the pause is then not bound by the disk).
+STAGING_ROOT = Path("/dev/shm")
+#: Room left free on ``STAGING_ROOT`` besides an image (bytes).
+STAGING_MARGIN = 256 << 20
 
 
-def publish(tmp: Path, manifest: Manifest, key: bytes) -> Path:
-    """Hash the files CRIU wrote in ``tmp``, sign the manifest, rename ``tmp``
-    to the next ``image-<seq>``. Returns the published path.
-
-    :raises OSError: a write, fsync or rename failed (``tmp`` is left for
-        ``prune`` and no image changed).
-    """
-    files = []
-    for entry in sorted(os.scandir(tmp), key=lambda e: e.name):
-        if not entry.is_file(follow_symlinks=False) or entry.name == MANIFEST:
-            continue
-        size = entry.stat(follow_symlinks=False).st_size
-        files.append(FileEntry(entry.name, size, _sha256(Path(entry.path)), size))
-        fd = os.open(entry.path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    seq = next_seq(os.listdir(tmp.parent))
-    unsigned = Manifest(**{**vars(manifest), "files": tuple(files), "seq": seq, "mac": ""})
-    signed = Manifest(**{**vars(unsigned), "mac": signing.mac(key, unsigned.signed_bytes())})
-    fd = os.open(tmp / MANIFEST, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o640)
+def staging_parent(images_dir: Path, need_bytes: int) -> Path:
+    """``STAGING_ROOT`` when it has room for ``need_bytes``, else the images
+    directory (same file system as the store)."""
     try:
-        os.write(fd, json.dumps(signed.to_dict(), indent=1).encode())
+        st = os.statvfs(STAGING_ROOT)
+        if st.f_bavail * st.f_frsize >= need_bytes * 1.2 + STAGING_MARGIN:
+            return STAGING_ROOT
+    except OSError:
+        pass
+    return images_dir
+
+
+def staging_prefix(job_id: int) -> str:
+    return f"singularity-transparent-{job_id}-"
+
+
+def clear_staging(job_id: int) -> None:
+    """Remove staging directories a killed keeper of this job left behind."""
+    try:
+        names = os.listdir(STAGING_ROOT)
+    except OSError:
+        return
+    for name in names:
+        if name.startswith(staging_prefix(job_id)):
+            path = STAGING_ROOT / name
+            if stat.S_ISDIR(os.lstat(path).st_mode):
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def new_staging_dir(parent: Path, job_id: int, uid: int) -> Path:
+    """A fresh 0700 directory of the job's user for CRIU (as the user) to
+    dump into, in ``parent`` (``staging_parent``)."""
+    prefix = TMP_PREFIX if parent != STAGING_ROOT else staging_prefix(job_id)
+    path = parent / f"{prefix}dump-{os.getpid()}-{os.urandom(4).hex()}"
+    os.mkdir(path, 0o700)
+    os.chown(path, uid, -1)
+    return path
+
+
+def new_pending(images_dir: Path) -> Path:
+    """The directory a dump's manifest is written into before it is renamed
+    to ``image-<seq>`` (root's, 0700); made when the dump begins, so an
+    interrupted dump is visible (and removed by ``prune``)."""
+    path = images_dir / f"{TMP_PREFIX}{os.getpid()}-{os.urandom(4).hex()}"
+    os.mkdir(path, 0o700)
+    return path
+
+
+def publish(staging: Path, pending: Path, manifest: Manifest, key: bytes,
+            batch: store.Batch) -> tuple[Path, store.StoreStats]:
+    """Store the files CRIU wrote in ``staging`` as chunks (``batch`` may
+    hold some already, stored while CRIU wrote the others), sign the manifest
+    that lists them, write it into ``pending``, rename that to the next
+    ``image-<seq>``. The manifest is written only after every new chunk is
+    durable. Returns the published path and what storing cost.
+
+    :raises OSError: a read, write, fsync or rename failed (no image changed).
+    """
+    names = sorted(e.name for e in os.scandir(staging)
+                   if e.is_file(follow_symlinks=False) and e.name != MANIFEST)
+    stored, stats = batch.finish([staging / n for n in names])
+    files = tuple(FileEntry(name=n, size=written, raw_size=sum(c for _, c in cl),
+                            chunks=tuple(cl))
+                  for n, (cl, written) in zip(names, stored))
+    seq = next_seq(os.listdir(pending.parent))
+    unsigned = Manifest(**{**vars(manifest), "files": files, "seq": seq, "mac": ""})
+    signed = Manifest(**{**vars(unsigned), "mac": signing.mac(key, unsigned.signed_bytes())})
+    fd = os.open(pending / MANIFEST, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
+                 0o600)
+    try:
+        os.write(fd, json.dumps(signed.to_dict(), separators=(",", ":")).encode())
         os.fsync(fd)
     finally:
         os.close(fd)
-    fsync_dir(tmp)
-    final = tmp.parent / image_name(seq)
-    os.rename(tmp, final)
-    fsync_dir(tmp.parent)
-    return final
+    fsync_dir(pending)
+    final = pending.parent / image_name(seq)
+    os.rename(pending, final)
+    fsync_dir(pending.parent)
+    return final, stats
 
 
 def verify(path: Path, key: bytes, *, job_id: int, uid: int) -> Manifest:
-    """The manifest of image ``path`` once everything checks.
+    """The manifest of image ``path`` once it checks: root's and private,
+    signed, this job's and user's, every chunk present (their bytes are
+    checked as they are read: ``materialize``).
 
     :raises ImageRefused: the message says what failed.
     """
@@ -133,42 +180,111 @@ def verify(path: Path, key: bytes, *, job_id: int, uid: int) -> Manifest:
     why = refusal(manifest, job_id=job_id, uid=uid)
     if why is not None:
         raise ImageRefused(f"{path}: {why}")
-    on_disk = {e.name for e in os.scandir(path)} - {MANIFEST}
-    listed = {f.name for f in manifest.files}
-    if on_disk != listed:
-        raise ImageRefused(f"{path}: files differ from the manifest "
-                           f"({sorted(on_disk ^ listed)[:3]})")
+    chunks = store.ChunkStore(path.parent)
     for f in manifest.files:
-        fpath = path / f.name
-        fst = os.lstat(fpath)
-        if not stat.S_ISREG(fst.st_mode) or fst.st_size != f.size or _sha256(fpath) != f.sha256:
-            raise ImageRefused(f"{path}: {f.name} was changed after the dump (size or sha256)")
+        gone = chunks.missing(list(f.chunks))
+        if gone is not None:
+            raise ImageRefused(f"{path}: {f.name}: chunk {gone[:16]} is missing from the store")
     return manifest
 
 
-def newest_good(images_dir: Path, key: bytes, *, job_id: int,
-                uid: int) -> tuple[Path, Manifest] | None:
-    """The newest image that verifies; each refused one is logged (the job's
-    stderr shows why) and skipped."""
+def materialize(image: Path, manifest: Manifest, gid: int, job_id: int) -> Path:
+    """CRIU's files of a verified image, rebuilt from the store into a new
+    directory (root's, 0750, group the job's, so the user's CRIU reads it
+    through a descriptor root opened), each chunk checked as it is read.
+    The caller removes it (``discard``) once the tree is restored.
+
+    :raises ImageRefused: a chunk is missing or altered (names the file).
+    """
+    parent = staging_parent(image.parent, sum(f.raw_size for f in manifest.files))
+    prefix = TMP_PREFIX if parent != STAGING_ROOT else staging_prefix(job_id)
+    dest = parent / f"{prefix}restore-{os.getpid()}-{os.urandom(4).hex()}"
+    os.mkdir(dest, 0o700)
+    chunks = store.ChunkStore(image.parent)
+    fds: list[int] = []
+    try:
+        for f in manifest.files:
+            fds.append(os.open(dest / f.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL
+                               | os.O_NOFOLLOW, 0o640))
+            os.fchown(fds[-1], 0, gid)
+        with ThreadPoolExecutor(store.THREADS, thread_name_prefix="restore") as pool:
+            chunks.assemble([(f.name, list(f.chunks), fd)
+                             for f, fd in zip(manifest.files, fds)], pool)
+        os.chown(dest, 0, gid)
+        os.chmod(dest, 0o750)
+    except ImageRefused as exc:
+        discard(dest)
+        raise ImageRefused(f"{image}: {exc}") from None
+    except OSError:
+        discard(dest)
+        raise
+    finally:
+        for fd in fds:
+            os.close(fd)
+    return dest
+
+
+def discard(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def newest_good(images_dir: Path, key: bytes, *, job_id: int, uid: int,
+                gid: int) -> tuple[Path, Manifest, Path] | None:
+    """The newest image that verifies: its path, manifest and its files
+    rebuilt for CRIU (``materialize``); each refused one is logged (the
+    job's stderr shows why) and skipped."""
     try:
         names = os.listdir(images_dir)
     except FileNotFoundError:
         return None
     for name in restore_order(names):
         try:
-            return images_dir / name, verify(images_dir / name, key, job_id=job_id, uid=uid)
+            manifest = verify(images_dir / name, key, job_id=job_id, uid=uid)
+            files = materialize(images_dir / name, manifest, gid, job_id)
+            return images_dir / name, manifest, files
         except ImageRefused as exc:
             log.warning("[job %s] transparent: image refused: %s", job_id, exc)
     return None
 
 
 def prune(images_dir: Path, good: str, keep: int) -> list[str]:
-    """Remove older images and stale temporary dumps (never ``good``)."""
+    """Remove older images and stale temporary dumps (never ``good``), then
+    the chunks no remaining image names. Manifests go first, so a kill at
+    any point leaves every kept image whole."""
     removed = to_remove(os.listdir(images_dir), good, keep)
     for name in removed:
         path = images_dir / name
         if os.lstat(path).st_uid == 0:
             shutil.rmtree(path, ignore_errors=True)
+    collect_garbage(images_dir)
+    return removed
+
+
+def collect_garbage(images_dir: Path) -> int:
+    """Remove the chunks no published image's manifest names (read without
+    the key: a chunk named by any manifest on disk stays); the chunk
+    directory itself when no image is left. Returns the chunks removed."""
+    referenced: set[str] = set()
+    published = restore_order(os.listdir(images_dir))
+    for name in published:
+        try:
+            data = json.loads((images_dir / name / MANIFEST).read_bytes())
+            referenced.update(str(h) for f in data["files"] for h, _ in f["chunks"])
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError, KeyError, TypeError):
+            log.warning("transparent: %s has an unreadable manifest; no chunk is removed",
+                        images_dir / name)
+            return 0
+    chunks_dir = images_dir / store.CHUNKS_SUBDIR
+    if not chunks_dir.is_dir():
+        return 0
+    removed = store.ChunkStore(images_dir).collect(referenced)
+    if not published:
+        try:
+            os.rmdir(chunks_dir)
+        except OSError:
+            pass
     return removed
 
 

@@ -32,7 +32,6 @@ import json
 import logging
 import os
 import select
-import shutil
 import signal
 import socket
 import stat
@@ -46,7 +45,7 @@ from pathlib import Path
 from slurm_singularity import contract
 from slurm_singularity.runtime import ckptdir
 from slurm_singularity.runtime.launcher import default_ckpt_dir
-from slurm_singularity.transparent import criu, history, images, tree
+from slurm_singularity.transparent import criu, history, images, store, tree
 from slurm_singularity.transparent.api import (
     DEFAULT_KEY_FILE, IMAGES_SUBDIR, DumpFailed, Manifest, SetupError, Settings,
     TransparentError, user_environment)
@@ -186,20 +185,26 @@ class Keeper:
         scratch = tempfile.mkdtemp(prefix=f"singularity-transparent-{self.s.job_id}-")
         os.chown(scratch, self.s.uid, self.s.gid)
         env = user_environment(self.env)
-        found = images.newest_good(self.images_dir, key, job_id=self.s.job_id, uid=self.s.uid)
+        images.clear_staging(self.s.job_id)
+        found = images.newest_good(self.images_dir, key, job_id=self.s.job_id, uid=self.s.uid,
+                                   gid=self.s.gid)
         argv = tuple(self.argv) if found else (self._stable_script(), *self.argv[1:])
         launch = tree.Launch(uid=self.s.uid, gid=self.s.gid, cwd=self.cwd,
                              argv=argv, env=env, criu=str(self.criu), scratch=scratch)
         if found is not None:
-            path, manifest = found
-            launch = tree.Launch(**{**vars(launch), "restore_from": str(path),
+            path, manifest, files = found
+            launch = tree.Launch(**{**vars(launch), "restore_from": str(files),
                                     "old_pipes": manifest.pipes})
             log.info("%s restoring %s (dumped on %s at %s)", self.prefix, path.name,
                      manifest.node, time.strftime("%H:%M:%S", time.localtime(manifest.time)))
         t0 = time.monotonic()
-        status_r, ctl_w, self.guardian_pid = tree.spawn(launch)
-        reader = _Lines(status_r)
-        first = reader.next(timeout=600)
+        try:
+            status_r, ctl_w, self.guardian_pid = tree.spawn(launch)
+            reader = _Lines(status_r)
+            first = reader.next(timeout=600)
+        finally:
+            if found is not None:
+                images.discard(found[2])       # CRIU has read it (or failed)
         if first is None or not first.startswith("pid "):
             raise SetupError(f"the job's process tree did not start: {first or 'no answer'}")
         _, pid, out_pipe, err_pipe = first.split(" ", 3)
@@ -207,6 +212,10 @@ class Keeper:
         if found is not None:
             self.record("restore", image=found[0].name, restore_s=round(time.monotonic() - t0, 3))
             log.info("%s restored in %.2f s", self.prefix, time.monotonic() - t0)
+            try:
+                images.prune(self.images_dir, found[0].name, self.s.keep)
+            except OSError as exc:
+                log.warning("%s removing older images failed: %s", self.prefix, exc)
         else:
             self.record("start")
         return self._wait(reader, key)
@@ -253,49 +262,117 @@ class Keeper:
         return contract.REQUEUE_EXIT_CODE
 
     def dump(self, key: bytes, *, reason: str, leave_running: bool) -> Manifest:
-        """Dump the tree into a temporary directory, publish it, prune.
+        """Dump the tree into a staging directory, store and publish it, prune.
 
-        :raises DumpFailed: CRIU failed or timed out; no image changed.
+        :raises DumpFailed: CRIU or the store failed; no image changed.
         """
-        tmp = images.new_tmp_dir(self.images_dir, self.s.uid)
-        tmp_fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-        args = criu.in_namespaces(self.guardian_pid, criu.as_user(self.s.uid, self.s.gid,
-            criu.dump_args(self.criu, self.pid, f"/proc/self/fd/{tmp_fd}",
-                           leave_running=leave_running)))
         t0 = time.monotonic()
+        pending = images.new_pending(self.images_dir)
+        batch = store.Batch(store.ChunkStore(self.images_dir))
         try:
-            done = subprocess.run(args, stdin=subprocess.DEVNULL, capture_output=True,
-                                  text=True, timeout=DUMP_TIMEOUT_S, pass_fds=(tmp_fd,))
-        except subprocess.TimeoutExpired:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise DumpFailed(f"criu dump took more than {DUMP_TIMEOUT_S:g} s") from None
+            try:
+                staging = self._criu_dump(leave_running, batch)
+            except DumpFailed:
+                images.discard(pending)
+                raise
+            t_criu = time.monotonic()
+            manifest = Manifest(job_id=self.s.job_id, uid=self.s.uid, gid=self.s.gid, seq=0,
+                                time=time.time(), pause_s=round(t_criu - t0, 3), reason=reason,
+                                node=self.node, pipes=self.pipes)
+            try:
+                images.seal(staging, self.s.gid)
+                path, stats = images.publish(staging, pending, manifest, key, batch)
+            except OSError as exc:
+                batch.close()
+                images.discard(pending)
+                images.collect_garbage(self.images_dir)   # frees the space of a full disk
+                raise DumpFailed(f"publishing the image failed: {exc}") from None
+            finally:
+                images.discard(staging)
         finally:
-            os.close(tmp_fd)
-        pause = time.monotonic() - t0
-        if done.returncode != 0:
-            tail = criu.log_tail(tmp / "dump.log")
-            shutil.rmtree(tmp, ignore_errors=True)     # frees the space of a full disk
-            raise DumpFailed(f"criu dump exited {done.returncode}: {tail or done.stderr}")
-        manifest = Manifest(job_id=self.s.job_id, uid=self.s.uid, gid=self.s.gid, seq=0,
-                            time=time.time(), pause_s=round(pause, 3), reason=reason,
-                            node=self.node, pipes=self.pipes)
-        try:
-            images.seal(tmp, self.s.gid)
-            path = images.publish(tmp, manifest, key)
-        except OSError as exc:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise DumpFailed(f"publishing the image failed: {exc}") from None
+            batch.close()
+        t_store = time.monotonic()
         published = images.verify(path, key, job_id=self.s.job_id, uid=self.s.uid)
-        images.prune(self.images_dir, path.name, self.s.keep)
+        if leave_running:
+            images.prune(self.images_dir, path.name, self.s.keep)
+        # at a preemption, retention waits for the next run's restore (off
+        # the pause, and older images go only once the new one restored)
+        t_end = time.monotonic()
         self.record("dump", image=path.name, reason=reason, bytes=published.bytes_written,
-                    raw_bytes=published.raw_bytes, pause_s=published.pause_s)
-        log.info("%s %s dump %s: %.1f MB, pause %.2f s", self.prefix, reason, path.name,
-                 published.bytes_written / 1e6, pause)
+                    raw_bytes=published.raw_bytes, pause_s=published.pause_s,
+                    store_s=round(t_store - t_criu, 3),
+                    verify_prune_s=round(t_end - t_store, 3), total_s=round(t_end - t0, 3),
+                    chunks=stats.chunks, new_chunks=stats.new_chunks,
+                    files_stored_during_criu=stats.files_early, staging=str(staging.parent))
+        log.info("%s %s dump %s: %.1f MB written of %.1f MB, criu %.2f s, store %.2f s, "
+                 "verify+prune %.2f s", self.prefix, reason, path.name,
+                 published.bytes_written / 1e6, published.raw_bytes / 1e6, t_criu - t0,
+                 t_store - t_criu, t_end - t_store)
         return published
+
+    def _criu_dump(self, leave_running: bool, batch: store.Batch) -> Path:
+        """CRIU's dump into a staging directory (``images.staging_parent``:
+        node-local memory when it has room for the tree's resident memory;
+        on the disk again when it ran out there). Each rank's pages file is
+        handed to ``batch`` as soon as CRIU closed it, so that it is stored
+        while CRIU dumps the next rank.
+
+        :raises DumpFailed: CRIU failed or timed out.
+        """
+        need = tree_resident_bytes(self.guardian_pid)   # node PIDs: the namespace's PID 1
+        parents = [images.staging_parent(self.images_dir, need)]
+        if parents[0] != self.images_dir:
+            parents.append(self.images_dir)
+        for n, parent in enumerate(parents):
+            staging = images.new_staging_dir(parent, self.s.job_id, self.s.uid)
+            fd = os.open(staging, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+            args = criu.in_namespaces(self.guardian_pid, criu.as_user(self.s.uid, self.s.gid,
+                criu.dump_args(self.criu, self.pid, f"/proc/self/fd/{fd}",
+                               leave_running=leave_running)))
+            try:
+                watcher: store.CloseWatcher | None = store.CloseWatcher(staging, "pages-",
+                                                                        batch.add)
+            except OSError as exc:            # no inotify left: stored after CRIU instead
+                log.warning("%s %s", self.prefix, exc)
+                watcher = None
+            try:
+                done = subprocess.run(args, stdin=subprocess.DEVNULL, capture_output=True,
+                                      text=True, timeout=DUMP_TIMEOUT_S, pass_fds=(fd,))
+            except subprocess.TimeoutExpired:
+                images.discard(staging)
+                raise DumpFailed(f"criu dump took more than {DUMP_TIMEOUT_S:g} s") from None
+            finally:
+                if watcher is not None:
+                    watcher.stop()
+                os.close(fd)
+            if done.returncode == 0:
+                return staging
+            batch.close()
+            batch.reset()
+            tail = criu.log_tail(staging / "dump.log")
+            images.discard(staging)                # frees the space of a full disk
+            if n + 1 < len(parents) and "No space left" in tail:
+                log.warning("%s %s is full; dumping to the disk", self.prefix, parent)
+                continue
+            raise DumpFailed(f"criu dump exited {done.returncode}: {tail or done.stderr}")
+        raise DumpFailed("no staging directory")    # not reached
 
     def finish(self) -> None:
         """After the command ended by itself: its images are of no more use."""
         images.prune(self.images_dir, "", 0)
+
+
+def tree_resident_bytes(pid: int) -> int:
+    """Resident memory of the tree rooted at ``pid`` (shared pages counted
+    in every process: an upper bound of what CRIU writes)."""
+    total = 0
+    for p in (pid, *tree.descendants(pid)):
+        try:
+            with open(f"/proc/{p}/statm", "rb") as f:
+                total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            continue
+    return total
 
 
 class _Lines:

@@ -20,8 +20,17 @@ COUNT = 60
 
 
 def images(ckpt):
+    """The images and temporary dumps in the job's ``transparent/`` (not
+    the chunk store)."""
     d = ckpt / "transparent"
-    return sorted(p.name for p in d.iterdir()) if d.exists() else []
+    return sorted(p.name for p in d.iterdir() if p.name != "chunks") if d.exists() else []
+
+
+def chunks_of(ckpt, image, prefix):
+    """The chunk files of the image's files whose names start with ``prefix``."""
+    manifest = json.loads((ckpt / "transparent" / image / MANIFEST).read_text())
+    return [ckpt / "transparent" / "chunks" / h for f in manifest["files"]
+            if f["name"].startswith(prefix) for h, _ in f["chunks"]]
 
 
 def test_a_shell_loop_dumped_and_restored_three_times_counts_on_without_gaps(criu_ready, work):
@@ -42,6 +51,7 @@ def test_a_shell_loop_dumped_and_restored_three_times_counts_on_without_gaps(cri
               (ckpt / "transparent-history.jsonl").read_text().splitlines()]
     assert events == ["start"] + ["dump", "restore"] * 3 + ["exit"]
     assert images(ckpt) == [], "a finished job's images are removed"
+    assert not (ckpt / "transparent" / "chunks").exists(), "and its chunks"
 
 
 def test_a_tampered_image_is_refused_and_the_job_does_not_run_it(criu_ready, work):
@@ -51,14 +61,14 @@ def test_a_tampered_image_is_refused_and_the_job_does_not_run_it(criu_ready, wor
     wait_until(lambda: len(counted(work)) >= 5, 30, "count 5")
     assert run.preempt() == contract.REQUEUE_EXIT_CODE, run.stderr()
     (image,) = images(ckpt)
-    core = next(p for p in (ckpt / "transparent" / image).iterdir() if p.name.startswith("core-"))
+    core = chunks_of(ckpt, image, "core-")[0]
     data = bytearray(core.read_bytes())
     data[-1] ^= 0xFF
     core.write_bytes(bytes(data))
     before = len(counted(work))
     again = start(work, script, job_id=102, ckpt=ckpt, tag="run1")
     wait_until(lambda: "image refused" in again.stderr(), 30, "the refusal")
-    assert "changed after the dump" in again.stderr()
+    assert "changed after the dump" in again.stderr() and "core-" in again.stderr()
     assert "restoring" not in again.stderr()
     again.proc.send_signal(signal.SIGKILL)
     again.proc.wait(timeout=30)
@@ -149,7 +159,8 @@ def test_a_keeper_killed_without_warning_resumes_from_the_last_periodic_dump(cri
     assert values[stopped:stopped + 20] == list(range(resumed_at, resumed_at + 20))
 
 
-def test_a_disk_full_during_a_dump_keeps_the_previous_good_image(criu_ready, work):
+def test_a_disk_full_during_a_dump_keeps_the_previous_good_image_and_no_stray_chunk(
+        criu_ready, work):
     ckpt = work / "ckpt"
     ckpt.mkdir(mode=0o700)
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs",
@@ -171,6 +182,9 @@ def test_a_disk_full_during_a_dump_keeps_the_previous_good_image(criu_ready, wor
         assert second.preempt() == contract.REQUEUE_EXIT_CODE
         assert "dump failed" in second.stderr(), second.stderr()
         assert images(ckpt) == good, "the failed dump replaced or left something"
+        # and no stray chunk: the store holds the good image's chunks only
+        assert set(os.listdir(ckpt / "transparent" / "chunks")) == {
+            p.name for p in chunks_of(ckpt, good[0], "")}
         filler.unlink()
         third = start(work, script, job_id=107, ckpt=ckpt, tag="run2")
         wait_until(lambda: "restored in" in third.stderr(), 30, "the restore")
@@ -179,3 +193,23 @@ def test_a_disk_full_during_a_dump_keeps_the_previous_good_image(criu_ready, wor
         third.proc.wait(timeout=30)
     finally:
         subprocess.run(["umount", "-l", str(ckpt)], capture_output=True)
+
+
+def test_a_missing_chunk_is_refused_naming_the_file_and_the_job_starts_afresh(
+        criu_ready, work):
+    ckpt = work / "ckpt"
+    script = counter_script(work, COUNT)
+    run = start(work, script, job_id=109, ckpt=ckpt, tag="run0")
+    wait_until(lambda: len(counted(work)) >= 5, 30, "count 5")
+    assert run.preempt() == contract.REQUEUE_EXIT_CODE, run.stderr()
+    (image,) = images(ckpt)
+    chunks_of(ckpt, image, "pages-")[0].unlink()
+    again = start(work, script, job_id=109, ckpt=ckpt, tag="run1")
+    wait_until(lambda: "image refused" in again.stderr(), 30, "the refusal")
+    refusal = next(line for line in again.stderr().splitlines() if "image refused" in line)
+    assert "pages-" in refusal and "missing from the store" in refusal, refusal
+    assert "restoring" not in again.stderr()
+    wait_until(lambda: (work / "run1.out").exists() and "tick 1" in
+               (work / "run1.out").read_text(), 30, "a fresh start")
+    again.proc.send_signal(signal.SIGKILL)
+    again.proc.wait(timeout=30)

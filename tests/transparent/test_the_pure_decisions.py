@@ -19,7 +19,7 @@ from slurm_singularity.transparent import criu
 def manifest(**kw) -> Manifest:
     base = dict(job_id=7, uid=1001, gid=1001, seq=3, time=1.5, pause_s=0.2, reason="preempt",
                 node="n2", pipes=("pipe:[1]", "pipe:[2]"),
-                files=(FileEntry("core-1.img", 10, "ab" * 32, 10),))
+                files=(FileEntry("core-1.img", 10, 10, (("ab" * 32, 10),)),))
     return Manifest(**{**base, **kw})
 
 
@@ -47,14 +47,18 @@ def test_the_signed_bytes_change_with_every_field_and_round_trip():
     m = manifest()
     assert Manifest.from_dict(m.to_dict()) == m
     for change in (dict(uid=0), dict(job_id=8), dict(seq=4), dict(node="n3"),
-                   dict(files=(FileEntry("core-1.img", 11, "ab" * 32, 11),))):
+                   dict(files=(FileEntry("core-1.img", 10, 10, (("cd" * 32, 10),)),))):
         assert manifest(**change).signed_bytes() != m.signed_bytes(), change
     assert manifest(mac="x").signed_bytes() == m.signed_bytes()
 
 
 @pytest.mark.parametrize("bad, field", [
     ({"format": "other"}, "manifest"),
-    ({"files": [{"name": "../etc/passwd", "size": 1, "sha256": "", "raw_size": 1}]}, "files"),
+    ({"files": [{"name": "../etc/passwd", "size": 1, "raw_size": 1, "chunks": []}]}, "files"),
+    ({"files": [{"name": "pages-1.img", "size": 1, "raw_size": 1,
+                 "chunks": [["../../etc/shadow", 1]]}]}, "bad chunk"),
+    ({"files": [{"name": "pages-1.img", "size": 1, "raw_size": 9,
+                 "chunks": [["ab" * 32, 1]]}]}, "raw_size"),
     ({"pipes": ["pipe:[1]"]}, "pipes"),
 ])
 def test_a_malformed_manifest_is_refused_naming_the_field(bad, field):
