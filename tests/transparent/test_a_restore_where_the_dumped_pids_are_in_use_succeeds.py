@@ -12,12 +12,13 @@ import subprocess
 
 from keeper_harness import counted, counter_script, start, wait_until
 from slurm_singularity import contract
+from slurm_singularity.transparent import images
 
 
 def dumped_pids(ckpt) -> list[int]:
-    (image,) = (ckpt / "transparent").iterdir()
-    return sorted(int(m.group(1)) for p in image.iterdir()
-                  if (m := re.fullmatch(r"core-(\d+)\.img", p.name)))
+    (manifest,) = images.list_manifests(ckpt / "transparent")
+    return sorted(int(m.group(1)) for f in manifest.files
+                  if (m := re.fullmatch(r"core-(\d+)\.img", f.name)))
 
 
 def hold(pid: int) -> subprocess.Popen | None:
