@@ -10,8 +10,8 @@ import pytest
 
 from slurm_singularity.policy.api import Tier
 from slurm_singularity.sched.sim import constants as C
-from slurm_singularity.sched.sim.federation import (Federation, FedJob, Routing, home_clusters,
-                                                     simulate_federation)
+from slurm_singularity.sched.sim.federation import (MIGRATE_KEEP, Federation, FedJob, Routing,
+                                                     home_clusters, simulate_federation)
 from slurm_singularity.sched.sim.fedspec import (ClusterSpec, FederationSpec, FedSpecError,
                                                   load_federation, parse_federation, uniform)
 from slurm_singularity.sched.sim.policies import reference_policy
@@ -65,17 +65,17 @@ def test_per_cluster_homes_are_drawn_in_proportion_to_the_clusters_gpus():
 
 
 def test_first_sibling_never_moves_a_requeued_job_and_global_moves_it_to_free_room():
-    # S (standard) runs on a, B (basic, short) on b; premium P preempts S on a at t=100;
-    # B ends at ~500 and frees b.
+    # S (standard) runs on a, B (basic, short) on b (9 GPUs each: a move leaves one free);
+    # premium P preempts S on a at t=100; B ends at ~500 and frees b.
     jobs = [job(0, 0, 5000, 8, Tier.STANDARD), job(1, 0, 500, 8, Tier.BASIC),
             job(2, 100, 5000, 8, Tier.PREMIUM)]
-    fed, done = run(two(), jobs, Routing.FIRST_SIBLING)
+    fed, done = run(two(a=8 + MIGRATE_KEEP, b=8 + MIGRATE_KEEP), jobs, Routing.FIRST_SIBLING)
     s, b, p = done[0], done[1], done[2]
     assert s.preemptions == 1 and p.cluster == s.cluster
     assert s.migrations == 0 and fed.migrations == 0
     assert s.end > p.end + 4000                   # it waited for P on its own cluster
     stayed = s.end
-    fed, done = run(two(), jobs, Routing.GLOBAL)
+    fed, done = run(two(a=8 + MIGRATE_KEEP, b=8 + MIGRATE_KEEP), jobs, Routing.GLOBAL)
     s, b, p = done[0], done[1], done[2]
     assert s.migrations == 1 and s.cluster == b.cluster != p.cluster
     assert b.end <= s.end < b.end + 5000 < stayed   # it resumed on b when B ended
@@ -86,12 +86,13 @@ def test_first_sibling_never_moves_a_requeued_job_and_global_moves_it_to_free_ro
 
 # -- migration cost ---------------------------------------------------------------------
 
-def moved(gbps: float) -> tuple[Federation, dict[int, FedJob]]:
-    """a:8 b:4. S (standard, 4 GPUs) and B (basic, 4) fill a; premium P (8) needs
-    all of a at t=1000: both are preempted, and b has room for one."""
+def moved(gbps: float, keep: int = MIGRATE_KEEP) -> tuple[Federation, dict[int, FedJob]]:
+    """a:10 b:4+keep. S (standard, 4 GPUs) and B (basic, 4) start on a (the
+    most free); premium P (10) needs all of a at t=1000: both are preempted,
+    and b has room for one."""
     jobs = [job(0, 0, 10_000, 4, Tier.STANDARD), job(1, 0, 10_000, 4, Tier.BASIC),
-            job(2, 1000, 3000, 8, Tier.PREMIUM)]
-    return run(two(gbps, a=8, b=4), jobs, Routing.GLOBAL)
+            job(2, 1000, 3000, 10, Tier.PREMIUM)]
+    return run(two(gbps, a=10, b=4 + keep), jobs, Routing.GLOBAL)
 
 
 def test_a_preempted_job_moves_to_a_cluster_with_room_when_the_copy_pays():
@@ -101,6 +102,15 @@ def test_a_preempted_job_moves_to_a_cluster_with_room_when_the_copy_pays():
     assert s.migrations == 1 and s.cluster == 1        # standard goes first
     assert b.migrations == 0 and b.cluster == 0 and b.first_start < p.end <= b.end
     assert fed.summary()["bytes_moved"] == C.STATE_BYTES
+
+
+def test_a_move_never_takes_the_last_free_gpus_of_its_destination():
+    # b has exactly S's 4 GPUs free: moving S there would leave none for an arrival
+    fed, done = moved(100.0, keep=0)
+    s, p = done[0], done[2]
+    assert MIGRATE_KEEP >= 1
+    assert s.migrations == 0 and fed.migrations == 0 and fed.bytes_moved == 0
+    assert s.cluster == 0 and s.first_start < p.submit < p.end <= s.end
 
 
 def test_a_migration_waits_for_the_copy_over_the_link():
