@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 
 from slurm_singularity.policy.api import Tier
+from slurm_singularity.sched.api import PlannerSettings
 from slurm_singularity.sched.sim import constants as C
 from slurm_singularity.sched.sim.federation import (MIGRATE_KEEP, Federation, FedJob, Routing,
                                                      home_clusters, simulate_federation)
@@ -53,6 +54,30 @@ def test_a_job_is_placed_on_the_cluster_with_room_unless_it_is_bound_to_a_full_h
     assert done[0].cluster == done[1].cluster == 0
     assert done[1].first_start >= done[0].end
     assert fed.summary()["utilization_by_cluster"]["b"] == 0.0
+
+
+def test_global_sends_a_job_to_gpus_free_now_rather_than_to_gpus_a_victim_still_holds():
+    # basic X fills a, basic Y holds 6 of b; premium P (4) preempts X on a at t=100:
+    # a then shows 4 free GPUs that X holds until its checkpoint is done. Premium Q
+    # (2) comes at t=101: b's 2 free GPUs are ready, a's are not.
+    jobs = [job(0, 0, 10_000, 8, Tier.BASIC), job(1, 0, 10_000, 6, Tier.BASIC),
+            job(2, 100, 3000, 4, Tier.PREMIUM), job(3, 101, 1000, 2, Tier.PREMIUM)]
+    fed, done = run(two(), jobs, Routing.GLOBAL)
+    x, p, q = done[0], done[2], done[3]
+    assert x.preemptions == 1 and p.cluster == x.cluster == 0
+    assert q.cluster == 1
+    assert q.overhead_gpu_s == 0 and q.end - q.first_start == pytest.approx(1000)
+
+
+def test_a_job_that_just_started_is_no_victim_in_any_policy_as_in_the_daemon():
+    # basic jobs fill both clusters at t=0; a standard job at t=20 may preempt one only
+    # once it has run PlannerSettings.min_run_s (the planner's hysteresis; the
+    # simulator plans on events only, so it may start later still)
+    jobs = [job(0, 0, 10_000, 8, Tier.BASIC), job(1, 0, 10_000, 8, Tier.BASIC),
+            job(2, 20, 1000, 8, Tier.STANDARD)]
+    for routing in Routing:
+        fed, done = run(two(), jobs, routing, homes=[0, 1, 0])
+        assert done[2].first_start >= PlannerSettings().min_run_s, routing
 
 
 def test_per_cluster_homes_are_drawn_in_proportion_to_the_clusters_gpus():

@@ -296,7 +296,8 @@ class Federation:
         return JobState(job.job_id, job.tier, job.account, job.world_size, job.min_devices,
                         job.max_devices, JobPhase.RUNNING if running else JobPhase.PENDING,
                         job.submit, job.devices, job.placement if running else (),
-                        job.work, max(now, job.stall_until), job.rate if running else 0.0)
+                        job.work, max(now, job.stall_until), job.rate if running else 0.0,
+                        job.step_start if running else None)
 
     def _pool(self, c: int) -> NodePool:
         pool = self._pools.get(c)
@@ -437,14 +438,23 @@ class Federation:
             self._apply(c, self._plan(self.nodes[c], jobs))
             self._sync()
 
+    def _ready(self) -> list[int]:
+        """Free GPUs per cluster less those a stopped job still holds (its
+        checkpoint and hand-over under way): what a job started now has at
+        once, without waiting for a victim."""
+        now = self.now
+        return [f - sum(e[2] for e in eng._held if e[0] > now)
+                for f, eng in zip(self.free, self.engines)]
+
     def _route_all(self) -> list[list[FedJob]]:
         """The cluster each unbound pending job is offered to in this pass,
-        highest tier first, then by submission: one with free GPUs for its MIN
+        highest tier first, then by submission: one with ready GPUs
+        (``_ready``) for its promised size
         (after the jobs routed before it), the most free first; else the one
         where it may take back the most GPUs -- those on loan to its own tier and
         those of the tiers it may preempt -- less what was routed there."""
         n = len(self.nodes)
-        room = list(self.free)
+        room = self._ready()
         offers: list[list[FedJob]] = [[] for _ in range(n)]
         order = sorted(self.unbound.values(), key=lambda j: (-_rank(j.tier), j.submit, j.job_id))
         # max-heaps (lazy: an entry whose value is stale is dropped when seen)
