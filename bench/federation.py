@@ -4,7 +4,8 @@ Pass (always): 50,000 jobs (the shapes of ``bench/planner.py``) on 10
 clusters of 10,000 GPUs: 40,000 arrive at t=0 and a first pass of the
 ``global`` policy places them; 10,000 more arrive at t=2 s and the pass that
 handles them is timed. Value: that pass (route every pending job, the
-planner on every cluster it touches, migrations), one shot. Baseline, on the
+planner on every cluster, the sweep of what is still pending over every
+cluster, migrations), one shot. Baseline, on the
 same state: the planner run on each cluster over its own jobs (the pending
 ones routed as the pass routes them), the times summed -- what ten
 independent daemons would spend. Also reported: one planner call over all

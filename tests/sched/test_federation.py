@@ -9,9 +9,10 @@ from __future__ import annotations
 import pytest
 
 from slurm_singularity.policy.api import Tier
+from slurm_singularity.sched.api import PlannerSettings
 from slurm_singularity.sched.sim import constants as C
-from slurm_singularity.sched.sim.federation import (Federation, FedJob, Routing, home_clusters,
-                                                     simulate_federation)
+from slurm_singularity.sched.sim.federation import (MIGRATE_KEEP, Federation, FedJob, Routing,
+                                                     home_clusters, simulate_federation)
 from slurm_singularity.sched.sim.fedspec import (ClusterSpec, FederationSpec, FedSpecError,
                                                   load_federation, parse_federation, uniform)
 from slurm_singularity.sched.sim.policies import reference_policy
@@ -55,6 +56,30 @@ def test_a_job_is_placed_on_the_cluster_with_room_unless_it_is_bound_to_a_full_h
     assert fed.summary()["utilization_by_cluster"]["b"] == 0.0
 
 
+def test_global_sends_a_job_to_gpus_free_now_rather_than_to_gpus_a_victim_still_holds():
+    # basic X fills a, basic Y holds 6 of b; premium P (4) preempts X on a at t=100:
+    # a then shows 4 free GPUs that X holds until its checkpoint is done. Premium Q
+    # (2) comes at t=101: b's 2 free GPUs are ready, a's are not.
+    jobs = [job(0, 0, 10_000, 8, Tier.BASIC), job(1, 0, 10_000, 6, Tier.BASIC),
+            job(2, 100, 3000, 4, Tier.PREMIUM), job(3, 101, 1000, 2, Tier.PREMIUM)]
+    fed, done = run(two(), jobs, Routing.GLOBAL)
+    x, p, q = done[0], done[2], done[3]
+    assert x.preemptions == 1 and p.cluster == x.cluster == 0
+    assert q.cluster == 1
+    assert q.overhead_gpu_s == 0 and q.end - q.first_start == pytest.approx(1000)
+
+
+def test_a_job_that_just_started_is_no_victim_in_any_policy_as_in_the_daemon():
+    # basic jobs fill both clusters at t=0; a standard job at t=20 may preempt one only
+    # once it has run PlannerSettings.min_run_s (the planner's hysteresis; the
+    # simulator plans on events only, so it may start later still)
+    jobs = [job(0, 0, 10_000, 8, Tier.BASIC), job(1, 0, 10_000, 8, Tier.BASIC),
+            job(2, 20, 1000, 8, Tier.STANDARD)]
+    for routing in Routing:
+        fed, done = run(two(), jobs, routing, homes=[0, 1, 0])
+        assert done[2].first_start >= PlannerSettings().min_run_s, routing
+
+
 def test_per_cluster_homes_are_drawn_in_proportion_to_the_clusters_gpus():
     spec = two(a=8, b=24)
     jobs = [job(k, k, 10, 1, Tier.BASIC) for k in range(10_000)]
@@ -65,17 +90,17 @@ def test_per_cluster_homes_are_drawn_in_proportion_to_the_clusters_gpus():
 
 
 def test_first_sibling_never_moves_a_requeued_job_and_global_moves_it_to_free_room():
-    # S (standard) runs on a, B (basic, short) on b; premium P preempts S on a at t=100;
-    # B ends at ~500 and frees b.
+    # S (standard) runs on a, B (basic, short) on b (9 GPUs each: a move leaves one free);
+    # premium P preempts S on a at t=100; B ends at ~500 and frees b.
     jobs = [job(0, 0, 5000, 8, Tier.STANDARD), job(1, 0, 500, 8, Tier.BASIC),
             job(2, 100, 5000, 8, Tier.PREMIUM)]
-    fed, done = run(two(), jobs, Routing.FIRST_SIBLING)
+    fed, done = run(two(a=8 + MIGRATE_KEEP, b=8 + MIGRATE_KEEP), jobs, Routing.FIRST_SIBLING)
     s, b, p = done[0], done[1], done[2]
     assert s.preemptions == 1 and p.cluster == s.cluster
     assert s.migrations == 0 and fed.migrations == 0
     assert s.end > p.end + 4000                   # it waited for P on its own cluster
     stayed = s.end
-    fed, done = run(two(), jobs, Routing.GLOBAL)
+    fed, done = run(two(a=8 + MIGRATE_KEEP, b=8 + MIGRATE_KEEP), jobs, Routing.GLOBAL)
     s, b, p = done[0], done[1], done[2]
     assert s.migrations == 1 and s.cluster == b.cluster != p.cluster
     assert b.end <= s.end < b.end + 5000 < stayed   # it resumed on b when B ended
@@ -86,12 +111,13 @@ def test_first_sibling_never_moves_a_requeued_job_and_global_moves_it_to_free_ro
 
 # -- migration cost ---------------------------------------------------------------------
 
-def moved(gbps: float) -> tuple[Federation, dict[int, FedJob]]:
-    """a:8 b:4. S (standard, 4 GPUs) and B (basic, 4) fill a; premium P (8) needs
-    all of a at t=1000: both are preempted, and b has room for one."""
+def moved(gbps: float, keep: int = MIGRATE_KEEP) -> tuple[Federation, dict[int, FedJob]]:
+    """a:10 b:4+keep. S (standard, 4 GPUs) and B (basic, 4) start on a (the
+    most free); premium P (10) needs all of a at t=1000: both are preempted,
+    and b has room for one."""
     jobs = [job(0, 0, 10_000, 4, Tier.STANDARD), job(1, 0, 10_000, 4, Tier.BASIC),
-            job(2, 1000, 3000, 8, Tier.PREMIUM)]
-    return run(two(gbps, a=8, b=4), jobs, Routing.GLOBAL)
+            job(2, 1000, 3000, 10, Tier.PREMIUM)]
+    return run(two(gbps, a=10, b=4 + keep), jobs, Routing.GLOBAL)
 
 
 def test_a_preempted_job_moves_to_a_cluster_with_room_when_the_copy_pays():
@@ -101,6 +127,15 @@ def test_a_preempted_job_moves_to_a_cluster_with_room_when_the_copy_pays():
     assert s.migrations == 1 and s.cluster == 1        # standard goes first
     assert b.migrations == 0 and b.cluster == 0 and b.first_start < p.end <= b.end
     assert fed.summary()["bytes_moved"] == C.STATE_BYTES
+
+
+def test_a_move_never_takes_the_last_free_gpus_of_its_destination():
+    # b has exactly S's 4 GPUs free: moving S there would leave none for an arrival
+    fed, done = moved(100.0, keep=0)
+    s, p = done[0], done[2]
+    assert MIGRATE_KEEP >= 1
+    assert s.migrations == 0 and fed.migrations == 0 and fed.bytes_moved == 0
+    assert s.cluster == 0 and s.first_start < p.submit < p.end <= s.end
 
 
 def test_a_migration_waits_for_the_copy_over_the_link():

@@ -19,11 +19,15 @@ comparison isolates the federation layer:
   every cluster: at each pass it offers every pending job to one cluster
   (one with free GPUs for its tier's promised size, the most free first;
   else the one where it can take back the most GPUs: those on loan to its
-  own tier and those of the tiers it may preempt), the planner runs on
-  every cluster, what is left is offered again to clusters with room (up
-  to ``ROUTING_ROUNDS``), and then a preempted job whose cluster has no
-  room for it is restarted on a cluster that has, when the move pays
-  (``MIGRATE_PAYBACK``) -- the move instead of a wait in place. A move
+  own tier and those of the tiers it may preempt) and the planner runs on
+  every cluster; what is still pending is then offered to every cluster in
+  first-sibling's order (the floor: a job that any cluster would start
+  now under first-sibling starts now under global too; routing only one
+  offer per job left basic and standard jobs pending that another cluster
+  could start, and lost on average JCT); then a preempted job whose
+  cluster has no room for it is restarted on a cluster that has, when the
+  move pays (``MIGRATE_PAYBACK``) and leaves ``MIGRATE_KEEP`` GPUs free
+  there -- the move instead of a wait in place. A move
   charges the victim's checkpoint, the copy of ``Costs.state_bytes`` over
   the link (``FederationSpec.transfer_s``), the restart and the restore; a
   job stopped before its first step has nothing to copy and moves free.
@@ -77,10 +81,13 @@ MIGRATE_PAYBACK = 0.1
 FALLBACK_PER_PASS = 8
 
 
-#: Rounds of offers per pass of the global policy: a job its cluster did
-#: not start is offered again, in the same pass, to a cluster with free GPUs
-#: for it. ASSUMPTION (a bound on one pass's work).
-ROUTING_ROUNDS = 3
+#: GPUs a move leaves free on its destination: a preempted job is not moved
+#: into a cluster's last free GPU, which stays for arrivals (a premium job
+#: started on it need not wait for a victim's checkpoint). ASSUMPTION, from
+#: the 640-GPU Philly run (docs/simulator.md): 0 -> premium SLA 82.9% of
+#: jobs (moves take the GPUs premium arrivals would have used), 1 -> 84.8%,
+#: 8 -> almost no move (average JCT 10.24 h instead of 9.82 h).
+MIGRATE_KEEP = 1
 
 
 class Routing(enum.Enum):
@@ -289,7 +296,8 @@ class Federation:
         return JobState(job.job_id, job.tier, job.account, job.world_size, job.min_devices,
                         job.max_devices, JobPhase.RUNNING if running else JobPhase.PENDING,
                         job.submit, job.devices, job.placement if running else (),
-                        job.work, max(now, job.stall_until), job.rate if running else 0.0)
+                        job.work, max(now, job.stall_until), job.rate if running else 0.0,
+                        job.step_start if running else None)
 
     def _pool(self, c: int) -> NodePool:
         pool = self._pools.get(c)
@@ -409,29 +417,44 @@ class Federation:
                 self._apply(c, self._plan(self.nodes[c], [j.view for j in self.members[c].values()]))
                 self._sync()
         elif self.routing is Routing.FIRST_SIBLING:
-            order = sorted(range(len(self.nodes)), key=lambda c: (-self.free[c], c))
-            for c in order:
-                if c not in dirty and not self.unbound:
-                    continue
-                jobs = [j.view for j in self.members[c].values()]
-                jobs += [j.view for j in self.unbound.values()]
-                self._apply(c, self._plan(self.nodes[c], jobs))
-                self._sync()
+            self._sweep(dirty)
         elif self.routing is Routing.GLOBAL:
             self._routed()
         else:
             self._one_pass()
         return None
 
-    def _route_all(self, only_room: bool = False) -> list[list[FedJob]]:
+    def _sweep(self, dirty: set[int] | None = None) -> None:
+        """Slurm federation's routing: the clusters, most free GPUs first, each
+        plan their own jobs and every unbound one; the first to start a job
+        owns it. ``dirty`` None: every cluster plans; else those in it, and all
+        while any job is unbound."""
+        order = sorted(range(len(self.nodes)), key=lambda c: (-self.free[c], c))
+        for c in order:
+            if dirty is not None and c not in dirty and not self.unbound:
+                continue
+            jobs = [j.view for j in self.members[c].values()]
+            jobs += [j.view for j in self.unbound.values()]
+            self._apply(c, self._plan(self.nodes[c], jobs))
+            self._sync()
+
+    def _ready(self) -> list[int]:
+        """Free GPUs per cluster less those a stopped job still holds (its
+        checkpoint and hand-over under way): what a job started now has at
+        once, without waiting for a victim."""
+        now = self.now
+        return [f - sum(e[2] for e in eng._held if e[0] > now)
+                for f, eng in zip(self.free, self.engines)]
+
+    def _route_all(self) -> list[list[FedJob]]:
         """The cluster each unbound pending job is offered to in this pass,
-        highest tier first, then by submission: one with free GPUs for its MIN
+        highest tier first, then by submission: one with ready GPUs
+        (``_ready``) for its promised size
         (after the jobs routed before it), the most free first; else the one
         where it may take back the most GPUs -- those on loan to its own tier and
-        those of the tiers it may preempt -- less what was routed there;
-        with ``only_room``, a job that fits no cluster's free GPUs is not offered."""
+        those of the tiers it may preempt -- less what was routed there."""
         n = len(self.nodes)
-        room = list(self.free)
+        room = self._ready()
         offers: list[list[FedJob]] = [[] for _ in range(n)]
         order = sorted(self.unbound.values(), key=lambda j: (-_rank(j.tier), j.submit, j.job_id))
         # max-heaps (lazy: an entry whose value is stale is dropped when seen)
@@ -453,8 +476,6 @@ class Federation:
                 heapq.heappop(by_room)
             best = by_room[0][1]
             if room[best] < need:
-                if only_room:
-                    continue
                 while -by_prey[0][0] != room[by_prey[0][1]] + prey[by_prey[0][1]]:
                     heapq.heappop(by_prey)
                 best = by_prey[0][1]
@@ -471,17 +492,15 @@ class Federation:
         return planner_module.promised_size(ladder, job.world_size, self.promise[job.tier])
 
     def _routed(self) -> None:
-        """Global placement with migration (module docstring): route, plan every cluster, move."""
+        """Global placement with migration (module docstring): route, plan every
+        cluster, sweep what is left as first-sibling does, move."""
         offers = self._route_all()
-        for round_ in range(ROUTING_ROUNDS):
-            for c, offered in enumerate(offers):
-                if not round_ or offered:
-                    jobs = [j.view for j in self.members[c].values()] + [j.view for j in offered]
-                    self._apply(c, self._plan(self.nodes[c], jobs))
-                    self._sync()
-            if not self.unbound:
-                break
-            offers = self._route_all(only_room=True)   # what is left, where there is room
+        for c, offered in enumerate(offers):
+            jobs = [j.view for j in self.members[c].values()] + [j.view for j in offered]
+            self._apply(c, self._plan(self.nodes[c], jobs))
+            self._sync()
+        if self.unbound:
+            self._sweep()       # the floor: what any cluster can start now starts
         self._migrate()
 
     def _migrate(self) -> None:
@@ -492,7 +511,7 @@ class Federation:
         for job in sorted(self.waiting.values(), key=lambda j: (-_rank(j.tier), j.submit, j.job_id)):
             if self.free[job.cluster] >= job.min_devices or most < job.min_devices:
                 continue                    # its own cluster will restart it, or none can
-            where = self._choose(job, job.promised, exclude=job.cluster)
+            where = self._choose(job, job.promised, exclude=job.cluster, keep=MIGRATE_KEEP)
             if where is not None:
                 self._start(job, *where)
         self._sync()
@@ -507,11 +526,13 @@ class Federation:
         return self.spec.transfer_s(src, dst, self.costs.state_bytes) \
             <= self.payback * job.work_at_run
 
-    def _choose(self, job: FedJob, d: int, *, exclude: int = -1) -> tuple[int, int] | None:
+    def _choose(self, job: FedJob, d: int, *, exclude: int = -1,
+                keep: int = 0) -> tuple[int, int] | None:
         """Where a pending job starts: (cluster, devices) at ``d`` or the largest
         legal size below it; its checkpoint's cluster first (no copy), then
-        clusters that a move to pays, the one with most free GPUs first (the
-        load stays balanced, so a checkpoint's cluster seldom stays full)."""
+        clusters that a move to pays and that keep ``keep`` GPUs free after
+        it, the one with most free GPUs first (the load stays balanced, so a
+        checkpoint's cluster seldom stays full)."""
         src = self._ckpt(job)
         free = self.free
         ladder = planner_module.legal_sizes(job.world_size, job.min_devices, d, self.splice)
@@ -520,7 +541,7 @@ class Federation:
                 return src, size
             best = None
             for c, f in enumerate(free):
-                if f >= size and c != src and c != exclude and (best is None or f > free[best]) \
+                if f >= size + keep and c != src and c != exclude and (best is None or f > free[best]) \
                         and (src < 0 or self._pays(job, src, c)):
                     best = c
             if best is not None:
