@@ -71,13 +71,14 @@ def check_scheduler(name: object) -> str:
 
 
 def make_scheduler(name: str, policy: Policy, total_gpus: int, gpus_per_node: int,
-                   record: Callable | None = None):
-    """The scheduler ``name`` (checked by ``check_scheduler``) for this cluster."""
+                   record: Callable | None = None, incremental: bool = True):
+    """The scheduler ``name`` (checked by ``check_scheduler``) for this cluster;
+    ``incremental=False``: the planner's plain path (``SingularityScheduler``)."""
     base, _, arg = name.partition(":")
     if base == "singularity":
         settings = PlannerSettings(**ABLATIONS[arg]) if arg else PlannerSettings()
         sched = SingularityScheduler(policy, total_gpus, gpus_per_node, record,
-                                     settings=settings)
+                                     settings=settings, incremental=incremental)
         sched.name = name
         return sched
     if base == "slurm":
@@ -100,8 +101,12 @@ class SingularityScheduler:
 
     def __init__(self, policy: Policy, total_gpus: int, gpus_per_node: int,
                  record: Callable[[ClusterState, tuple], None] | None = None,
-                 costs: Costs = DAEMON_COSTS, settings: PlannerSettings | None = None) -> None:
+                 costs: Costs = DAEMON_COSTS, settings: PlannerSettings | None = None,
+                 incremental: bool = True) -> None:
         self.policy = policy
+        #: False: the plain path (the planner's plain search, every pass
+        #: built from scratch), to check that the fast one decides the same.
+        self.incremental = incremental
         self.settings = settings or PlannerSettings()
         self.costs = costs
         count = -(-total_gpus // gpus_per_node)
@@ -159,7 +164,8 @@ class SingularityScheduler:
             self.node_tuple = tuple(self.nodes)
         state = ClusterState(now, self.node_tuple, tuple(j.view for j in engine.active.values()),
                              (self.total, self.free_total))
-        actions = planner_module.plan(state, self.policy, settings=self.settings)
+        actions = planner_module.plan(state, self.policy, settings=self.settings,
+                                      reuse=self.incremental)
         self.passes += 1
         if self.record is not None:
             self.record(state, actions)
