@@ -213,6 +213,7 @@ class _Pass:
         self.start_norm = {a: usage[a] / self.weight[a] for a in usage}
         self._ladders: dict[int, tuple[int, ...]] = {}
         self._promised_of: dict[int, int] = {}
+        self._floor_of: dict[int, int] = {}      # promise_floor's, before the min with tgt
         self._lender_sets: list[set[str] | None] = [None, None, None]
         self.frac: dict[int, float] = {}
         self.loan = [-1, -1, -1]          # GPUs on loan per rank, computed when first needed
@@ -303,8 +304,12 @@ class _Pass:
         return min(lad[0], self.tgt[i]) if lad else self.tgt[i]
 
     def promise_floor(self, i: int) -> int:
-        lad = self.lad(i)
-        return min(self.tgt[i], max(lad[0], self.promised(i))) if lad else self.tgt[i]
+        p = self._floor_of.get(i)
+        if p is None:
+            lad = self.lad(i)
+            p = self._floor_of[i] = max(lad[0], self.promised(i)) if lad else 1 << 60
+        t = self.tgt[i]
+        return p if p < t else t
 
     def quota_left(self, acct: str) -> int:
         q = self.quota[acct]

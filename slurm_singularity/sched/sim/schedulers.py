@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from operator import attrgetter
 from typing import Callable
 
 from ...policy.api import Policy
@@ -26,6 +27,8 @@ from .constants import DAEMON_COSTS, Costs
 from .engine import Engine, Save, SimJob
 from .las import TiresiasScheduler
 from .slurm import SlurmScheduler
+
+_VIEW = attrgetter("view")
 
 #: ``singularity:NAME``: the planner with these settings changed (ablations).
 ABLATIONS: dict[str, dict] = {
@@ -162,7 +165,7 @@ class SingularityScheduler:
         engine = self.engine
         if self.node_tuple is None:
             self.node_tuple = tuple(self.nodes)
-        state = ClusterState(now, self.node_tuple, tuple(j.view for j in engine.active.values()),
+        state = ClusterState(now, self.node_tuple, tuple(map(_VIEW, engine.active.values())),
                              (self.total, self.free_total))
         actions = planner_module.plan(state, self.policy, settings=self.settings,
                                       reuse=self.incremental)
