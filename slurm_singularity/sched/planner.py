@@ -317,7 +317,15 @@ class _Pass:
 
     def loan_cap(self, r: int) -> int:
         if self.loan[r] < 0:
-            self.loan[r] = sum(self.tgt[i] - self.promise_floor(i) for i in self.elastic[r])
+            tgt, floor_of, total = self.tgt, self._floor_of, 0
+            for i in self.elastic[r]:       # tgt - promise_floor, without a call per job
+                p = floor_of.get(i)
+                if p is None:
+                    self.promise_floor(i)
+                    p = floor_of[i]
+                if tgt[i] > p:
+                    total += tgt[i] - p
+            self.loan[r] = total
         return self.loan[r]
 
     def bound(self, r: int) -> int:
