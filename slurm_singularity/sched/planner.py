@@ -96,16 +96,20 @@ DEFAULT_SETTINGS = PlannerSettings()
 
 
 def plan(state: ClusterState, policy: Policy, *, explain_waiting: bool = False,
-         settings: PlannerSettings = DEFAULT_SETTINGS) -> tuple[Action, ...]:
+         settings: PlannerSettings = DEFAULT_SETTINGS, reuse: bool = True) -> tuple[Action, ...]:
     """Decide what to do now.
 
     :param explain_waiting: also return a LEAVE action, with the reason, for
         every pending job that is not started (for ``job explain``).
     :param settings: hysteresis, in-tier order, fair share, growth cost and
         elasticity (``PlannerSettings``; the ablations turn them off).
+    :param reuse: reuse, while no size changed, what one demand's search for
+        GPUs found for the next demand of its account (``_Pass._reach``): the
+        same decisions, faster under contention; False is the plain search
+        (the simulator checks the two agree).
     :raises SchedError: a job's tier is missing from the policy.
     """
-    return _Pass(state, policy, explain_waiting, settings).run()
+    return _Pass(state, policy, explain_waiting, settings, reuse).run()
 
 
 _RANK_TIER = {2: Tier.PREMIUM, 1: Tier.STANDARD, 0: Tier.BASIC}
@@ -125,8 +129,13 @@ class _Pass:
     """
 
     def __init__(self, state: ClusterState, policy: Policy, explain: bool,
-                 settings: PlannerSettings = DEFAULT_SETTINGS) -> None:
+                 settings: PlannerSettings = DEFAULT_SETTINGS, reuse: bool = True) -> None:
         self.state = state
+        self.reuse = reuse
+        #: sizes changed so far (``set_target``); ``_reach`` holds for one value
+        self.version = 0
+        self._reach: dict[tuple, object] = {}
+        self._reach_version = 0
         self.settings = settings
         self.rigid = not settings.elastic
         self.fair = settings.fair_share
@@ -204,6 +213,7 @@ class _Pass:
         self.start_norm = {a: usage[a] / self.weight[a] for a in usage}
         self._ladders: dict[int, tuple[int, ...]] = {}
         self._promised_of: dict[int, int] = {}
+        self._floor_of: dict[int, int] = {}      # promise_floor's, before the min with tgt
         self._lender_sets: list[set[str] | None] = [None, None, None]
         self.frac: dict[int, float] = {}
         self.loan = [-1, -1, -1]          # GPUs on loan per rank, computed when first needed
@@ -294,8 +304,12 @@ class _Pass:
         return min(lad[0], self.tgt[i]) if lad else self.tgt[i]
 
     def promise_floor(self, i: int) -> int:
-        lad = self.lad(i)
-        return min(self.tgt[i], max(lad[0], self.promised(i))) if lad else self.tgt[i]
+        p = self._floor_of.get(i)
+        if p is None:
+            lad = self.lad(i)
+            p = self._floor_of[i] = max(lad[0], self.promised(i)) if lad else 1 << 60
+        t = self.tgt[i]
+        return p if p < t else t
 
     def quota_left(self, acct: str) -> int:
         q = self.quota[acct]
@@ -303,13 +317,25 @@ class _Pass:
 
     def loan_cap(self, r: int) -> int:
         if self.loan[r] < 0:
-            self.loan[r] = sum(self.tgt[i] - self.promise_floor(i) for i in self.elastic[r])
+            tgt, floor_of, total = self.tgt, self._floor_of, 0
+            for i in self.elastic[r]:       # tgt - promise_floor, without a call per job
+                p = floor_of.get(i)
+                if p is None:
+                    self.promise_floor(i)
+                    p = floor_of[i]
+                if tgt[i] > p:
+                    total += tgt[i] - p
+            self.loan[r] = total
         return self.loan[r]
 
     def bound(self, r: int) -> int:
         """Most GPUs a demand of rank ``r`` could get now (free + what it may take)."""
-        return (self.free + self.loan_cap(r) + sum(self.whole[v] for v in self.victim_ranks[r])
-                + (self.whole[r] if self.las_preempt[r] else 0))
+        loan = self.loan[r]
+        got = self.free + (loan if loan >= 0 else self.loan_cap(r))
+        whole = self.whole
+        for v in self.victim_ranks[r]:
+            got += whole[v]
+        return got + whole[r] if self.las_preempt[r] else got
 
     def set_target(self, i: int, size: int) -> None:
         acct = self.jobs[i].account
@@ -317,6 +343,7 @@ class _Pass:
         self.free -= size - self.tgt[i]
         self.tgt[i] = size
         self.touched[i] = None
+        self.version += 1
 
     # -- the pass -----------------------------------------------------------
 
@@ -369,6 +396,27 @@ class _Pass:
                 heapq.heappush(heap, (self.norm(acct), acct, k + 1))
 
     def _serve(self, r: int, i: int) -> None:
+        """Serve demand ``i`` of rank ``r`` if it can be; with ``reuse``, a
+        demand of the same account, shape and size as one that could not be
+        served while no size has changed since is not tried again."""
+        if not self.reuse:
+            return self._serve_one(r, i)
+        job = self.jobs[i]
+        key = ("serve", r, job.account, job.world_size, job.min_devices, job.max_devices,
+               job.restart_size, self.tgt[i],
+               self.las_threshold(i) if self.las_preempt[r] else None)
+        failed = self._reused()
+        if key in failed:
+            if failed[key]:
+                self.waiting[i] = failed[key]
+            return None
+        version = self.version
+        self._serve_one(r, i)
+        if self.version == version:
+            failed[key] = self.waiting.get(i)
+        return None
+
+    def _serve_one(self, r: int, i: int) -> None:
         job = self.jobs[i]
         lad = self.lad(i)
         if not lad:
@@ -482,8 +530,38 @@ class _Pass:
             return self.promise_floor(i)
         return 0
 
+    def _reach_of(self, key: tuple, walk, need: int) -> int:
+        """``walk(need)``, reusing a walk that ran out while no size has
+        changed. A walk that cannot cover its need has taken the most it can
+        at every step, so every larger need gets the same total: the next
+        demand of the same account that needs more (the common case under
+        contention) gets it without walking again."""
+        if not self.reuse:
+            return walk(need)
+        reach = self._reused()
+        total = reach.get(key)
+        if total is not None and need > total:
+            return total
+        got = walk(need)
+        if got < need:
+            reach[key] = got
+        return got
+
+    def _reused(self) -> dict:
+        """What ``_serve`` and ``_reach_of`` found since the last size changed."""
+        if self._reach_version != self.version:
+            self._reach.clear()
+            self._reach_version = self.version
+        return self._reach
+
     def _reclaimable(self, r: int, i: int, need: int) -> int:
         """How much stages (a)-(c) could free for demand ``i``, counting up to ``need``."""
+        job = self.jobs[i]
+        las = self.las_threshold(i) if self.las_preempt[r] and self.tgt[i] == 0 else None
+        return self._reach_of(("all", r, job.account, job.restart_size > 0, las),
+                              lambda n: self._reclaimable_walk(r, i, n), need)
+
+    def _reclaimable_walk(self, r: int, i: int, need: int) -> int:
         got = 0
         top = r == self.top
         for v, kind in self._stages(r, i):
@@ -581,6 +659,15 @@ class _Pass:
         for. From the demand's own account, or with fair share off, only
         jobs out of hysteresis (the top tier's demands take those last).
         ``cross_only``: from other accounts only."""
+        if not take:
+            job = self.jobs[i]
+            return self._reach_of(("loan", v, job.account, job.restart_size > 0, top, cross_only),
+                                  lambda n: self._loans_walk(v, i, n, top, False, cross_only),
+                                  need)
+        return self._loans_walk(v, i, need, top, take, cross_only)
+
+    def _loans_walk(self, v: int, i: int, need: int, top: bool, take: bool,
+                    cross_only: bool = False):
         key = (v, "loan", top)
         pool = self._pool(v, "loan", top)
         me = self.jobs[i].account

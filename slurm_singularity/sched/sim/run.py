@@ -52,6 +52,10 @@ class SimSpec:
     tier_rule: str | None = None
     seed: int = 0
     compare: tuple[Path, ...] = field(default_factory=tuple)
+    #: The planner's fast path (default True): what one demand's search for
+    #: GPUs found is reused for the next while no size changed. False: the
+    #: plain path, the same decisions more slowly (to check that they are).
+    incremental: bool = True
 
     def __post_init__(self) -> None:
         try:
@@ -62,6 +66,8 @@ class SimSpec:
                                   ("--gpus-per-node", self.gpus_per_node, MAX_GPUS_PER_NODE)):
             if not isinstance(value, int) or not 1 <= value <= hi:
                 raise SimError(f"{option}: must be a whole number in [1, {hi}], got {value!r}")
+        if not isinstance(self.incremental, bool):
+            raise SimError(f"incremental: must be true or false, got {self.incremental!r}")
         for d in self.compare:
             read_summary(d)
 
@@ -134,7 +140,8 @@ def simulate(spec: SimSpec, *, jobs: list[TraceJob] | None = None,
     if jobs is None:
         notes = {}
         jobs = load_jobs(spec, notes)
-    scheduler = make_scheduler(spec.scheduler, spec.policy, spec.gpus, spec.gpus_per_node, record)
+    scheduler = make_scheduler(spec.scheduler, spec.policy, spec.gpus, spec.gpus_per_node, record,
+                               incremental=spec.incremental)
     engine = Engine(jobs, spec.gpus, scheduler, progress)
     engine.run()
     summary = {

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from operator import attrgetter
 from typing import Callable
 
 from ...policy.api import Policy
@@ -26,6 +27,8 @@ from .constants import DAEMON_COSTS, Costs
 from .engine import Engine, Save, SimJob
 from .las import TiresiasScheduler
 from .slurm import SlurmScheduler
+
+_VIEW = attrgetter("view")
 
 #: ``singularity:NAME``: the planner with these settings changed (ablations).
 ABLATIONS: dict[str, dict] = {
@@ -71,13 +74,14 @@ def check_scheduler(name: object) -> str:
 
 
 def make_scheduler(name: str, policy: Policy, total_gpus: int, gpus_per_node: int,
-                   record: Callable | None = None):
-    """The scheduler ``name`` (checked by ``check_scheduler``) for this cluster."""
+                   record: Callable | None = None, incremental: bool = True):
+    """The scheduler ``name`` (checked by ``check_scheduler``) for this cluster;
+    ``incremental=False``: the planner's plain path (``SingularityScheduler``)."""
     base, _, arg = name.partition(":")
     if base == "singularity":
         settings = PlannerSettings(**ABLATIONS[arg]) if arg else PlannerSettings()
         sched = SingularityScheduler(policy, total_gpus, gpus_per_node, record,
-                                     settings=settings)
+                                     settings=settings, incremental=incremental)
         sched.name = name
         return sched
     if base == "slurm":
@@ -100,8 +104,12 @@ class SingularityScheduler:
 
     def __init__(self, policy: Policy, total_gpus: int, gpus_per_node: int,
                  record: Callable[[ClusterState, tuple], None] | None = None,
-                 costs: Costs = DAEMON_COSTS, settings: PlannerSettings | None = None) -> None:
+                 costs: Costs = DAEMON_COSTS, settings: PlannerSettings | None = None,
+                 incremental: bool = True) -> None:
         self.policy = policy
+        #: False: the plain path (the planner's plain search, every pass
+        #: built from scratch), to check that the fast one decides the same.
+        self.incremental = incremental
         self.settings = settings or PlannerSettings()
         self.costs = costs
         count = -(-total_gpus // gpus_per_node)
@@ -157,9 +165,10 @@ class SingularityScheduler:
         engine = self.engine
         if self.node_tuple is None:
             self.node_tuple = tuple(self.nodes)
-        state = ClusterState(now, self.node_tuple, tuple(j.view for j in engine.active.values()),
+        state = ClusterState(now, self.node_tuple, tuple(map(_VIEW, engine.active.values())),
                              (self.total, self.free_total))
-        actions = planner_module.plan(state, self.policy, settings=self.settings)
+        actions = planner_module.plan(state, self.policy, settings=self.settings,
+                                      reuse=self.incremental)
         self.passes += 1
         if self.record is not None:
             self.record(state, actions)
