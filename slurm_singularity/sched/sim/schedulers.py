@@ -6,7 +6,10 @@
   into the engine's resizes and keeps each job's ``JobState`` current. It
   runs at the daemon's period and pays the daemon's measured costs.
   ``singularity:ABLATION`` is the same planner with one of its
-  ``PlannerSettings`` turned off (``ABLATIONS``): what each is worth.
+  ``PlannerSettings`` turned off (``ABLATIONS``): what each is worth;
+  ``singularity:linear`` (and ``:rigid-linear``) runs it under the linear
+  job model (``Scaling.LINEAR``, ``LINEAR_ABLATIONS``): what the sub-linear
+  curve is worth.
 - ``slurm``, ``slurm-periodic:SECONDS``, ``slurm-no-ckpt`` (a bound): Slurm
   22.05 as the templates configure it (``slurm.py``).
 - ``tiresias``, ``tiresias:K``, ``las-tiers``: least-attained-service
@@ -22,7 +25,7 @@ from typing import Callable
 from ...policy.api import Policy
 from .. import planner as planner_module
 from ..api import ActionKind, ClusterState, JobPhase, JobState, NodeState, PlannerSettings
-from .constants import DAEMON_COSTS, Costs
+from .constants import DAEMON_COSTS, Costs, Scaling
 from .engine import Engine, Save, SimJob
 from .las import TiresiasScheduler
 from .slurm import SlurmScheduler
@@ -42,6 +45,10 @@ ABLATIONS: dict[str, dict] = {
                "grow_reserve": 0.0},
 }
 
+#: ``singularity:NAME`` under the linear job model (``Scaling.LINEAR``): the
+#: settings of ``ABLATIONS[NAME]`` (``""``: the defaults).
+LINEAR_ABLATIONS: dict[str, str] = {"linear": "", "rigid-linear": "rigid"}
+
 #: The names ``--scheduler`` takes (SECONDS and K: positive numbers).
 SCHEDULERS = ("singularity", "slurm", "slurm-periodic:SECONDS", "slurm-no-ckpt", "tiresias",
               "tiresias:K", "las-tiers", "singularity:ABLATION")
@@ -56,7 +63,7 @@ def check_scheduler(name: object) -> str:
         base, _, arg = name.partition(":")
         if name in SCHEDULERS and ":" not in name:
             return name
-        if base == "singularity" and arg in ABLATIONS:
+        if base == "singularity" and (arg in ABLATIONS or arg in LINEAR_ABLATIONS):
             return name
         if base in ("slurm-periodic", "tiresias") and arg:
             try:
@@ -67,7 +74,7 @@ def check_scheduler(name: object) -> str:
                 return name
             raise ValueError(f"--scheduler {name!r}: {arg!r} must be a number in (0, 1e9]")
     raise ValueError(f"--scheduler: unknown {name!r} (expected one of {', '.join(SCHEDULERS)}; "
-                     f"ABLATION one of {', '.join(ABLATIONS)})")
+                     f"ABLATION one of {', '.join(list(ABLATIONS) + list(LINEAR_ABLATIONS))})")
 
 
 def make_scheduler(name: str, policy: Policy, total_gpus: int, gpus_per_node: int,
@@ -75,9 +82,13 @@ def make_scheduler(name: str, policy: Policy, total_gpus: int, gpus_per_node: in
     """The scheduler ``name`` (checked by ``check_scheduler``) for this cluster."""
     base, _, arg = name.partition(":")
     if base == "singularity":
+        costs = DAEMON_COSTS
+        if arg in LINEAR_ABLATIONS:
+            costs = dataclasses.replace(DAEMON_COSTS, scaling=Scaling.LINEAR)
+            arg = LINEAR_ABLATIONS[arg]
         settings = PlannerSettings(**ABLATIONS[arg]) if arg else PlannerSettings()
         sched = SingularityScheduler(policy, total_gpus, gpus_per_node, record,
-                                     settings=settings)
+                                     costs=costs, settings=settings)
         sched.name = name
         return sched
     if base == "slurm":
