@@ -125,3 +125,27 @@ def rate(world_size: int, devices: int, sync_fraction: float) -> float:
 def planner_rate(world_size: int, devices: int) -> float:
     """``rate`` with the default sync fraction: the curve the planner plans with."""
     return rate(world_size, devices, default_sync_fraction(world_size))
+
+
+def efficient_size(ladder: tuple[int, ...], world_size: int, share: float) -> int:
+    """The smallest size of ``ladder`` (ascending) from which each step up
+    still buys, per GPU added, at least ``share`` of the rate per GPU of the
+    size below it (``planner_rate``); ``ladder[-1]`` when ``share`` is 0.
+    Walks down from the top: the GPUs of a step that buys less are worth
+    more to a job that waits."""
+    size = ladder[-1]
+    if share <= 0:
+        return size
+    for lower in reversed(ladder[:-1]):
+        below = planner_rate(world_size, lower)
+        gain = (planner_rate(world_size, size) - below) / (size - lower)
+        if gain >= share * below / lower:
+            break
+        size = lower
+    return size
+
+
+def grow_gain_s(world_size: int, cur: int, nxt: int, window_s: float) -> float:
+    """Work seconds a grow from ``cur`` to ``nxt`` devices gains over
+    ``window_s`` seconds (``planner_rate``)."""
+    return (planner_rate(world_size, nxt) - planner_rate(world_size, cur)) * window_s

@@ -33,6 +33,7 @@ from .slurm import SlurmScheduler
 #: ``singularity:NAME``: the planner with these settings changed (ablations).
 ABLATIONS: dict[str, dict] = {
     "rigid": {"elastic": False},                 # MIN = W for every job
+    "no-goodput": {"goodput_start": 0.0},        # start at MAX only, grow whenever idle
     "no-hysteresis": {"min_run_s": 0.0},
     "no-fair-share": {"fair_share": False},
     "no-las": {"las_order": False},              # submission order, below-promise first
