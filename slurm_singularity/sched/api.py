@@ -231,7 +231,9 @@ class PlannerSettings:
     #: each GPU buys at least this share of what the GPUs below it buy on
     #: average (the planner's default speed-up curve: a 16-GPU job starts on
     #: one node of 8, where its all-reduce stays inside the node), and grows
-    #: into idle GPUs later.
+    #: into idle GPUs later. Non-zero also keeps a job from growing when the
+    #: work the grow gains over ``min_run_s`` is less than what it loses to
+    #: ``grow_cost_s`` (both on the default curve).
     goodput_start: float = 0.5
 
     def __post_init__(self) -> None:

@@ -13,8 +13,10 @@ One pass, in order:
    turns lowest weighted usage first (GPUs held / ``fair_share_weight``),
    jobs of one account least attained service first (GPU-seconds had so far;
    a running job below its promise competes in that order, not ahead of
-   every pending job); a pending job starts at its MAX only (elasticity is
-   for running jobs: shrink instead of preempt, grow back); an account never goes above its
+   every pending job); a pending job starts at its MAX when free GPUs cover
+   it, else at its efficient size or more (``goodput.efficient_size`` on the
+   default speed-up curve: the GPUs of a step that buys little are left to
+   jobs that wait; ``PlannerSettings.goodput_start``); an account never goes above its
    ``gpu_quota`` (one at its quota makes room for its demand from its own
    running jobs of the tiers the demand may preempt, when that is enough).
 2. **Making room.** A demand that free GPUs cannot cover takes, in order:
@@ -31,7 +33,8 @@ One pass, in order:
 3. **Idle GPUs to elastic jobs.** What is still free, less a small reserve
    kept for arrivals, goes, one legal step at a time, to running jobs below
    MAX: jobs below their promised GPU fraction first, then higher tiers, then
-   the account with the lowest weighted usage.
+   the account with the lowest weighted usage; never a step that gains less
+   work over the hysteresis window than the grow costs.
 
 **Hysteresis**: a job that started or changed size less than ``min_run_s``
 ago is no victim, except for the top tier's demands, which take it last,
