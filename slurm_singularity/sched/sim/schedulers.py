@@ -33,7 +33,6 @@ from .slurm import SlurmScheduler
 #: ``singularity:NAME``: the planner with these settings changed (ablations).
 ABLATIONS: dict[str, dict] = {
     "rigid": {"elastic": False},                 # MIN = W for every job
-    "no-goodput": {"goodput_start": 0.0},        # start at MAX only, grow whenever idle
     "no-hysteresis": {"min_run_s": 0.0},
     "no-fair-share": {"fair_share": False},
     "no-las": {"las_order": False},              # submission order, below-promise first
@@ -44,6 +43,7 @@ ABLATIONS: dict[str, dict] = {
     "rigid-las-preempt": {"elastic": False, "las_preempt_factor": 4.0},  # both
     "before": {"min_run_s": 0.0, "las_order": False, "start_at_max": False,  # issue 14's
                "grow_reserve": 0.0},
+    "no-goodput": {"goodput_start": 0.0},        # start at MAX only, grow whenever idle
 }
 
 #: ``singularity:NAME`` under the linear job model (``Scaling.LINEAR``): the
