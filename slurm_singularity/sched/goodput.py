@@ -61,7 +61,7 @@ SYNC_FRACTION_ONE_NODE = (0.05, 0.25)
 #: Sync fraction range of a job of more than one node's GPUs (see above). ASSUMPTION.
 SYNC_FRACTION_MULTI_NODE = (0.15, 0.45)
 
-#: Largest sync fraction: beyond ~0.5 a job of 16 would run faster on 8 (one
+#: Largest sync fraction: above ~0.53 a job of 16 would run faster on 8 (one
 #: node) than on 16, and the rate would not rise with D. ASSUMPTION (a bound
 #: of the model, checked by tests/sched/test_goodput.py).
 SYNC_FRACTION_MAX = 0.45
