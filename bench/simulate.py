@@ -13,8 +13,10 @@ standard >= 95%, no lost GPU-hours. Simulations are deterministic, so each
 runs once; each one's CPU time is reported (the simulator's speed).
 
 The planner's ablations (``singularity:NAME``, ``schedulers.ABLATIONS``) run
-in the same process: by default rigid (MIN = W), no hysteresis and no fair
-share; the verdict also asks that elastic is no worse than rigid.
+in the same process: by default rigid (MIN = W), no hysteresis, no fair
+share, the linear job model and no goodput-aware start (every scheduler
+runs under the sub-linear job model of ``sched/goodput.py`` otherwise);
+the verdict also asks that elastic is no worse than rigid.
 
 CPU time goal (issue 14): the planner's run of the full trace in <= 60 s at
 512 GPUs and <= 120 s at 100,000 (``cpu_goal_s`` and ``cpu_ok`` in the JSON
@@ -44,8 +46,11 @@ from slurm_singularity.sched.sim.run import SimSpec, simulate
 from slurm_singularity.sched.sim.schedulers import COMPARED
 
 #: The planner's ablations run beside the baselines (``schedulers.ABLATIONS``):
-#: rigid (MIN = W), no hysteresis, no fair share.
-ABLATED = ("singularity:rigid", "singularity:no-hysteresis", "singularity:no-fair-share")
+#: rigid (MIN = W), no hysteresis, no fair share, the linear job model
+#: (``singularity:linear``: what the sub-linear curve is worth) and no
+#: goodput-aware start.
+ABLATED = ("singularity:rigid", "singularity:no-hysteresis", "singularity:no-fair-share",
+           "singularity:linear", "singularity:no-goodput")
 
 TRACE = Path("/work/shared/traces/philly.csv")
 FAIR = ("slurm", "tiresias", "las-tiers")
@@ -116,9 +121,10 @@ def main() -> int:
     ap.add_argument("--gpus", type=int, default=512)
     ap.add_argument("--only", default=",".join(COMPARED + ABLATED),
                     help="schedulers to run, comma-separated (default: the baselines and "
-                         "the ablations singularity:rigid, :no-hysteresis, :no-fair-share; "
+                         "the ablations singularity:rigid, :no-hysteresis, :no-fair-share, "
+                         ":linear, :no-goodput; "
                          "others: :no-las, :start-small, :no-reserve, :las-preempt, "
-                         ":rigid-las-preempt, :cost-aware-growth, :before)")
+                         ":rigid-las-preempt, :cost-aware-growth, :before, :rigid-linear)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the tier rule (default 0)")
     ap.add_argument("--json-out", type=Path, help="also write every summary here")
     ap.add_argument("--sweep", default="", metavar="GPUS,GPUS,...",

@@ -225,11 +225,21 @@ class PlannerSettings:
     #: "MIN = W"): every job runs at its MAX only, so nothing grows or shrinks
     #: and making room preempts whole jobs.
     elastic: bool = True
+    #: Goodput-aware start (default 0.5, range 0 to 1; 0 = off): a pending
+    #: job that free GPUs cannot start at MAX may start at its *efficient
+    #: size* (``sched/goodput.py``, ``efficient_size``): the size below which
+    #: each GPU buys at least this share of what the GPUs below it buy on
+    #: average (the planner's default speed-up curve: a 16-GPU job starts on
+    #: one node of 8, where its all-reduce stays inside the node), and grows
+    #: into idle GPUs later. Non-zero also keeps a job from growing when the
+    #: work the grow gains over ``min_run_s`` is less than what it loses to
+    #: ``grow_cost_s`` (both on the default curve).
+    goodput_start: float = 0.5
 
     def __post_init__(self) -> None:
         for name, hi in (("min_run_s", 1e6), ("grow_cost_s", 1e4), ("grow_payback", 1e6),
                          ("las_preempt_factor", 1e6), ("las_preempt_min_gpu_s", 1e12),
-                         ("grow_reserve", 1.0)):
+                         ("grow_reserve", 1.0), ("goodput_start", 1.0)):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v <= hi:
                 raise SchedError(f"planner settings: {name} must be a number in [0, {hi:g}], "

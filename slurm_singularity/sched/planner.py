@@ -13,8 +13,10 @@ One pass, in order:
    turns lowest weighted usage first (GPUs held / ``fair_share_weight``),
    jobs of one account least attained service first (GPU-seconds had so far;
    a running job below its promise competes in that order, not ahead of
-   every pending job); a pending job starts at its MAX only (elasticity is
-   for running jobs: shrink instead of preempt, grow back); an account never goes above its
+   every pending job); a pending job starts at its MAX when free GPUs cover
+   it, else at its efficient size or more (``goodput.efficient_size`` on the
+   default speed-up curve: the GPUs of a step that buys little are left to
+   jobs that wait; ``PlannerSettings.goodput_start``); an account never goes above its
    ``gpu_quota`` (one at its quota makes room for its demand from its own
    running jobs of the tiers the demand may preempt, when that is enough).
 2. **Making room.** A demand that free GPUs cannot cover takes, in order:
@@ -31,7 +33,8 @@ One pass, in order:
 3. **Idle GPUs to elastic jobs.** What is still free, less a small reserve
    kept for arrivals, goes, one legal step at a time, to running jobs below
    MAX: jobs below their promised GPU fraction first, then higher tiers, then
-   the account with the lowest weighted usage.
+   the account with the lowest weighted usage; never a step that gains less
+   work over the hysteresis window than the grow costs.
 
 **Hysteresis**: a job that started or changed size less than ``min_run_s``
 ago is no victim, except for the top tier's demands, which take it last,
@@ -60,6 +63,7 @@ import math
 from functools import lru_cache
 
 from ..policy.api import Policy, PreemptMode, Tier
+from . import goodput
 from .api import Action, ActionKind, ClusterState, JobPhase, PlannerSettings, SchedError
 from .placement import NodePool
 
@@ -254,7 +258,13 @@ class _Pass:
             return [size]             # resized by a requeue: restarts at its new size
         if not self.settings.start_at_max:
             return lad
-        return [d for d in lad if d <= self.total][-1:] or lad[:1]
+        fits = [d for d in lad if d <= self.total] or lad[:1]
+        share = self.settings.goodput_start
+        if share <= 0 or len(fits) < 2:
+            return fits[-1:]
+        job = self.jobs[i]
+        least = goodput.efficient_size(tuple(fits), job.world_size, share)
+        return [d for d in fits if d >= least]
 
     def promised(self, i: int) -> int:
         p = self._promised_of.get(i)
@@ -281,10 +291,16 @@ class _Pass:
         estimated as the work done so far (least attained service's premise:
         a job that has run long runs long)."""
         s = self.settings
+        job = self.jobs[i]
+        w = job.world_size
+        if s.goodput_start > 0 and s.min_run_s > 0 and (
+                goodput.grow_gain_s(w, cur, nxt, s.min_run_s)
+                < goodput.planner_rate(w, nxt) * s.grow_cost_s):
+            return False              # gains less over the hysteresis window than it costs
         if s.grow_payback <= 0:
             return True
-        job = self.jobs[i]
-        saved = job.work_at(self.now) * job.world_size * (1.0 / cur - 1.0 / nxt)
+        left = job.work_at(self.now)
+        saved = left / goodput.planner_rate(w, cur) - left / goodput.planner_rate(w, nxt)
         return saved >= s.grow_payback * s.grow_cost_s
 
     def norm(self, acct: str) -> float:
@@ -425,9 +441,14 @@ class _Pass:
                                f"factor {self.splice}")
             return
         cur = self.tgt[i]
+        want = max(lad[0], self.promised(i))
         if cur == 0:
             lad = self.start_ladder(i)
-        want = max(lad[0], self.promised(i))
+            if self.settings.start_at_max:
+                want = lad[-1]
+                if len(lad) > 1 and self.free < want:
+                    # goodput-aware start: the efficient size, or what free GPUs give
+                    want = max(d for d in lad if d <= max(lad[0], self.free))
         least = lad[0] if cur == 0 else next(d for d in lad if d > cur)
         room = self.quota_left(job.account) + cur
         if least > room:

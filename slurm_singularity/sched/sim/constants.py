@@ -17,7 +17,10 @@ disk's; a site with a parallel file system measures its own with
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
+
+from .. import goodput
 
 # -- checkpoint and restore ---------------------------------------------------
 
@@ -126,8 +129,30 @@ DAEMON_RESIZE_S = 1.99
 #: MEASURED by ``bench/splice.py`` at k = 8: 23.8 ms vs 23.5 ms a step, ratio
 #: 1.012 (a second run 0.975,
 #: pair medians 0.988-0.993, on a quiet machine): 0.012 / 7 per extra rank.
-#: CPU only; on a GPU the figure is still to be taken.
-SPLICE_COST_PER_RANK = 0.012 / 7
+#: CPU only; on a GPU the figure is still to be taken. (Defined in
+#: ``sched/goodput.py``, the speed-up curve the planner shares.)
+SPLICE_COST_PER_RANK = goodput.SPLICE_COST_PER_RANK
+
+# -- sub-linear scaling (sched/goodput.py: the curve, shared with the planner) --
+
+#: GPUs per node of the all-reduce model. ASSUMPTION (``sched/goodput.py``):
+#: Philly's nodes have 8 GPUs.
+GPUS_PER_NODE = goodput.GPUS_PER_NODE
+
+#: Intra-node all-reduce bus bandwidth, bytes/s. ASSUMPTION
+#: (``sched/goodput.py``): 100 GB/s, NVLink-class; no bench measures it.
+INTRA_NODE_BUS_BYTES_PER_S = goodput.INTRA_NODE_BUS_BYTES_PER_S
+
+#: Inter-node all-reduce bus bandwidth, bytes/s. ASSUMPTION
+#: (``sched/goodput.py``): 100 Gb/s InfiniBand EDR, 12.5 GB/s.
+INTER_NODE_BUS_BYTES_PER_S = goodput.INTER_NODE_BUS_BYTES_PER_S
+
+#: Sync (all-reduce) fraction of a rigid step of a one-node job (2-8 GPUs),
+#: drawn uniformly per job from the seed. ASSUMPTION (``sched/goodput.py``).
+SYNC_FRACTION_ONE_NODE = goodput.SYNC_FRACTION_ONE_NODE
+
+#: The same for a job of more than 8 GPUs. ASSUMPTION (``sched/goodput.py``).
+SYNC_FRACTION_MULTI_NODE = goodput.SYNC_FRACTION_MULTI_NODE
 
 # -- the simulator itself -------------------------------------------------------
 
@@ -167,9 +192,17 @@ def restore_s(state_bytes: float = STATE_BYTES) -> float:
     return RESTART_S + state_bytes / CHECKPOINT_BYTES_PER_S
 
 
-def splice_overhead(k: float) -> float:
-    """Slow-down of a job running ``k = W / D`` ranks per device (1.0 at k = 1)."""
-    return 1.0 + SPLICE_COST_PER_RANK * max(0.0, k - 1.0)
+splice_overhead = goodput.splice_overhead
+
+
+class Scaling(enum.Enum):
+    """How a job's rate depends on its devices (``Costs.scaling``); no lifecycle."""
+
+    #: ``sched/goodput.py``'s curve, each job with its own sync fraction.
+    SUBLINEAR = "sublinear"
+    #: Rate ``D/W`` over the splice overhead: every sync fraction 0 (the
+    #: ablation that shows what the sub-linear model is worth).
+    LINEAR = "linear"
 
 
 @dataclass(frozen=True)
@@ -191,8 +224,14 @@ class Costs:
     restart_s: float = DAEMON_RESIZE_S
     #: Bytes of one replica's state (checkpoint and restore size).
     state_bytes: float = STATE_BYTES
+    #: The job model's speed-up curve (``Scaling``): every scheduler of a
+    #: comparison gets the same; ``linear`` is an ablation.
+    scaling: Scaling = Scaling.SUBLINEAR
 
     def __post_init__(self) -> None:
+        if not isinstance(self.scaling, Scaling):
+            raise ValueError(f"Costs.scaling: must be a Scaling "
+                             f"({', '.join(s.value for s in Scaling)}), got {self.scaling!r}")
         for name in ("period_s", "settle_s", "handover_s", "restart_s", "state_bytes"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0 <= value < 1e12:

@@ -4,8 +4,12 @@ A scheduler (``schedulers.py``) decides; this engine keeps time and applies
 its decisions through one method, :meth:`Engine.resize`, which charges the
 measured costs of ``constants.py`` alike for every scheduler:
 
-- with D of its W devices a job progresses at ``D/W`` of its full rate,
-  divided by ``splice_overhead(W/D)``;
+- with D of its W devices a job progresses at ``goodput.rate(W, D, f)`` of
+  its full rate, ``f`` its own sync fraction (drawn from the run's seed by
+  ``goodput.draw_sync_fraction``; 0 for every job with
+  ``Costs.scaling = Scaling.LINEAR``, where the rate is ``D/W`` over
+  ``splice_overhead(W/D)``); at W it is 1, so rigid schedulers run the
+  trace's durations;
 - a job that gives GPUs up (preempted or shrunk) keeps them until its
   checkpoint is durable plus the hand-over time; whoever takes them waits
   that long (a job killed without a checkpoint keeps them for the hand-over
@@ -29,7 +33,8 @@ import math
 from typing import Callable, Protocol
 
 from ...policy.api import Tier
-from .constants import SAMPLE_EVERY_S, Costs, splice_overhead
+from .. import goodput
+from .constants import SAMPLE_EVERY_S, Costs, Scaling
 from .trace import TraceJob
 
 log = logging.getLogger(__name__)
@@ -53,9 +58,9 @@ class SimJob:
                  "first_start", "end", "version", "preemptions", "resizes", "run_start",
                  "lost_gpu_s", "overhead_gpu_s", "restore_due", "attained_gpu_s", "view",
                  "placement", "eligible_at", "step_start", "work_at_run", "periodic_s",
-                 "service")
+                 "service", "sync")
 
-    def __init__(self, tj: TraceJob) -> None:
+    def __init__(self, tj: TraceJob, sync: float = 0.0) -> None:
         self.job_id = tj.job_id
         self.submit = tj.submit_s
         self.work_total = tj.duration_s
@@ -91,6 +96,8 @@ class SimJob:
         self.periodic_s = 0.0
         #: A service (``TraceJob.service``): simulated, left out of the metrics.
         self.service = tj.service
+        #: Its sync fraction at W (``sched/goodput.py``): how sub-linearly it scales.
+        self.sync = sync
 
     def advance(self, now: float) -> None:
         """Bring ``work`` and ``attained_gpu_s`` up to ``now``."""
@@ -132,12 +139,15 @@ class Engine:
     """Runs one trace through one scheduler on ``total_gpus`` GPUs."""
 
     def __init__(self, jobs: list[TraceJob], total_gpus: int, scheduler: Scheduler,
-                 progress: Callable[[int], None] | None = None) -> None:
+                 progress: Callable[[int], None] | None = None, seed: int = 0) -> None:
         self.trace = jobs
         self.total_gpus = total_gpus
         self.scheduler = scheduler
         self.costs: Costs = scheduler.costs
         self.progress = progress
+        #: Seed of the jobs' sync fractions (the run's seed).
+        self.seed = seed
+        self._linear = self.costs.scaling is Scaling.LINEAR
         self.active: dict[int, SimJob] = {}
         self.done: list[SimJob] = []
         #: GPUs that jobs hold (what schedulers count: ``total_gpus - busy`` are
@@ -212,8 +222,7 @@ class Engine:
         self._account(now, job.account, devices - old)
         job.devices = devices
         if devices:
-            k = job.world_size / devices
-            job.rate = devices / job.world_size / splice_overhead(k)
+            job.rate = goodput.rate(job.world_size, devices, job.sync)
             if job.periodic_s:
                 job.rate *= job.periodic_s / (job.periodic_s + costs.checkpoint_s)
         else:
@@ -322,7 +331,9 @@ class Engine:
                 sched.on_finish(job, et)
             start = i
             while i < n and trace[i].submit_s <= horizon:
-                job = SimJob(trace[i])
+                tj = trace[i]
+                job = SimJob(tj, 0.0 if self._linear else
+                             goodput.draw_sync_fraction(tj.world_size, tj.job_id, self.seed))
                 self.active[job.job_id] = job
                 self.pending += 1
                 sched.on_arrival(job, trace[i].submit_s)

@@ -142,7 +142,7 @@ def simulate(spec: SimSpec, *, jobs: list[TraceJob] | None = None,
         jobs = load_jobs(spec, notes)
     scheduler = make_scheduler(spec.scheduler, spec.policy, spec.gpus, spec.gpus_per_node, record,
                                incremental=spec.incremental)
-    engine = Engine(jobs, spec.gpus, scheduler, progress)
+    engine = Engine(jobs, spec.gpus, scheduler, progress, seed=spec.seed)
     engine.run()
     summary = {
         "scheduler": spec.scheduler,
@@ -170,7 +170,7 @@ def constants_used(engine: Engine) -> dict[str, Any]:
     out["costs"] = {"period_s": costs.period_s, "settle_s": costs.settle_s,
                     "handover_s": costs.handover_s, "restart_s": costs.restart_s,
                     "state_bytes": costs.state_bytes, "checkpoint_s": costs.checkpoint_s,
-                    "restore_s": costs.restore_s}
+                    "restore_s": costs.restore_s, "scaling": costs.scaling.value}
     return out
 
 

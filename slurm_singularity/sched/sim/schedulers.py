@@ -6,7 +6,10 @@
   into the engine's resizes and keeps each job's ``JobState`` current. It
   runs at the daemon's period and pays the daemon's measured costs.
   ``singularity:ABLATION`` is the same planner with one of its
-  ``PlannerSettings`` turned off (``ABLATIONS``): what each is worth.
+  ``PlannerSettings`` turned off (``ABLATIONS``): what each is worth;
+  ``singularity:linear`` (and ``:rigid-linear``) runs it under the linear
+  job model (``Scaling.LINEAR``, ``LINEAR_ABLATIONS``): what the sub-linear
+  curve is worth.
 - ``slurm``, ``slurm-periodic:SECONDS``, ``slurm-no-ckpt`` (a bound): Slurm
   22.05 as the templates configure it (``slurm.py``).
 - ``tiresias``, ``tiresias:K``, ``las-tiers``: least-attained-service
@@ -23,7 +26,7 @@ from typing import Callable
 from ...policy.api import Policy
 from .. import planner as planner_module
 from ..api import ActionKind, ClusterState, JobPhase, JobState, NodeState, PlannerSettings
-from .constants import DAEMON_COSTS, Costs
+from .constants import DAEMON_COSTS, Costs, Scaling
 from .engine import Engine, Save, SimJob
 from .las import TiresiasScheduler
 from .slurm import SlurmScheduler
@@ -43,7 +46,12 @@ ABLATIONS: dict[str, dict] = {
     "rigid-las-preempt": {"elastic": False, "las_preempt_factor": 4.0},  # both
     "before": {"min_run_s": 0.0, "las_order": False, "start_at_max": False,  # issue 14's
                "grow_reserve": 0.0},
+    "no-goodput": {"goodput_start": 0.0},        # start at MAX only, grow whenever idle
 }
+
+#: ``singularity:NAME`` under the linear job model (``Scaling.LINEAR``): the
+#: settings of ``ABLATIONS[NAME]`` (``""``: the defaults).
+LINEAR_ABLATIONS: dict[str, str] = {"linear": "", "rigid-linear": "rigid"}
 
 #: The names ``--scheduler`` takes (SECONDS and K: positive numbers).
 SCHEDULERS = ("singularity", "slurm", "slurm-periodic:SECONDS", "slurm-no-ckpt", "tiresias",
@@ -59,7 +67,7 @@ def check_scheduler(name: object) -> str:
         base, _, arg = name.partition(":")
         if name in SCHEDULERS and ":" not in name:
             return name
-        if base == "singularity" and arg in ABLATIONS:
+        if base == "singularity" and (arg in ABLATIONS or arg in LINEAR_ABLATIONS):
             return name
         if base in ("slurm-periodic", "tiresias") and arg:
             try:
@@ -70,7 +78,7 @@ def check_scheduler(name: object) -> str:
                 return name
             raise ValueError(f"--scheduler {name!r}: {arg!r} must be a number in (0, 1e9]")
     raise ValueError(f"--scheduler: unknown {name!r} (expected one of {', '.join(SCHEDULERS)}; "
-                     f"ABLATION one of {', '.join(ABLATIONS)})")
+                     f"ABLATION one of {', '.join(list(ABLATIONS) + list(LINEAR_ABLATIONS))})")
 
 
 def make_scheduler(name: str, policy: Policy, total_gpus: int, gpus_per_node: int,
@@ -79,9 +87,13 @@ def make_scheduler(name: str, policy: Policy, total_gpus: int, gpus_per_node: in
     ``incremental=False``: the planner's plain path (``SingularityScheduler``)."""
     base, _, arg = name.partition(":")
     if base == "singularity":
+        costs = DAEMON_COSTS
+        if arg in LINEAR_ABLATIONS:
+            costs = dataclasses.replace(DAEMON_COSTS, scaling=Scaling.LINEAR)
+            arg = LINEAR_ABLATIONS[arg]
         settings = PlannerSettings(**ABLATIONS[arg]) if arg else PlannerSettings()
         sched = SingularityScheduler(policy, total_gpus, gpus_per_node, record,
-                                     settings=settings, incremental=incremental)
+                                     costs=costs, settings=settings, incremental=incremental)
         sched.name = name
         return sched
     if base == "slurm":
