@@ -19,7 +19,9 @@ def as_user(slurm_cluster, unprivileged_users):
     slurm_cluster.run("sacctmgr", "-i", "add", "user", user.name, "account=default")
 
     def run(*cmd: str, cwd=None):
-        return user.run(*cmd, env=slurm_cluster.env, cwd=cwd)
+        # the account named: other tests of the session may have changed the
+        # user's default account in slurmdbd
+        return user.run(*cmd, env={**slurm_cluster.env, "SBATCH_ACCOUNT": "default"}, cwd=cwd)
     run.user = user
     return run
 

@@ -31,7 +31,8 @@ def test_status_marks_the_transparent_job_and_not_the_other(slurm_cluster, unpri
     try:
         for extra in (("--transparent",), ()):
             r = user.run("sbatch", "--parsable", "--hold", "-o", "/dev/null", "--sla=basic",
-                         "--gres=gpu:1", *extra, "--wrap", "sleep 60", env=slurm_cluster.env)
+                         "--account=default", "--gres=gpu:1", *extra, "--wrap", "sleep 60",
+                         env=slurm_cluster.env)
             assert r.returncode == 0, r.stderr
             jobs.append(int(r.stdout.strip().split(";")[0]))
         transparent, plain = jobs
