@@ -27,7 +27,7 @@ def rank_file(path, params: bytes, before_pages: int, seed: int):
 
 def test_the_same_pages_at_different_offsets_are_stored_once_and_a_second_dump_writes_nothing(
         tmp_path):
-    params = os.urandom(24 * MB)
+    params = random.Random(24).randbytes(24 * MB)     # seeded: the cut points are too
     files = [rank_file(tmp_path / f"pages-{r}.img", params, before, r)
              for r, before in enumerate((3, 17, 170, 1001))]
     raw = sum(f.stat().st_size for f in files)
@@ -38,7 +38,7 @@ def test_the_same_pages_at_different_offsets_are_stored_once_and_a_second_dump_w
     # one copy of the parameters, the ranks' own pages, and at most a few
     # chunks per rank where its own pages meet the shared ones
     assert first.written_bytes < len(params) + 4 * (1200 * store.PAGE + 2 * 2 * MB), first
-    assert first.written_bytes < 0.3 * raw
+    assert first.written_bytes < 0.5 * raw      # issue 15's goal for 4 ranks
     _, again = chunks.put_files(files)
     assert again.written_bytes == 0 and again.new_chunks == 0
     assert again.chunks == first.chunks
