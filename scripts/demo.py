@@ -59,8 +59,11 @@ FINAL_LINE = re.compile(r"final step=(\d+) params_sha256=([0-9a-f]{64})")
 
 def reference(work: Path, world: int, steps: int) -> str:
     """The uninterrupted run, outside Slurm, on 2 emulated devices."""
+    # one checkpoint directory per length: two scenes run W=8 for different
+    # numbers of steps, and a run resumes whatever checkpoint it finds
     r = subprocess.run([str(BIN / "singularity-run"), "--devices", "2", "--world-size", str(world),
-                        "--ckpt-dir", str(work / f"ref-{world}"), str(TRAIN), "--steps", str(steps)],
+                        "--ckpt-dir", str(work / f"ref-{world}-{steps}"),
+                        str(TRAIN), "--steps", str(steps)],
                        capture_output=True, text=True)
     m = FINAL_LINE.search(r.stdout)
     if not m:
